@@ -1,0 +1,145 @@
+//! Wires the agent together: capture, the workload source, the reconciler.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use anyhow::Context as _;
+use weft_model::{Pod, enrollment};
+
+use crate::{capture::Capture, config::Config, inpod::InPod, source::FileSource};
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    raise_memlock();
+    check_own_cgroup(&config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let mut capture = Capture::start(&config.bpf_pin_dir, &config.cgroup).context("starting capture")?;
+    tracing::info!(node = %config.node, cgroup = %config.cgroup.display(), pins = %config.bpf_pin_dir.display(), "capture ready");
+    let mut snapshots = FileSource::new(config.workloads_file.clone()).spawn();
+    let mut reconciler = Reconciler { node: config.node.clone(), pods: BTreeMap::new(), first: true };
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut retry = tokio::time::interval(Duration::from_secs(1));
+    tracing::info!("ready");
+    loop {
+        tokio::select! {
+            changed = snapshots.changed() => {
+                if changed.is_err() { anyhow::bail!("workload source stopped"); }
+            }
+            _ = retry.tick() => {}
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+        let snapshot = snapshots.borrow_and_update().clone();
+        reconciler.reconcile(&snapshot, &mut capture);
+    }
+    tracing::info!("shutting down; capture stays attached and refuses connections until an agent returns");
+    Ok(())
+}
+
+/// Keeps the set of enrolled pods equal to what the latest snapshot asks for.
+struct Reconciler {
+    node: String,
+    pods: BTreeMap<String, InPod>,
+    first: bool,
+}
+
+impl Reconciler {
+    fn reconcile(&mut self, snapshot: &weft_model::WorkloadSnapshot, capture: &mut Capture) {
+        let desired: BTreeMap<&str, &Pod> =
+            enrollment::enrolled_on(snapshot, &self.node).map(|p| (p.uid.as_str(), p)).collect();
+        let stale: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(uid, running)| desired.get(uid.as_str()).is_none_or(|p| **p != running.ctx.pod))
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in stale {
+            if let Some(pod) = self.pods.remove(&uid) {
+                pod.unenroll(capture);
+            }
+        }
+        for (uid, pod) in desired {
+            if self.pods.contains_key(uid) {
+                continue;
+            }
+            match InPod::enroll(pod, capture) {
+                Ok(p) => {
+                    self.pods.insert(uid.to_owned(), p);
+                }
+                Err(e) => tracing::error!(error = %display_chain(&e), "enrolling pod; will retry"),
+            }
+        }
+        if self.first {
+            // A previous agent may have left pods captured that are gone or no longer enrolled.
+            self.first = false;
+            let live: Vec<u64> = self.pods.values().filter_map(|p| p.netns_cookie()).collect();
+            for cookie in capture.enrolled_netns() {
+                if !live.contains(&cookie) {
+                    capture.unenroll(cookie);
+                }
+            }
+            for uid in capture.attached_pods() {
+                if !self.pods.contains_key(&uid) {
+                    capture.detach_pod(&uid);
+                }
+            }
+        }
+    }
+}
+
+fn display_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn raise_memlock() {
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall; failure only matters on kernels without memcg accounting of BPF memory.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+}
+
+/// The getsockopt program only sees sockets whose cgroup is under the attach point.
+fn check_own_cgroup(config: &Config) -> anyhow::Result<()> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
+    let own = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("/").trim().to_owned();
+    let root = cgroup2_root()?;
+    let target = config.cgroup.strip_prefix(&root).with_context(|| {
+        format!("--cgroup {} is not under the cgroup v2 root {}", config.cgroup.display(), root.display())
+    })?;
+    let own_rel = std::path::Path::new(own.trim_start_matches('/'));
+    anyhow::ensure!(
+        own_rel.starts_with(target),
+        "weft-node runs in cgroup /{} but captures /{}: it must run inside the cgroup it captures",
+        own_rel.display(),
+        target.display()
+    );
+    Ok(())
+}
+
+/// `/sys/fs/cgroup` on pure cgroup v2 hosts, `/sys/fs/cgroup/unified` on hybrid ones.
+pub fn cgroup2_root() -> anyhow::Result<std::path::PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| std::path::PathBuf::from(path))
+        })
+        .min_by_key(|p| p.as_os_str().len())
+        .context("no cgroup v2 filesystem is mounted")
+}

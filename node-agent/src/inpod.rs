@@ -1,0 +1,172 @@
+//! One enrolled pod: the agent's listeners inside its network namespace, its capture registration,
+//! and the routing that returns the application's replies to the agent.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    process::Command,
+    sync::Arc,
+};
+
+use tokio::task::JoinHandle;
+use weft_dataplane::{netns::NetNs, socket};
+use weft_model::{Pod, marks, ports};
+
+use crate::{capture::Capture, proxy};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("pod {pod}: no network namespace")]
+    NoNetns { pod: String },
+    #[error("pod {pod}: opening network namespace {path}")]
+    OpenNetns {
+        pod: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pod {pod}: {step}")]
+    Setup {
+        pod: String,
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pod {pod}: capture")]
+    Capture {
+        pod: String,
+        #[source]
+        source: crate::capture::Error,
+    },
+}
+
+/// What the proxy needs to know about the pod a connection belongs to.
+#[derive(Debug)]
+pub struct PodContext {
+    pub pod: Pod,
+    pub netns: NetNs,
+}
+
+/// An enrolled pod. Dropping it stops its listeners; [`InPod::unenroll`] also removes its capture.
+pub struct InPod {
+    pub ctx: Arc<PodContext>,
+    netns_cookie: u64,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl InPod {
+    /// Enrolls `pod`: listeners first, then inbound steering, then outbound capture, so that no
+    /// captured connection ever finds no listener while the agent runs.
+    pub fn enroll(pod: &Pod, capture: &mut Capture) -> Result<Self, Error> {
+        let name = pod.qualified_name();
+        let path = pod.netns.as_ref().ok_or_else(|| Error::NoNetns { pod: name.clone() })?;
+        let netns = NetNs::open(path).map_err(|source| Error::OpenNetns {
+            pod: name.clone(),
+            path: path.display().to_string(),
+            source,
+        })?;
+        let setup = |step| {
+            let pod = name.clone();
+            move |source| Error::Setup { pod, step, source }
+        };
+        install_reply_routing(&netns).map_err(setup("installing reply routing"))?;
+
+        let has_v6 = pod.ips.iter().any(IpAddr::is_ipv6);
+        let mut outbound = vec![(
+            socket::listen_in(&netns, SocketAddr::from((Ipv4Addr::LOCALHOST, ports::OUTBOUND)), 1024)
+                .map_err(setup("binding outbound listener 127.0.0.1:15001"))?,
+            false,
+        )];
+        let inbound4 = socket::listen_in(&netns, SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports::INBOUND_PLAINTEXT)), 1024)
+            .map_err(setup("binding inbound listener 0.0.0.0:15006"))?;
+        let mut inbound6 = None;
+        if has_v6 {
+            outbound.push((
+                socket::listen_in(&netns, SocketAddr::from((Ipv6Addr::LOCALHOST, ports::OUTBOUND)), 1024)
+                    .map_err(setup("binding outbound listener [::1]:15001"))?,
+                true,
+            ));
+            inbound6 = Some(
+                socket::listen_in(&netns, SocketAddr::from((Ipv6Addr::UNSPECIFIED, ports::INBOUND_PLAINTEXT)), 1024)
+                    .map_err(setup("binding inbound listener [::]:15006"))?,
+            );
+        }
+        let netns_cookie = socket::netns_cookie(&inbound4).map_err(setup("reading the network namespace cookie"))?;
+        let cap = |source| Error::Capture { pod: name.clone(), source };
+        for ip in &pod.ips {
+            match (ip, &inbound6) {
+                (IpAddr::V4(_), _) => capture.set_listener(*ip, &inbound4).map_err(cap)?,
+                (IpAddr::V6(_), Some(l6)) => capture.set_listener(*ip, l6).map_err(cap)?,
+                (IpAddr::V6(_), None) => {}
+            }
+        }
+        capture.attach_pod(&pod.uid, &netns).map_err(cap)?;
+        capture.enroll(netns_cookie).map_err(cap)?;
+
+        let ctx = Arc::new(PodContext { pod: pod.clone(), netns });
+        let mut tasks = Vec::new();
+        for (listener, v6) in outbound {
+            tasks.push(tokio::spawn(proxy::outbound_loop(ctx.clone(), listener, v6)));
+        }
+        tasks.push(tokio::spawn(proxy::inbound_loop(ctx.clone(), inbound4)));
+        if let Some(l6) = inbound6 {
+            tasks.push(tokio::spawn(proxy::inbound_loop(ctx.clone(), l6)));
+        }
+        tracing::info!(pod = %name, netns_cookie, "enrolled");
+        Ok(Self { ctx, netns_cookie, tasks })
+    }
+
+    pub fn netns_cookie(&self) -> Option<u64> {
+        Some(self.netns_cookie)
+    }
+
+    /// Stops capturing the pod's new connections; connections already proxied run to completion.
+    pub fn unenroll(self, capture: &mut Capture) {
+        capture.unenroll(self.netns_cookie);
+        capture.detach_pod(&self.ctx.pod.uid);
+        for ip in &self.ctx.pod.ips {
+            capture.remove_listener(*ip);
+        }
+        tracing::info!(pod = %self.ctx.pod.qualified_name(), "unenrolled");
+    }
+}
+
+impl Drop for InPod {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Inside the pod: accepted sockets inherit the SYN's mark (`tcp_fwmark_accept`), and packets marked
+/// `LOCAL_REPLY` are delivered locally. The application's replies to a client address the agent
+/// connected from (transparently) thus return to the agent instead of leaving the pod. Idempotent.
+fn install_reply_routing(netns: &NetNs) -> std::io::Result<()> {
+    let mark = format!("{:#x}/{:#x}", marks::LOCAL_REPLY, marks::LOCAL_REPLY);
+    let table = marks::LOCAL_REPLY_TABLE.to_string();
+    netns.run(|| -> std::io::Result<()> {
+        std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")?;
+        for family in ["-4", "-6"] {
+            let default = if family == "-4" { "0.0.0.0/0" } else { "::/0" };
+            run_ip(&[family, "route", "replace", "local", default, "dev", "lo", "table", &table])?;
+            let existing = Command::new("ip").args([family, "rule", "show", "pref", &table]).output()?;
+            if existing.stdout.is_empty() {
+                run_ip(&[family, "rule", "add", "pref", &table, "fwmark", &mark, "lookup", &table])?;
+            }
+        }
+        Ok(())
+    })?
+}
+
+fn run_ip(args: &[&str]) -> std::io::Result<()> {
+    let out = Command::new("ip").args(args).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}

@@ -1,0 +1,9 @@
+//! The node agent: captures enrolled pods' traffic with eBPF and proxies it.
+
+pub mod app;
+pub mod capture;
+pub mod config;
+pub mod inpod;
+pub mod proxy;
+pub mod source;
+pub mod telemetry;
