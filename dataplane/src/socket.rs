@@ -52,6 +52,8 @@ pub fn agent_socket_in(netns: &NetNs, dst: SocketAddr, source: Source) -> io::Re
                 IpAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
                 IpAddr::V6(_) => set_ipv6_transparent(&socket)?,
             }
+            // Marks the connection as the agent's for sk_lookup, which lets loopback traffic pass.
+            socket.bind_device(Some(b"lo"))?;
             socket.bind(&SockAddr::from(SocketAddr::new(ip, 0)))?;
         }
         socket.set_mark(mark)?;

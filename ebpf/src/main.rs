@@ -35,6 +35,29 @@ use weft_ebpf_common::{
     ports::{HBONE, OUTBOUND},
 };
 
+/// Reads a `[u32; 4]` context field word by word at constant offsets: the verifier rejects loads
+/// through a context pointer that was modified first.
+macro_rules! read_ip6 {
+    ($base:expr, $field:ident) => {
+        [
+            read_volatile(addr_of!((*$base).$field[0])),
+            read_volatile(addr_of!((*$base).$field[1])),
+            read_volatile(addr_of!((*$base).$field[2])),
+            read_volatile(addr_of!((*$base).$field[3])),
+        ]
+    };
+}
+
+/// Writes a `[u32; 4]` context field word by word at constant offsets.
+macro_rules! write_ip6 {
+    ($base:expr, $field:ident, $words:expr) => {{
+        let w: [u32; 4] = $words;
+        write_volatile(addr_of_mut!((*$base).$field[0]), w[0]);
+        write_volatile(addr_of_mut!((*$base).$field[1]), w[1]);
+        write_volatile(addr_of_mut!((*$base).$field[2]), w[2]);
+        write_volatile(addr_of_mut!((*$base).$field[3]), w[3]);
+    }};
+}
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const IPPROTO_TCP: u32 = 6;
@@ -115,7 +138,7 @@ pub fn weft_connect6(ctx: SockAddrContext) -> i32 {
         if read_volatile(addr_of!((*sa).protocol)) != IPPROTO_TCP {
             return ALLOW;
         }
-        let ip = Ip { words: read_ip6(addr_of!((*sa).user_ip6)) };
+        let ip = Ip { words: read_ip6!(sa, user_ip6) };
         if ip == LOOPBACK6 {
             return ALLOW;
         }
@@ -133,7 +156,7 @@ pub fn weft_connect6(ctx: SockAddrContext) -> i32 {
             return REJECT;
         }
         let to = if ip.is_v4_mapped() { Ip::from_v4_be(LOOPBACK4_BE) } else { LOOPBACK6 };
-        write_ip6(addr_of_mut!((*sa).user_ip6), &to.words);
+        write_ip6!(sa, user_ip6, to.words);
         write_volatile(addr_of_mut!((*sa).user_port), u32::from(OUTBOUND.to_be()));
     }
     ALLOW
@@ -193,7 +216,7 @@ pub fn weft_getpeername6(ctx: SockAddrContext) -> i32 {
         let cookie = bpf_get_socket_cookie(sa as *mut c_void);
         if let Some(orig) = ORIG_BY_COOKIE.get_ptr(cookie) {
             let orig = *orig;
-            write_ip6(addr_of_mut!((*sa).user_ip6), &orig.ip.words);
+            write_ip6!(sa, user_ip6, orig.ip.words);
             write_volatile(addr_of_mut!((*sa).user_port), u32::from(orig.port));
         }
     }
@@ -246,16 +269,14 @@ unsafe fn sockops_key(ctx: &SockOpsContext) -> Option<ConnKey> {
     let ops = ctx.ops;
     // SAFETY: as in weft_sockops.
     unsafe {
+        // Every field is read unconditionally: branch-dependent reads get merged by LLVM into one
+        // load through a selected context pointer, which the verifier rejects.
         let family = read_volatile(addr_of!((*ops).family));
+        let (l4, r4) = (read_volatile(addr_of!((*ops).local_ip4)), read_volatile(addr_of!((*ops).remote_ip4)));
+        let (l6, r6) = (read_ip6!(ops, local_ip6), read_ip6!(ops, remote_ip6));
         let (local, remote) = match family {
-            AF_INET => (
-                Ip::from_v4_be(read_volatile(addr_of!((*ops).local_ip4))),
-                Ip::from_v4_be(read_volatile(addr_of!((*ops).remote_ip4))),
-            ),
-            AF_INET6 => (
-                Ip { words: read_ip6(addr_of!((*ops).local_ip6)) },
-                Ip { words: read_ip6(addr_of!((*ops).remote_ip6)) },
-            ),
+            AF_INET => (Ip::from_v4_be(l4), Ip::from_v4_be(r4)),
+            AF_INET6 => (Ip { words: l6 }, Ip { words: r6 }),
             _ => return None,
         };
         // local_port: host order; remote_port: network order in the upper 16 bits.
@@ -290,15 +311,11 @@ pub fn weft_getsockopt(ctx: SockoptContext) -> i32 {
             return ALLOW;
         }
         // Accepted socket: its source is the listener, its destination the client.
+        let (s4, d4) = (read_volatile(addr_of!((*sk).src_ip4)), read_volatile(addr_of!((*sk).dst_ip4)));
+        let (s6, d6) = (read_ip6!(sk, src_ip6), read_ip6!(sk, dst_ip6));
         let (listener_ip, client_ip) = match read_volatile(addr_of!((*sk).family)) {
-            AF_INET => (
-                Ip::from_v4_be(read_volatile(addr_of!((*sk).src_ip4))),
-                Ip::from_v4_be(read_volatile(addr_of!((*sk).dst_ip4))),
-            ),
-            AF_INET6 => (
-                Ip { words: read_ip6(addr_of!((*sk).src_ip6)) },
-                Ip { words: read_ip6(addr_of!((*sk).dst_ip6)) },
-            ),
+            AF_INET => (Ip::from_v4_be(s4), Ip::from_v4_be(d4)),
+            AF_INET6 => (Ip { words: s6 }, Ip { words: d6 }),
             _ => return ALLOW,
         };
         let key = ConnKey {
@@ -360,7 +377,8 @@ pub fn weft_getsockopt(ctx: SockoptContext) -> i32 {
 /// Steers TCP arriving from outside an enrolled pod, to any local port but HBONE, to the agent's
 /// inbound listener for that address. Attached only to enrolled pods' network namespaces, so it fails
 /// closed: with no listener (agent down) the connection is dropped, never delivered around the agent.
-/// Traffic on loopback (the agent's own connection to the application) passes.
+/// Traffic on loopback passes: the agent's own connection to the application is bound to `lo`
+/// (a locally delivered packet otherwise reports the device of the local address, `eth0`).
 #[sk_lookup]
 pub fn weft_sk_lookup(ctx: SkLookupContext) -> u32 {
     let l = ctx.lookup;
@@ -372,43 +390,16 @@ pub fn weft_sk_lookup(ctx: SkLookupContext) -> u32 {
         {
             return SK_PASS;
         }
+        let (ip4, ip6) = (read_volatile(addr_of!((*l).local_ip4)), read_ip6!(l, local_ip6));
         let ip = match read_volatile(addr_of!((*l).family)) {
-            AF_INET => Ip::from_v4_be(read_volatile(addr_of!((*l).local_ip4))),
-            AF_INET6 => Ip { words: read_ip6(addr_of!((*l).local_ip6)) },
+            AF_INET => Ip::from_v4_be(ip4),
+            AF_INET6 => Ip { words: ip6 },
             _ => return SK_PASS,
         };
         match LISTENERS.redirect_sk_lookup(&ctx, ListenerKey { ip }, 0) {
             Ok(()) => SK_PASS,
             Err(_) => SK_DROP,
         }
-    }
-}
-
-// === helpers ===
-
-#[inline(always)]
-unsafe fn read_ip6(p: *const [u32; 4]) -> [u32; 4] {
-    let p = p as *const u32;
-    // SAFETY: p points at four u32 context words.
-    unsafe {
-        [
-            read_volatile(p),
-            read_volatile(p.add(1)),
-            read_volatile(p.add(2)),
-            read_volatile(p.add(3)),
-        ]
-    }
-}
-
-#[inline(always)]
-unsafe fn write_ip6(p: *mut [u32; 4], words: &[u32; 4]) {
-    let p = p as *mut u32;
-    // SAFETY: p points at four writable u32 context words.
-    unsafe {
-        write_volatile(p, words[0]);
-        write_volatile(p.add(1), words[1]);
-        write_volatile(p.add(2), words[2]);
-        write_volatile(p.add(3), words[3]);
     }
 }
 
