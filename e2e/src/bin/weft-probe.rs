@@ -1,1 +1,162 @@
-fn main() {}
+//! `weft-probe`: the test workload of Weft's end-to-end tests, run inside dev-cluster pods.
+//!
+//! - `serve --ports 8080 | 20000-20199`: an HTTP server on every port (dual stack) that answers each
+//!   request with `peer=<client ip:port> local=<ip:port>` — what the server really saw.
+//! - `connect --addr IP --ports P[-Q] [--count N] [--concurrency C]`: N connections (bounded), each a
+//!   request to one port in turn; checks every answer names the port it was sent to; prints a JSON
+//!   summary and exits non-zero if any failed.
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::Parser;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+#[derive(Parser)]
+enum Cli {
+    Serve {
+        #[arg(long, value_parser = parse_ports)]
+        ports: (u16, u16),
+    },
+    Connect {
+        #[arg(long)]
+        addr: IpAddr,
+        #[arg(long, value_parser = parse_ports)]
+        ports: (u16, u16),
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+    },
+}
+
+fn parse_ports(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let a: u16 = a.parse().map_err(|e| format!("{s}: {e}"))?;
+    let b: u16 = b.parse().map_err(|e| format!("{s}: {e}"))?;
+    if a > b {
+        return Err(format!("{s}: empty range"));
+    }
+    Ok((a, b))
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse() {
+        Cli::Serve { ports } => serve(ports).await,
+        Cli::Connect { addr, ports, count, concurrency } => connect(addr, ports, count, concurrency).await,
+    }
+}
+
+async fn serve((first, last): (u16, u16)) -> anyhow::Result<()> {
+    for port in first..=last {
+        let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+        socket.set_only_v6(false)?;
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&SocketAddr::from(([0u16; 8], port)).into()).with_context(|| format!("binding port {port}"))?;
+        socket.listen(1024)?;
+        let listener = TcpListener::from_std(socket.into())?;
+        tokio::spawn(async move {
+            loop {
+                if let Ok((stream, peer)) = listener.accept().await {
+                    tokio::spawn(answer(stream, peer));
+                }
+            }
+        });
+    }
+    println!("ready: serving ports {first}-{last}");
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+async fn answer(mut stream: TcpStream, peer: SocketAddr) {
+    let mut buf = [0u8; 4096];
+    let mut seen = Vec::new();
+    // Read the request head (bounded in size and time).
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") && seen.len() < 64 * 1024 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let local = stream.local_addr().map(canonical).map(|a| a.to_string()).unwrap_or_default();
+    let body = format!("peer={} local={local}\n", canonical(peer));
+    let response =
+        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// IPv4-mapped addresses as plain IPv4, the way a user reads them.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => a,
+        },
+        v4 => v4,
+    }
+}
+
+async fn connect(addr: IpAddr, (first, last): (u16, u16), count: usize, concurrency: usize) -> anyhow::Result<()> {
+    let ports: Vec<u16> = (first..=last).collect();
+    let next = Arc::new(AtomicUsize::new(0));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(tokio::sync::Mutex::new(Vec::<String>::new()));
+    let mut workers = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (ports, next, ok, failures) = (ports.clone(), next.clone(), ok.clone(), failures.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= count {
+                    return;
+                }
+                let port = ports[i % ports.len()];
+                match tokio::time::timeout(Duration::from_secs(10), request(SocketAddr::new(addr, port))).await {
+                    Ok(Ok(body)) if body.contains(&format!("local={}", SocketAddr::new(addr, port))) => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Ok(body)) => failures.lock().await.push(format!("port {port}: wrong answer {body:?}")),
+                    Ok(Err(e)) => failures.lock().await.push(format!("port {port}: {e}")),
+                    Err(_) => failures.lock().await.push(format!("port {port}: timed out")),
+                }
+            }
+        }));
+    }
+    for w in workers {
+        w.await?;
+    }
+    let failures = failures.lock().await;
+    let summary = serde_json::json!({
+        "ok": ok.load(Ordering::Relaxed),
+        "failed": failures.len(),
+        "first_failures": failures.iter().take(5).collect::<Vec<_>>(),
+    });
+    println!("{summary}");
+    anyhow::ensure!(failures.is_empty(), "{} of {count} connections failed", failures.len());
+    Ok(())
+}
+
+async fn request(to: SocketAddr) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect(to).await?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n").await?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).context("no HTTP response")?;
+    Ok(body)
+}
