@@ -60,5 +60,9 @@ impl AsFd for NetNs {
 fn setns(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: plain syscall on a valid, open namespace file descriptor.
     let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }

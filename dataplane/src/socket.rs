@@ -76,7 +76,11 @@ fn set_ipv6_transparent(socket: &Socket) -> io::Result<()> {
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// The cookie of the network namespace a socket lives in.
@@ -93,7 +97,11 @@ pub fn netns_cookie(socket: &impl AsFd) -> io::Result<u64> {
             &mut len,
         )
     };
-    if rc == 0 { Ok(cookie) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(cookie)
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// The original destination of a captured connection accepted on the outbound listener, answered by
@@ -106,13 +114,22 @@ pub fn original_dst(socket: &impl AsFd, listener_family_v6: bool) -> io::Result<
         let mut len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
         // SAFETY: valid fd; the kernel writes at most `len` bytes into `sa`.
         let rc = unsafe {
-            libc::getsockopt(fd, libc::SOL_IPV6, SO_ORIGINAL_DST, (&mut sa as *mut libc::sockaddr_in6).cast(), &mut len)
+            libc::getsockopt(
+                fd,
+                libc::SOL_IPV6,
+                SO_ORIGINAL_DST,
+                (&mut sa as *mut libc::sockaddr_in6).cast(),
+                &mut len,
+            )
         };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
         if sa.sin6_family != libc::AF_INET6 as libc::sa_family_t {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "original destination is not IPv6"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "original destination is not IPv6",
+            ));
         }
         Ok(SocketAddr::V6(SocketAddrV6::new(
             Ipv6Addr::from(sa.sin6_addr.s6_addr),
@@ -126,13 +143,22 @@ pub fn original_dst(socket: &impl AsFd, listener_family_v6: bool) -> io::Result<
         let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
         // SAFETY: valid fd; the kernel writes at most `len` bytes into `sa`.
         let rc = unsafe {
-            libc::getsockopt(fd, libc::SOL_IP, SO_ORIGINAL_DST, (&mut sa as *mut libc::sockaddr_in).cast(), &mut len)
+            libc::getsockopt(
+                fd,
+                libc::SOL_IP,
+                SO_ORIGINAL_DST,
+                (&mut sa as *mut libc::sockaddr_in).cast(),
+                &mut len,
+            )
         };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
         if sa.sin_family != libc::AF_INET as libc::sa_family_t {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "original destination is not IPv4"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "original destination is not IPv4",
+            ));
         }
         Ok(SocketAddr::V4(SocketAddrV4::new(
             Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),

@@ -16,7 +16,10 @@ use serde_json::Value;
 /// Directory holding the built binaries (`weftctl`, `weft-node`, `weft-probe`).
 pub fn bin_dir() -> PathBuf {
     std::env::var_os("WEFT_BIN_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("target").join("debug")
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join("target")
+            .join("debug")
     })
 }
 
@@ -44,7 +47,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
         if let Some(v) = check() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -92,13 +98,21 @@ impl Cluster {
         let stdout = bg.child.stdout.take().expect("piped stdout");
         let mut line = String::new();
         std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("reading probe");
-        assert!(line.starts_with("ready"), "weft-probe serve in {pod} did not start: {line:?}");
+        assert!(
+            line.starts_with("ready"),
+            "weft-probe serve in {pod} did not start: {line:?}"
+        );
         bg
     }
 
     pub fn pod_ip(&self, pod: &str, v6: bool) -> String {
         let status = self.status();
-        let p = status["pods"].as_array().expect("pods").iter().find(|p| p["name"] == pod).expect("pod");
+        let p = status["pods"]
+            .as_array()
+            .expect("pods")
+            .iter()
+            .find(|p| p["name"] == pod)
+            .expect("pod");
         p["ips"]
             .as_array()
             .expect("ips")
@@ -110,7 +124,13 @@ impl Cluster {
     }
 
     pub fn node(&self, node: &str) -> Value {
-        self.status()["nodes"].as_array().expect("nodes").iter().find(|n| n["name"] == node).expect("node").clone()
+        self.status()["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .find(|n| n["name"] == node)
+            .expect("node")
+            .clone()
     }
 
     /// Access records (one per connection) written by a node's agent so far.
@@ -152,7 +172,10 @@ impl Drop for Background {
 }
 
 pub fn weftctl(args: &[&str]) -> Output {
-    Command::new(bin("weftctl")).args(args).output().expect("running weftctl")
+    Command::new(bin("weftctl"))
+        .args(args)
+        .output()
+        .expect("running weftctl")
 }
 
 pub fn text(out: &Output) -> String {

@@ -6,7 +6,10 @@ use serde_json::Value;
 use weft_e2e::{Cluster, bin, curl, privileged, text, wait_for};
 
 fn records_to<'a>(records: &'a [Value], direction: &str, dst: &str) -> Vec<&'a Value> {
-    records.iter().filter(|r| r["direction"] == direction && r["dst.addr"] == dst).collect()
+    records
+        .iter()
+        .filter(|r| r["direction"] == direction && r["dst.addr"] == dst)
+        .collect()
 }
 
 fn curl_across_nodes(name: &str, v6: bool) {
@@ -21,9 +24,21 @@ fn curl_across_nodes(name: &str, v6: bool) {
 
     let (code, body, remote) = curl(&c, "app-1-1", &url);
     assert_eq!(code, 0, "curl failed: {body}");
-    assert!(body.starts_with(&format!("peer={}", if v6 { format!("[{client_ip}]") } else { client_ip.clone() })),
-        "the server must see the client pod's address, saw: {body}");
-    assert_eq!(remote, server_ip, "getpeername must report the original destination to curl");
+    assert!(
+        body.starts_with(&format!(
+            "peer={}",
+            if v6 {
+                format!("[{client_ip}]")
+            } else {
+                client_ip.clone()
+            }
+        )),
+        "the server must see the client pod's address, saw: {body}"
+    );
+    assert_eq!(
+        remote, server_ip,
+        "getpeername must report the original destination to curl"
+    );
 
     let out = wait_for("the client agent's record", Duration::from_secs(5), || {
         let r = c.access_records("node1");
@@ -37,7 +52,10 @@ fn curl_across_nodes(name: &str, v6: bool) {
         let found: Vec<Value> = records_to(&r, "inbound", &dst).into_iter().cloned().collect();
         (!found.is_empty()).then_some(found)
     });
-    assert!(inbound[0]["src.addr"].as_str().unwrap_or_default().contains(&client_ip), "{inbound:?}");
+    assert!(
+        inbound[0]["src.addr"].as_str().unwrap_or_default().contains(&client_ip),
+        "{inbound:?}"
+    );
     assert_eq!(inbound[0]["dst.workload"], "default/app-2-1");
 }
 
@@ -66,8 +84,18 @@ fn parallel_connections_to_200_ports_each_reach_their_destination() {
     let probe = bin("weft-probe");
     let out = c.exec(
         "app-1-1",
-        &[probe.to_str().unwrap(), "connect", "--addr", &server_ip, "--ports", "20000-20199", "--count", "200",
-          "--concurrency", "200"],
+        &[
+            probe.to_str().unwrap(),
+            "connect",
+            "--addr",
+            &server_ip,
+            "--ports",
+            "20000-20199",
+            "--count",
+            "200",
+            "--concurrency",
+            "200",
+        ],
     );
     // weft-probe checks that each answer names the port the connection was made to.
     assert!(out.status.success(), "{}", text(&out));
@@ -81,17 +109,28 @@ fn parallel_connections_to_200_ports_each_reach_their_destination() {
         (ports.len() >= 200).then_some(ports)
     });
     let expected: BTreeSet<String> = (20000..20200).map(|p| format!("{server_ip}:{p}")).collect();
-    assert_eq!(ports, expected, "each connection's original destination must be recorded exactly");
+    assert_eq!(
+        ports, expected,
+        "each connection's original destination must be recorded exactly"
+    );
 }
 
 /// Whether one new connection from `pod` is captured by its node's agent.
 fn captured(c: &Cluster, pod: &str, node: &str, url: &str) -> bool {
-    let before = c.access_records(node).iter().filter(|r| r["direction"] == "outbound").count();
+    let before = c
+        .access_records(node)
+        .iter()
+        .filter(|r| r["direction"] == "outbound")
+        .count();
     let (code, body, _) = curl(c, pod, url);
     assert_eq!(code, 0, "curl from {pod}: {body}");
     // The record is written when the connection closes, right after curl returns.
     std::thread::sleep(Duration::from_millis(200));
-    c.access_records(node).iter().filter(|r| r["direction"] == "outbound").count() > before
+    c.access_records(node)
+        .iter()
+        .filter(|r| r["direction"] == "outbound")
+        .count()
+        > before
 }
 
 #[test]
@@ -104,8 +143,14 @@ fn pods_not_enrolled_are_untouched_and_enrollment_follows_annotations_on_running
     let _server = c.serve("app-2-2", "8080");
     let url = format!("http://{}:8080/", c.pod_ip("app-2-2", false));
 
-    assert!(!captured(&c, "app-1-2", "node1", &url), "a pod in a namespace that is not enrolled was captured");
-    assert!(captured(&c, "app-1-1", "node1", &url), "an enrolled pod was not captured");
+    assert!(
+        !captured(&c, "app-1-2", "node1", &url),
+        "a pod in a namespace that is not enrolled was captured"
+    );
+    assert!(
+        captured(&c, "app-1-1", "node1", &url),
+        "an enrolled pod was not captured"
+    );
 
     // Opt the running pod out: new connections stop being captured within 2 seconds.
     c.annotate("pod", "app-1-1", "weft.dev/dataplane-mode=none");
@@ -130,7 +175,10 @@ fn map_entries(pin_dir: &str, map: &str) -> usize {
         .output()
         .expect("running bpftool");
     assert!(out.status.success(), "bpftool: {}", text(&out));
-    serde_json::from_slice::<Value>(&out.stdout).expect("bpftool JSON").as_array().map_or(0, Vec::len)
+    serde_json::from_slice::<Value>(&out.stdout)
+        .expect("bpftool JSON")
+        .as_array()
+        .map_or(0, Vec::len)
 }
 
 #[test]
@@ -143,8 +191,18 @@ fn per_connection_map_entries_are_gone_after_10000_short_connections() {
     let probe = bin("weft-probe");
     let out = c.exec(
         "app-1-1",
-        &[probe.to_str().unwrap(), "connect", "--addr", &c.pod_ip("app-2-1", false), "--ports", "8080",
-          "--count", "10000", "--concurrency", "32"],
+        &[
+            probe.to_str().unwrap(),
+            "connect",
+            "--addr",
+            &c.pod_ip("app-2-1", false),
+            "--ports",
+            "8080",
+            "--count",
+            "10000",
+            "--concurrency",
+            "32",
+        ],
     );
     assert!(out.status.success(), "{}", text(&out));
     let pins = c.node("node1")["bpfPinDir"].as_str().unwrap().to_owned();
@@ -153,29 +211,49 @@ fn per_connection_map_entries_are_gone_after_10000_short_connections() {
         (left == 0).then_some(())
     });
     // The maps did hold entries while connections were open: the agent recorded every one.
-    let done = c.access_records("node1").iter().filter(|r| r["direction"] == "outbound" && r["reason"] == "done").count();
+    let done = c
+        .access_records("node1")
+        .iter()
+        .filter(|r| r["direction"] == "outbound" && r["reason"] == "done")
+        .count();
     assert_eq!(done, 10000);
 }
 
 fn attach_types(cgroup: &str) -> Vec<String> {
-    let out = std::process::Command::new("bpftool").args(["-j", "cgroup", "show", cgroup]).output().expect("bpftool");
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "cgroup", "show", cgroup])
+        .output()
+        .expect("bpftool");
     assert!(out.status.success(), "bpftool: {}", text(&out));
     let mut types: Vec<String> = serde_json::from_slice::<Value>(&out.stdout)
         .expect("bpftool JSON")
         .as_array()
-        .map(|a| a.iter().filter_map(|p| p["attach_type"].as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p["attach_type"].as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default();
     types.sort();
     types
 }
 
 fn sk_lookup_links(netns: &str) -> usize {
-    let ino = std::fs::metadata(format!("/var/run/netns/{netns}")).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap();
-    let out = std::process::Command::new("bpftool").args(["-j", "link", "show"]).output().expect("bpftool");
+    let ino = std::fs::metadata(format!("/var/run/netns/{netns}"))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap();
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "link", "show"])
+        .output()
+        .expect("bpftool");
     serde_json::from_slice::<Value>(&out.stdout)
         .expect("bpftool JSON")
         .as_array()
-        .map(|a| a.iter().filter(|l| l["type"] == "netns" && l["netns_ino"] == ino).count())
+        .map(|a| {
+            a.iter()
+                .filter(|l| l["type"] == "netns" && l["netns_ino"] == ino)
+                .count()
+        })
         .unwrap_or(0)
 }
 
@@ -193,13 +271,19 @@ fn a_restarted_agent_captures_again_with_one_attachment_and_connections_are_refu
     let before = attach_types(&cgroup);
     assert_eq!(
         before,
-        ["cgroup_inet4_connect", "cgroup_inet4_getpeername", "cgroup_inet6_connect", "cgroup_inet6_getpeername",
-         "cgroup_getsockopt", "cgroup_sock_ops"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect::<Vec<_>>(),
+        [
+            "cgroup_inet4_connect",
+            "cgroup_inet4_getpeername",
+            "cgroup_inet6_connect",
+            "cgroup_inet6_getpeername",
+            "cgroup_getsockopt",
+            "cgroup_sock_ops"
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect::<Vec<_>>(),
         "one attachment of each capture program"
     );
 
@@ -207,17 +291,28 @@ fn a_restarted_agent_captures_again_with_one_attachment_and_connections_are_refu
     let pid = node["agent"]["pid"].as_i64().unwrap() as i32;
     // SAFETY: signalling the agent process this test's cluster started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-    wait_for("the agent to exit", Duration::from_secs(5), || (!c.node("node1")["agent"]["running"].as_bool().unwrap()).then_some(()));
+    wait_for("the agent to exit", Duration::from_secs(5), || {
+        (!c.node("node1")["agent"]["running"].as_bool().unwrap()).then_some(())
+    });
 
     // While it is down, captured connections are refused, never sent around the agent.
     let inbound_before = c.access_records("node2").len();
     let (code, body, _) = curl(&c, "app-1-1", &url);
-    assert_eq!(code, 7, "curl must fail to connect (refused) while the agent is down, got {code}: {body}");
+    assert_eq!(
+        code, 7,
+        "curl must fail to connect (refused) while the agent is down, got {code}: {body}"
+    );
     // Inbound to an enrolled pod on the stopped node is refused too, although its server listens.
     let (code, body, _) = curl(&c, "app-2-2", &format!("http://{}:8080/", c.pod_ip("app-1-1", false)));
-    assert_ne!(code, 0, "inbound to a pod whose agent is down must be refused, got: {body}");
+    assert_ne!(
+        code, 0,
+        "inbound to a pod whose agent is down must be refused, got: {body}"
+    );
     assert!(
-        !c.access_records("node2").iter().skip(inbound_before).any(|r| r["direction"] == "inbound"),
+        !c.access_records("node2")
+            .iter()
+            .skip(inbound_before)
+            .any(|r| r["direction"] == "inbound"),
         "nothing reached the server's node"
     );
 
@@ -226,6 +321,14 @@ fn a_restarted_agent_captures_again_with_one_attachment_and_connections_are_refu
     let (code, body, _) = curl(&c, "app-1-1", &url);
     assert_eq!(code, 0, "after restart: {body}");
     assert!(body.starts_with(&format!("peer={}", c.pod_ip("app-1-1", false))));
-    assert_eq!(attach_types(&cgroup), before, "restart must not attach the programs again");
-    assert_eq!(sk_lookup_links("weft.e2e-restart.app-1-1"), 1, "one inbound steering link per pod");
+    assert_eq!(
+        attach_types(&cgroup),
+        before,
+        "restart must not attach the programs again"
+    );
+    assert_eq!(
+        sk_lookup_links("weft.e2e-restart.app-1-1"),
+        1,
+        "one inbound steering link per pod"
+    );
 }

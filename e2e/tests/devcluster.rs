@@ -36,7 +36,12 @@ fn up_then_down_leaves_no_netns_cgroup_pin_or_process_behind() {
     let status = c.status();
     assert_eq!(status["nodes"].as_array().unwrap().len(), 2);
     assert_eq!(status["pods"].as_array().unwrap().len(), 6);
-    let pids: Vec<i32> = status["nodes"].as_array().unwrap().iter().map(|n| n["agent"]["pid"].as_i64().unwrap() as i32).collect();
+    let pids: Vec<i32> = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["agent"]["pid"].as_i64().unwrap() as i32)
+        .collect();
     assert!(!leftovers(name).is_empty());
     // A long-running process in a pod goes down with the cluster.
     let sleeper = c.spawn("app-1-1", &["sleep", "600"]);
@@ -46,7 +51,9 @@ fn up_then_down_leaves_no_netns_cgroup_pin_or_process_behind() {
     assert_eq!(leftovers(name), Vec::<String>::new());
     for pid in pids.into_iter().chain([sleeper_pid]) {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let running = stat.rsplit_once(')').is_some_and(|(_, r)| !r.trim_start().starts_with('Z'));
+        let running = stat
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'));
         assert!(!running, "process {pid} survived weftctl dev down");
     }
 }
@@ -57,11 +64,17 @@ fn exec_runs_in_the_pod_and_passes_the_exit_code_through() {
         return;
     }
     let c = Cluster::up("e2e-exec", &["--no-mesh", "--nodes", "1", "--pods-per-node", "1"]);
-    let out = c.exec("app-1-1", &["sh", "-c", "ip -4 -o addr show dev eth0; cat /proc/self/cgroup; exit 7"]);
+    let out = c.exec(
+        "app-1-1",
+        &["sh", "-c", "ip -4 -o addr show dev eth0; cat /proc/self/cgroup; exit 7"],
+    );
     assert_eq!(out.status.code(), Some(7), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("10.244.1.11/24"), "not in the pod's netns: {stdout}");
-    assert!(stdout.contains("/weft.e2e-exec/node1/app-1-1"), "not in the pod's cgroup: {stdout}");
+    assert!(
+        stdout.contains("/weft.e2e-exec/node1/app-1-1"),
+        "not in the pod's cgroup: {stdout}"
+    );
 }
 
 #[test]
@@ -72,20 +85,44 @@ fn bad_input_gets_a_one_line_error_and_creates_nothing() {
     let c = Cluster::up("e2e-bad", &["--no-mesh", "--nodes", "1", "--pods-per-node", "1"]);
     let clash = weftctl(&["dev", "up", "--name", "e2e-bad", "--no-mesh"]);
     assert!(!clash.status.success());
-    assert!(String::from_utf8_lossy(&clash.stderr).contains("already running"), "{}", text(&clash));
+    assert!(
+        String::from_utf8_lossy(&clash.stderr).contains("already running"),
+        "{}",
+        text(&clash)
+    );
 
     let unknown = weftctl(&["dev", "exec", "--name", "e2e-bad", "nope", "--", "true"]);
-    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no pod \"nope\""), "{}", text(&unknown));
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("no pod \"nope\""),
+        "{}",
+        text(&unknown)
+    );
 
     let bad_ns = weftctl(&["dev", "up", "--name", "e2e-bad2", "--ambient", "missing"]);
     assert!(!bad_ns.status.success());
-    assert!(String::from_utf8_lossy(&bad_ns.stderr).contains("--ambient missing"), "{}", text(&bad_ns));
+    assert!(
+        String::from_utf8_lossy(&bad_ns.stderr).contains("--ambient missing"),
+        "{}",
+        text(&bad_ns)
+    );
     assert!(leftovers("e2e-bad2").is_empty());
 
     let bad_name = weftctl(&["dev", "up", "--name", "Bad.Name"]);
-    assert!(String::from_utf8_lossy(&bad_name.stderr).contains("invalid cluster name"), "{}", text(&bad_name));
+    assert!(
+        String::from_utf8_lossy(&bad_name.stderr).contains("invalid cluster name"),
+        "{}",
+        text(&bad_name)
+    );
 
-    let bad_key = weftctl(&["dev", "annotate", "--name", "e2e-bad", "namespace", "default", "no value"]);
+    let bad_key = weftctl(&[
+        "dev",
+        "annotate",
+        "--name",
+        "e2e-bad",
+        "namespace",
+        "default",
+        "no value",
+    ]);
     assert!(!bad_key.status.success(), "{}", text(&bad_key));
     drop(c);
 }
@@ -105,7 +142,18 @@ fn up_on_a_stale_cluster_cleans_it_first() {
         (!c.node("node1")["agent"]["running"].as_bool().unwrap()).then_some(())
     });
     std::mem::forget(c);
-    let again = weftctl(&["dev", "up", "--name", name, "--nodes", "1", "--pods-per-node", "1", "--ambient", "default"]);
+    let again = weftctl(&[
+        "dev",
+        "up",
+        "--name",
+        name,
+        "--nodes",
+        "1",
+        "--pods-per-node",
+        "1",
+        "--ambient",
+        "default",
+    ]);
     assert!(again.status.success(), "{}", text(&again));
     assert!(String::from_utf8_lossy(&again.stdout).contains("cleaning stale cluster"));
     let c = Cluster { name: name.to_owned() };

@@ -88,11 +88,7 @@ impl Ip {
 
     /// The IPv4 address (network-order word) if this is IPv4-mapped.
     pub const fn v4_be(&self) -> Option<u32> {
-        if self.is_v4_mapped() {
-            Some(self.words[3])
-        } else {
-            None
-        }
+        if self.is_v4_mapped() { Some(self.words[3]) } else { None }
     }
 }
 

@@ -85,14 +85,12 @@ static ENROLLED: HashMap<u64, PodEntry> = HashMap::pinned(limits::MAX_ENROLLED_P
 /// Socket cookie of a captured client socket -> its original destination (connect -> sockops,
 /// getpeername). Deleted when the socket closes.
 #[map(name = "WEFT_ORIG_BY_COOKIE")]
-static ORIG_BY_COOKIE: LruHashMap<u64, Endpoint> =
-    LruHashMap::pinned(limits::MAX_TRACKED_CONNECTIONS, 0);
+static ORIG_BY_COOKIE: LruHashMap<u64, Endpoint> = LruHashMap::pinned(limits::MAX_TRACKED_CONNECTIONS, 0);
 
 /// Established client-side tuple -> original destination, read by the getsockopt program on the
 /// agent's accepted socket. Deleted when the client socket closes.
 #[map(name = "WEFT_ORIG_BY_TUPLE")]
-static ORIG_BY_TUPLE: LruHashMap<ConnKey, Endpoint> =
-    LruHashMap::pinned(limits::MAX_TRACKED_CONNECTIONS, 0);
+static ORIG_BY_TUPLE: LruHashMap<ConnKey, Endpoint> = LruHashMap::pinned(limits::MAX_TRACKED_CONNECTIONS, 0);
 
 /// Enrolled pod address -> the agent's inbound listener in that pod. Entries vanish when the
 /// listener closes (agent stopped), which makes sk_lookup refuse rather than bypass the agent.
@@ -119,7 +117,11 @@ pub fn weft_connect4(ctx: SockAddrContext) -> i32 {
         if !captured(&ctx) {
             return ALLOW;
         }
-        let orig = Endpoint { ip: Ip::from_v4_be(ip4), port, _pad: 0 };
+        let orig = Endpoint {
+            ip: Ip::from_v4_be(ip4),
+            port,
+            _pad: 0,
+        };
         if remember(&ctx, &orig).is_err() {
             return REJECT;
         }
@@ -138,7 +140,9 @@ pub fn weft_connect6(ctx: SockAddrContext) -> i32 {
         if read_volatile(addr_of!((*sa).protocol)) != IPPROTO_TCP {
             return ALLOW;
         }
-        let ip = Ip { words: read_ip6!(sa, user_ip6) };
+        let ip = Ip {
+            words: read_ip6!(sa, user_ip6),
+        };
         if ip == LOOPBACK6 {
             return ALLOW;
         }
@@ -155,7 +159,11 @@ pub fn weft_connect6(ctx: SockAddrContext) -> i32 {
         if remember(&ctx, &orig).is_err() {
             return REJECT;
         }
-        let to = if ip.is_v4_mapped() { Ip::from_v4_be(LOOPBACK4_BE) } else { LOOPBACK6 };
+        let to = if ip.is_v4_mapped() {
+            Ip::from_v4_be(LOOPBACK4_BE)
+        } else {
+            LOOPBACK6
+        };
         write_ip6!(sa, user_ip6, to.words);
         write_volatile(addr_of_mut!((*sa).user_port), u32::from(OUTBOUND.to_be()));
     }
@@ -272,7 +280,10 @@ unsafe fn sockops_key(ctx: &SockOpsContext) -> Option<ConnKey> {
         // Every field is read unconditionally: branch-dependent reads get merged by LLVM into one
         // load through a selected context pointer, which the verifier rejects.
         let family = read_volatile(addr_of!((*ops).family));
-        let (l4, r4) = (read_volatile(addr_of!((*ops).local_ip4)), read_volatile(addr_of!((*ops).remote_ip4)));
+        let (l4, r4) = (
+            read_volatile(addr_of!((*ops).local_ip4)),
+            read_volatile(addr_of!((*ops).remote_ip4)),
+        );
         let (l6, r6) = (read_ip6!(ops, local_ip6), read_ip6!(ops, remote_ip6));
         let (local, remote) = match family {
             AF_INET => (Ip::from_v4_be(l4), Ip::from_v4_be(r4)),
@@ -284,8 +295,16 @@ unsafe fn sockops_key(ctx: &SockOpsContext) -> Option<ConnKey> {
         let remote_port = (read_volatile(addr_of!((*ops).remote_port)) >> 16) as u16;
         Some(ConnKey {
             netns_cookie: bpf_get_netns_cookie(ops as *mut c_void),
-            client: Endpoint { ip: local, port: local_port, _pad: 0 },
-            listener: Endpoint { ip: remote, port: remote_port, _pad: 0 },
+            client: Endpoint {
+                ip: local,
+                port: local_port,
+                _pad: 0,
+            },
+            listener: Endpoint {
+                ip: remote,
+                port: remote_port,
+                _pad: 0,
+            },
         })
     }
 }
@@ -301,9 +320,7 @@ pub fn weft_getsockopt(ctx: SockoptContext) -> i32 {
     // SAFETY: ctx.sockopt is valid for the program's lifetime; optval is bounds-checked below.
     unsafe {
         let level = read_volatile(addr_of!((*so).level));
-        if (level != SOL_IP && level != SOL_IPV6)
-            || read_volatile(addr_of!((*so).optname)) != SO_ORIGINAL_DST
-        {
+        if (level != SOL_IP && level != SOL_IPV6) || read_volatile(addr_of!((*so).optname)) != SO_ORIGINAL_DST {
             return ALLOW;
         }
         let sk: *mut bpf_sock = read_volatile(addr_of!((*so).__bindgen_anon_1.sk));
@@ -311,7 +328,10 @@ pub fn weft_getsockopt(ctx: SockoptContext) -> i32 {
             return ALLOW;
         }
         // Accepted socket: its source is the listener, its destination the client.
-        let (s4, d4) = (read_volatile(addr_of!((*sk).src_ip4)), read_volatile(addr_of!((*sk).dst_ip4)));
+        let (s4, d4) = (
+            read_volatile(addr_of!((*sk).src_ip4)),
+            read_volatile(addr_of!((*sk).dst_ip4)),
+        );
         let (s6, d6) = (read_ip6!(sk, src_ip6), read_ip6!(sk, dst_ip6));
         let (listener_ip, client_ip) = match read_volatile(addr_of!((*sk).family)) {
             AF_INET => (Ip::from_v4_be(s4), Ip::from_v4_be(d4)),

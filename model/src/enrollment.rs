@@ -35,7 +35,9 @@ mod tests {
     fn ns(mode: Option<&str>) -> Namespace {
         Namespace {
             name: "shop".into(),
-            annotations: mode.map(|m| BTreeMap::from([(DATAPLANE_MODE.to_owned(), m.to_owned())])).unwrap_or_default(),
+            annotations: mode
+                .map(|m| BTreeMap::from([(DATAPLANE_MODE.to_owned(), m.to_owned())]))
+                .unwrap_or_default(),
         }
     }
 
@@ -43,7 +45,9 @@ mod tests {
         Pod {
             namespace: "shop".into(),
             name: "cart".into(),
-            annotations: mode.map(|m| BTreeMap::from([(DATAPLANE_MODE.to_owned(), m.to_owned())])).unwrap_or_default(),
+            annotations: mode
+                .map(|m| BTreeMap::from([(DATAPLANE_MODE.to_owned(), m.to_owned())]))
+                .unwrap_or_default(),
             ..Pod::default()
         }
     }
@@ -71,7 +75,10 @@ mod tests {
         b.node = "n2".into();
         let mut c = a.clone();
         c.netns = None;
-        let snap = WorkloadSnapshot { namespaces: vec![ns(Some("ambient"))], pods: vec![a.clone(), b, c] };
+        let snap = WorkloadSnapshot {
+            namespaces: vec![ns(Some("ambient"))],
+            pods: vec![a.clone(), b, c],
+        };
         let got: Vec<_> = enrolled_on(&snap, "n1").collect();
         assert_eq!(got, vec![&a]);
     }

@@ -23,7 +23,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let mut capture = Capture::start(&config.bpf_pin_dir, &config.cgroup).context("starting capture")?;
     tracing::info!(node = %config.node, cgroup = %config.cgroup.display(), pins = %config.bpf_pin_dir.display(), "capture ready");
     let mut snapshots = FileSource::new(config.workloads_file.clone()).spawn();
-    let mut reconciler = Reconciler { node: config.node.clone(), pods: BTreeMap::new(), first: true };
+    let mut reconciler = Reconciler {
+        node: config.node.clone(),
+        pods: BTreeMap::new(),
+        first: true,
+    };
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut retry = tokio::time::interval(Duration::from_secs(1));
@@ -53,8 +57,9 @@ struct Reconciler {
 
 impl Reconciler {
     fn reconcile(&mut self, snapshot: &weft_model::WorkloadSnapshot, capture: &mut Capture) {
-        let desired: BTreeMap<&str, &Pod> =
-            enrollment::enrolled_on(snapshot, &self.node).map(|p| (p.uid.as_str(), p)).collect();
+        let desired: BTreeMap<&str, &Pod> = enrollment::enrolled_on(snapshot, &self.node)
+            .map(|p| (p.uid.as_str(), p))
+            .collect();
         let stale: Vec<String> = self
             .pods
             .iter()
@@ -107,7 +112,10 @@ fn display_chain(e: &dyn std::error::Error) -> String {
 }
 
 fn raise_memlock() {
-    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: plain syscall; failure only matters on kernels without memcg accounting of BPF memory.
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
 }
@@ -115,10 +123,19 @@ fn raise_memlock() {
 /// The getsockopt program only sees sockets whose cgroup is under the attach point.
 fn check_own_cgroup(config: &Config) -> anyhow::Result<()> {
     let own = std::fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
-    let own = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("/").trim().to_owned();
+    let own = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or("/")
+        .trim()
+        .to_owned();
     let root = cgroup2_root()?;
     let target = config.cgroup.strip_prefix(&root).with_context(|| {
-        format!("--cgroup {} is not under the cgroup v2 root {}", config.cgroup.display(), root.display())
+        format!(
+            "--cgroup {} is not under the cgroup v2 root {}",
+            config.cgroup.display(),
+            root.display()
+        )
     })?;
     let own_rel = std::path::Path::new(own.trim_start_matches('/'));
     anyhow::ensure!(

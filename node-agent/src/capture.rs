@@ -95,27 +95,47 @@ impl Capture {
         ensure_bpffs(pin_dir)?;
         let maps_dir = pin_dir.join("maps");
         for dir in [&maps_dir, &pin_dir.join("links"), &pin_dir.join("pods")] {
-            fs::create_dir_all(dir).map_err(|source| Error::BpfFs { what: "creating", path: dir.clone(), source })?;
+            fs::create_dir_all(dir).map_err(|source| Error::BpfFs {
+                what: "creating",
+                path: dir.clone(),
+                source,
+            })?;
         }
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&maps_dir).load(OBJECT).map_err(Error::Load)?;
-        let cgroup_file =
-            File::open(cgroup).map_err(|source| Error::Cgroup { path: cgroup.to_path_buf(), source })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .load(OBJECT)
+            .map_err(Error::Load)?;
+        let cgroup_file = File::open(cgroup).map_err(|source| Error::Cgroup {
+            path: cgroup.to_path_buf(),
+            source,
+        })?;
         for name in names::CGROUP_PROGRAMS {
             attach_cgroup_program(&mut ebpf, name, &cgroup_file, &pin_dir.join("links").join(name))?;
         }
         let sk_lookup: &mut SkLookup = program(&mut ebpf, names::PROG_SK_LOOKUP)?;
-        sk_lookup.load().map_err(|source| Error::Program { name: names::PROG_SK_LOOKUP, source })?;
+        sk_lookup.load().map_err(|source| Error::Program {
+            name: names::PROG_SK_LOOKUP,
+            source,
+        })?;
 
         let enrolled = take_map(&mut ebpf, names::MAP_ENROLLED)?;
         let listeners = take_map(&mut ebpf, names::MAP_LISTENERS)?;
-        Ok(Self { pin_dir: pin_dir.to_path_buf(), ebpf, enrolled, listeners })
+        Ok(Self {
+            pin_dir: pin_dir.to_path_buf(),
+            ebpf,
+            enrolled,
+            listeners,
+        })
     }
 
     /// Starts steering inbound connections to `ip` in the pod's namespace to `listener`.
     pub fn set_listener(&mut self, ip: IpAddr, listener: &impl AsRawFd) -> Result<(), Error> {
         self.listeners
             .insert(listener_key(ip), listener.as_raw_fd(), 0)
-            .map_err(|source| Error::Map { name: names::MAP_LISTENERS, source })
+            .map_err(|source| Error::Map {
+                name: names::MAP_LISTENERS,
+                source,
+            })
     }
 
     pub fn remove_listener(&mut self, ip: IpAddr) {
@@ -129,12 +149,23 @@ impl Capture {
         if PinnedLink::from_pin(&pin).is_ok() {
             return Ok(());
         }
-        fs::create_dir_all(&dir).map_err(|source| Error::BpfFs { what: "creating", path: dir.clone(), source })?;
+        fs::create_dir_all(&dir).map_err(|source| Error::BpfFs {
+            what: "creating",
+            path: dir.clone(),
+            source,
+        })?;
         let prog: &mut SkLookup = program(&mut self.ebpf, names::PROG_SK_LOOKUP)?;
-        let err = |source| Error::Program { name: names::PROG_SK_LOOKUP, source };
+        let err = |source| Error::Program {
+            name: names::PROG_SK_LOOKUP,
+            source,
+        };
         let id = prog.attach(netns).map_err(err)?;
         let link = FdLink::from(prog.take_link(id).map_err(err)?);
-        link.pin(&pin).map_err(|source| Error::Pin { name: names::PROG_SK_LOOKUP, path: pin, source })?;
+        link.pin(&pin).map_err(|source| Error::Pin {
+            name: names::PROG_SK_LOOKUP,
+            path: pin,
+            source,
+        })?;
         Ok(())
     }
 
@@ -146,14 +177,21 @@ impl Capture {
     /// Pods with a pinned steering link.
     pub fn attached_pods(&self) -> Vec<String> {
         fs::read_dir(self.pin_dir.join("pods"))
-            .map(|d| d.filter_map(|e| e.ok()).filter_map(|e| e.file_name().into_string().ok()).collect())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     pub fn enroll(&mut self, netns_cookie: u64) -> Result<(), Error> {
         self.enrolled
             .insert(netns_cookie, PodEntry::default(), 0)
-            .map_err(|source| Error::Map { name: names::MAP_ENROLLED, source })
+            .map_err(|source| Error::Map {
+                name: names::MAP_ENROLLED,
+                source,
+            })
     }
 
     pub fn unenroll(&mut self, netns_cookie: u64) {
@@ -177,13 +215,21 @@ fn listener_key(ip: IpAddr) -> ListenerKey {
     };
     let o = v6.octets();
     let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-    ListenerKey { ip: Ip { words: [word(0), word(4), word(8), word(12)] } }
+    ListenerKey {
+        ip: Ip {
+            words: [word(0), word(4), word(8), word(12)],
+        },
+    }
 }
 
 fn ensure_bpffs(pin_dir: &Path) -> Result<(), Error> {
     let root = Path::new("/sys/fs/bpf");
     if fs_magic(root) != Some(BPF_FS_MAGIC) {
-        mount_bpffs(root).map_err(|source| Error::BpfFs { what: "mounting", path: root.to_path_buf(), source })?;
+        mount_bpffs(root).map_err(|source| Error::BpfFs {
+            what: "mounting",
+            path: root.to_path_buf(),
+            source,
+        })?;
     }
     if !pin_dir.starts_with(root) {
         return Err(Error::BpfFs {
@@ -204,8 +250,15 @@ fn fs_magic(path: &Path) -> Option<i64> {
 }
 
 fn mount_bpffs(root: &Path) -> io::Result<()> {
-    let status = std::process::Command::new("mount").args(["-t", "bpf", "bpf"]).arg(root).status()?;
-    if status.success() { Ok(()) } else { Err(io::Error::other(format!("mount -t bpf exited with {status}"))) }
+    let status = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(root)
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("mount -t bpf exited with {status}")))
+    }
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
@@ -248,9 +301,16 @@ fn attach_cgroup_program(ebpf: &mut Ebpf, name: &'static str, cgroup: &File, pin
         names::PROG_GETPEERNAME4 => load!(CgroupSockAddr, raw::BPF_CGROUP_INET4_GETPEERNAME),
         _ => load!(CgroupSockAddr, raw::BPF_CGROUP_INET6_GETPEERNAME),
     }
-    .map_err(|source| Error::BpfFs { what: "creating the cgroup link of", path: pin.to_path_buf(), source })?;
-    raw::obj_pin(link.as_fd(), pin)
-        .map_err(|source| Error::BpfFs { what: "pinning", path: pin.to_path_buf(), source })?;
+    .map_err(|source| Error::BpfFs {
+        what: "creating the cgroup link of",
+        path: pin.to_path_buf(),
+        source,
+    })?;
+    raw::obj_pin(link.as_fd(), pin).map_err(|source| Error::BpfFs {
+        what: "pinning",
+        path: pin.to_path_buf(),
+        source,
+    })?;
     tracing::info!(program = name, "attached");
     Ok(())
 }
@@ -297,7 +357,11 @@ mod raw {
     fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
         // SAFETY: attr is a zero-initialised prefix of `union bpf_attr` for `cmd`, of the given size.
         let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
-        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
     }
 
     pub fn link_create(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<OwnedFd> {
@@ -315,7 +379,11 @@ mod raw {
     pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
         let path = CString::new(path.as_os_str().as_encoded_bytes())
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let mut attr = ObjPin { pathname: path.as_ptr() as u64, bpf_fd: fd.as_raw_fd() as u32, ..Default::default() };
+        let mut attr = ObjPin {
+            pathname: path.as_ptr() as u64,
+            bpf_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
         bpf(BPF_OBJ_PIN, &mut attr).map(drop)
     }
 }

@@ -47,7 +47,10 @@ impl Args {
             return Err("--node must not be empty".into());
         }
         if !self.bpf_pin_dir.starts_with("/sys/fs/bpf") {
-            return Err(format!("--bpf-pin-dir {} is not under /sys/fs/bpf", self.bpf_pin_dir.display()));
+            return Err(format!(
+                "--bpf-pin-dir {} is not under /sys/fs/bpf",
+                self.bpf_pin_dir.display()
+            ));
         }
         if !self.cgroup.is_dir() {
             return Err(format!("--cgroup {} is not a directory", self.cgroup.display()));

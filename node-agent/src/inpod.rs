@@ -35,7 +35,7 @@ pub enum Error {
     Capture {
         pod: String,
         #[source]
-        source: crate::capture::Error,
+        source: Box<crate::capture::Error>,
     },
 }
 
@@ -76,8 +76,12 @@ impl InPod {
                 .map_err(setup("binding outbound listener 127.0.0.1:15001"))?,
             false,
         )];
-        let inbound4 = socket::listen_in(&netns, SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports::INBOUND_PLAINTEXT)), 1024)
-            .map_err(setup("binding inbound listener 0.0.0.0:15006"))?;
+        let inbound4 = socket::listen_in(
+            &netns,
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports::INBOUND_PLAINTEXT)),
+            1024,
+        )
+        .map_err(setup("binding inbound listener 0.0.0.0:15006"))?;
         let mut inbound6 = None;
         if has_v6 {
             outbound.push((
@@ -86,12 +90,19 @@ impl InPod {
                 true,
             ));
             inbound6 = Some(
-                socket::listen_in(&netns, SocketAddr::from((Ipv6Addr::UNSPECIFIED, ports::INBOUND_PLAINTEXT)), 1024)
-                    .map_err(setup("binding inbound listener [::]:15006"))?,
+                socket::listen_in(
+                    &netns,
+                    SocketAddr::from((Ipv6Addr::UNSPECIFIED, ports::INBOUND_PLAINTEXT)),
+                    1024,
+                )
+                .map_err(setup("binding inbound listener [::]:15006"))?,
             );
         }
         let netns_cookie = socket::netns_cookie(&inbound4).map_err(setup("reading the network namespace cookie"))?;
-        let cap = |source| Error::Capture { pod: name.clone(), source };
+        let cap = |source: crate::capture::Error| Error::Capture {
+            pod: name.clone(),
+            source: Box::new(source),
+        };
         for ip in &pod.ips {
             match (ip, &inbound6) {
                 (IpAddr::V4(_), _) => capture.set_listener(*ip, &inbound4).map_err(cap)?,
@@ -102,7 +113,10 @@ impl InPod {
         capture.attach_pod(&pod.uid, &netns).map_err(cap)?;
         capture.enroll(netns_cookie).map_err(cap)?;
 
-        let ctx = Arc::new(PodContext { pod: pod.clone(), netns });
+        let ctx = Arc::new(PodContext {
+            pod: pod.clone(),
+            netns,
+        });
         let mut tasks = Vec::new();
         for (listener, v6) in outbound {
             tasks.push(tokio::spawn(proxy::outbound_loop(ctx.clone(), listener, v6)));
@@ -112,7 +126,11 @@ impl InPod {
             tasks.push(tokio::spawn(proxy::inbound_loop(ctx.clone(), l6)));
         }
         tracing::info!(pod = %name, netns_cookie, "enrolled");
-        Ok(Self { ctx, netns_cookie, tasks })
+        Ok(Self {
+            ctx,
+            netns_cookie,
+            tasks,
+        })
     }
 
     pub fn netns_cookie(&self) -> Option<u64> {
@@ -148,8 +166,12 @@ fn install_reply_routing(netns: &NetNs) -> std::io::Result<()> {
         std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")?;
         for family in ["-4", "-6"] {
             let default = if family == "-4" { "0.0.0.0/0" } else { "::/0" };
-            run_ip(&[family, "route", "replace", "local", default, "dev", "lo", "table", &table])?;
-            let existing = Command::new("ip").args([family, "rule", "show", "pref", &table]).output()?;
+            run_ip(&[
+                family, "route", "replace", "local", default, "dev", "lo", "table", &table,
+            ])?;
+            let existing = Command::new("ip")
+                .args([family, "rule", "show", "pref", &table])
+                .output()?;
             if existing.stdout.is_empty() {
                 run_ip(&[family, "rule", "add", "pref", &table, "fwmark", &mark, "lookup", &table])?;
             }

@@ -19,7 +19,10 @@ pub struct FileSource {
 
 impl FileSource {
     pub fn new(path: PathBuf) -> Self {
-        Self { path, interval: Duration::from_millis(200) }
+        Self {
+            path,
+            interval: Duration::from_millis(200),
+        }
     }
 
     /// Spawns the follower; the receiver always holds the latest good snapshot.
@@ -30,19 +33,26 @@ impl FileSource {
             let mut ticker = tokio::time::interval(self.interval);
             loop {
                 ticker.tick().await;
-                let Ok(meta) = tokio::fs::metadata(&self.path).await else { continue };
+                let Ok(meta) = tokio::fs::metadata(&self.path).await else {
+                    continue;
+                };
                 let stamp = (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len());
                 if seen == Some(stamp) {
                     continue;
                 }
-                match tokio::fs::read(&self.path).await.map(|b| serde_json::from_slice::<WorkloadSnapshot>(&b)) {
+                match tokio::fs::read(&self.path)
+                    .await
+                    .map(|b| serde_json::from_slice::<WorkloadSnapshot>(&b))
+                {
                     Ok(Ok(snapshot)) => {
                         seen = Some(stamp);
                         if tx.send(snapshot).is_err() {
                             return;
                         }
                     }
-                    Ok(Err(e)) => tracing::warn!(path = %self.path.display(), error = %e, "ignoring bad workload snapshot"),
+                    Ok(Err(e)) => {
+                        tracing::warn!(path = %self.path.display(), error = %e, "ignoring bad workload snapshot")
+                    }
                     Err(e) => tracing::warn!(path = %self.path.display(), error = %e, "reading workload snapshot"),
                 }
             }

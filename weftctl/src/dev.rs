@@ -106,9 +106,12 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Down { name } => down(&name).map(|()| ExitCode::SUCCESS),
         Command::Status { name, output } => status(&name, output).map(|()| ExitCode::SUCCESS),
         Command::Exec { name, pod, command } => exec(&name, &pod, &command),
-        Command::Annotate { name, kind, target, change } => {
-            annotate(&name, kind, &target, &change).map(|()| ExitCode::SUCCESS)
-        }
+        Command::Annotate {
+            name,
+            kind,
+            target,
+            change,
+        } => annotate(&name, kind, &target, &change).map(|()| ExitCode::SUCCESS),
         Command::StartAgent { name, node } => start_agent_cmd(&name, &node).map(|()| ExitCode::SUCCESS),
     }
 }
@@ -118,9 +121,15 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
 fn up(args: UpArgs) -> anyhow::Result<()> {
     state::validate_name(&args.name)?;
     anyhow::ensure!((1..=20).contains(&args.nodes), "--nodes must be between 1 and 20");
-    anyhow::ensure!((1..=50).contains(&args.pods_per_node), "--pods-per-node must be between 1 and 50");
+    anyhow::ensure!(
+        (1..=50).contains(&args.pods_per_node),
+        "--pods-per-node must be between 1 and 50"
+    );
     for ns in &args.namespaces {
-        anyhow::ensure!(dns_label(ns), "namespace {ns:?} is not a valid Kubernetes name (lowercase DNS label)");
+        anyhow::ensure!(
+            dns_label(ns),
+            "namespace {ns:?} is not a valid Kubernetes name (lowercase DNS label)"
+        );
     }
     for ns in &args.ambient {
         anyhow::ensure!(
@@ -172,7 +181,10 @@ fn build(args: &UpArgs, agent_bin: Option<&Path>) -> anyhow::Result<()> {
             .map(|ns| Namespace {
                 name: ns.clone(),
                 annotations: if args.ambient.contains(ns) {
-                    BTreeMap::from([(annotations::DATAPLANE_MODE.to_owned(), annotations::DATAPLANE_MODE_AMBIENT.to_owned())])
+                    BTreeMap::from([(
+                        annotations::DATAPLANE_MODE.to_owned(),
+                        annotations::DATAPLANE_MODE_AMBIENT.to_owned(),
+                    )])
                 } else {
                     BTreeMap::new()
                 },
@@ -191,9 +203,17 @@ fn build(args: &UpArgs, agent_bin: Option<&Path>) -> anyhow::Result<()> {
         let node = format!("node{i}");
         let netns = names.netns(&node);
         system::create_netns(&netns)?;
-        system::sysctls(&netns, &[("net/ipv4/ip_forward", "1"), ("net/ipv6/conf/all/forwarding", "1")])?;
+        system::sysctls(
+            &netns,
+            &[("net/ipv4/ip_forward", "1"), ("net/ipv6/conf/all/forwarding", "1")],
+        )?;
         let fabric_if = format!("n{i}");
-        system::ip_in(&fabric, &["link", "add", &fabric_if, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        system::ip_in(
+            &fabric,
+            &[
+                "link", "add", &fabric_if, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+            ],
+        )?;
         system::ip_in(&fabric, &["link", "set", &fabric_if, "master", "br0", "up"])?;
         let (ip4, ip6) = (format!("172.30.0.{}", 10 + i), format!("fd00:172:30::{}", 10 + i));
         system::ip_in(&netns, &["addr", "add", &format!("{ip4}/24"), "dev", "eth0"])?;
@@ -201,7 +221,10 @@ fn build(args: &UpArgs, agent_bin: Option<&Path>) -> anyhow::Result<()> {
         system::ip_in(&netns, &["link", "set", "eth0", "up"])?;
         system::ip_in(&netns, &["link", "add", "cbr0", "type", "bridge"])?;
         system::ip_in(&netns, &["addr", "add", &format!("10.244.{i}.1/24"), "dev", "cbr0"])?;
-        system::ip_in(&netns, &["addr", "add", &format!("fd00:10:244:{i}::1/64"), "dev", "cbr0", "nodad"])?;
+        system::ip_in(
+            &netns,
+            &["addr", "add", &format!("fd00:10:244:{i}::1/64"), "dev", "cbr0", "nodad"],
+        )?;
         system::ip_in(&netns, &["link", "set", "cbr0", "up"])?;
 
         let agent_log = names.log_dir().join(format!("{node}-agent.log"));
@@ -224,14 +247,28 @@ fn build(args: &UpArgs, agent_bin: Option<&Path>) -> anyhow::Result<()> {
             let pod_netns = names.netns(&pod_name);
             system::create_netns(&pod_netns)?;
             let host_if = format!("vp{k}");
-            system::ip_in(&netns, &["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &pod_netns])?;
+            system::ip_in(
+                &netns,
+                &[
+                    "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &pod_netns,
+                ],
+            )?;
             system::ip_in(&netns, &["link", "set", &host_if, "master", "cbr0", "up"])?;
             let (pip4, pip6) = (format!("10.244.{i}.{}", 10 + k), format!("fd00:10:244:{i}::{}", 10 + k));
             system::ip_in(&pod_netns, &["addr", "add", &format!("{pip4}/24"), "dev", "eth0"])?;
-            system::ip_in(&pod_netns, &["addr", "add", &format!("{pip6}/64"), "dev", "eth0", "nodad"])?;
+            system::ip_in(
+                &pod_netns,
+                &["addr", "add", &format!("{pip6}/64"), "dev", "eth0", "nodad"],
+            )?;
             system::ip_in(&pod_netns, &["link", "set", "eth0", "up"])?;
-            system::ip_in(&pod_netns, &["route", "add", "default", "via", &format!("10.244.{i}.1")])?;
-            system::ip_in(&pod_netns, &["-6", "route", "add", "default", "via", &format!("fd00:10:244:{i}::1")])?;
+            system::ip_in(
+                &pod_netns,
+                &["route", "add", "default", "via", &format!("10.244.{i}.1")],
+            )?;
+            system::ip_in(
+                &pod_netns,
+                &["-6", "route", "add", "default", "via", &format!("fd00:10:244:{i}::1")],
+            )?;
             let pod_cg = node_cg.join(&pod_name);
             fs::create_dir_all(&pod_cg).with_context(|| format!("creating cgroup {}", pod_cg.display()))?;
             let namespace = args.namespaces[usize::from(k - 1) % args.namespaces.len()].clone();
@@ -283,7 +320,8 @@ fn build(args: &UpArgs, agent_bin: Option<&Path>) -> anyhow::Result<()> {
 fn dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -313,8 +351,11 @@ fn start_agent(cluster: &Cluster, node: &Node, bin: &Path) -> anyhow::Result<u32
         .open(&node.agent_log)
         .with_context(|| format!("opening {}", node.agent_log.display()))?;
     let start_len = log.metadata().map(|m| m.len()).unwrap_or(0);
-    let netns = fs::File::open(system::netns_path(&node.netns)).with_context(|| format!("opening netns {}", node.netns))?;
-    let procs = fs::OpenOptions::new().write(true).open(node.cgroup.join("agent").join("cgroup.procs"))?;
+    let netns =
+        fs::File::open(system::netns_path(&node.netns)).with_context(|| format!("opening netns {}", node.netns))?;
+    let procs = fs::OpenOptions::new()
+        .write(true)
+        .open(node.cgroup.join("agent").join("cgroup.procs"))?;
     let mut cmd = Process::new(bin);
     cmd.args(["--node", &node.name, "--log-format", "json"])
         .arg("--workloads-file")
@@ -326,7 +367,10 @@ fn start_agent(cluster: &Cluster, node: &Node, bin: &Path) -> anyhow::Result<u32
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    let (netns_fd, procs_fd) = (std::os::fd::AsRawFd::as_raw_fd(&netns), std::os::fd::AsRawFd::as_raw_fd(&procs));
+    let (netns_fd, procs_fd) = (
+        std::os::fd::AsRawFd::as_raw_fd(&netns),
+        std::os::fd::AsRawFd::as_raw_fd(&procs),
+    );
     // SAFETY: only async-signal-safe syscalls between fork and exec, on descriptors kept open above.
     unsafe {
         cmd.pre_exec(move || {
@@ -351,11 +395,19 @@ fn start_agent(cluster: &Cluster, node: &Node, bin: &Path) -> anyhow::Result<u32
             return Ok(pid);
         }
         if let Some(status) = child.try_wait()? {
-            anyhow::bail!("the agent on {} exited ({status}) during start:\n{}", node.name, tail(&new, 10));
+            anyhow::bail!(
+                "the agent on {} exited ({status}) during start:\n{}",
+                node.name,
+                tail(&new, 10)
+            );
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            anyhow::bail!("the agent on {} was not ready within 30 s:\n{}", node.name, tail(&new, 10));
+            anyhow::bail!(
+                "the agent on {} was not ready within 30 s:\n{}",
+                node.name,
+                tail(&new, 10)
+            );
         }
         std::thread::sleep(Duration::from_millis(25));
     }
@@ -435,7 +487,11 @@ fn lock(name: &str) -> anyhow::Result<LockFile> {
     let dir = Names(name).run_dir();
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("lock");
-    let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
     // SAFETY: flock on an open descriptor.
     anyhow::ensure!(
         unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) } == 0,
@@ -501,8 +557,17 @@ fn status(name: &str, output: Output) -> anyhow::Result<()> {
         }
         Output::Table => {
             let mut out = std::io::stdout().lock();
-            writeln!(out, "cluster {}  (mesh: {})", cluster.name, if cluster.mesh { "on" } else { "off" })?;
-            writeln!(out, "\n{:<8} {:<14} {:<16} {:<20} {:<10} AGENT LOG", "NODE", "IPV4", "IPV6", "POD CIDRS", "AGENT")?;
+            writeln!(
+                out,
+                "cluster {}  (mesh: {})",
+                cluster.name,
+                if cluster.mesh { "on" } else { "off" }
+            )?;
+            writeln!(
+                out,
+                "\n{:<8} {:<14} {:<16} {:<20} {:<10} AGENT LOG",
+                "NODE", "IPV4", "IPV6", "POD CIDRS", "AGENT"
+            )?;
             for n in &cluster.nodes {
                 let agent = match n.agent_pid {
                     Some(pid) if system::alive(pid) => format!("pid {pid}"),
@@ -520,9 +585,20 @@ fn status(name: &str, output: Output) -> anyhow::Result<()> {
                     n.agent_log.display()
                 )?;
             }
-            writeln!(out, "\n{:<20} {:<8} {:<14} {:<22} ENROLLED", "POD", "NODE", "IPV4", "IPV6")?;
+            writeln!(
+                out,
+                "\n{:<20} {:<8} {:<14} {:<22} ENROLLED",
+                "POD", "NODE", "IPV4", "IPV6"
+            )?;
             for p in &cluster.pods {
-                let ip = |v6: bool| p.pod.ips.iter().find(|i| i.is_ipv6() == v6).map(IpAddr::to_string).unwrap_or_default();
+                let ip = |v6: bool| {
+                    p.pod
+                        .ips
+                        .iter()
+                        .find(|i| i.is_ipv6() == v6)
+                        .map(IpAddr::to_string)
+                        .unwrap_or_default()
+                };
                 writeln!(
                     out,
                     "{:<20} {:<8} {:<14} {:<22} {}",
@@ -548,7 +624,11 @@ fn exec(name: &str, pod: &str, command: &[String]) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("opening the network namespace of {}", pod.pod.qualified_name()))?;
     // SAFETY: weftctl is single-threaded here; entering a namespace affects only this process.
     if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&netns), libc::CLONE_NEWNET) } != 0 {
-        anyhow::bail!("entering the network namespace of {}: {}", pod.pod.qualified_name(), std::io::Error::last_os_error());
+        anyhow::bail!(
+            "entering the network namespace of {}: {}",
+            pod.pod.qualified_name(),
+            std::io::Error::last_os_error()
+        );
     }
     fs::write(pod.cgroup.join("cgroup.procs"), "0")
         .with_context(|| format!("joining the cgroup of {}", pod.pod.qualified_name()))?;
@@ -566,14 +646,20 @@ fn annotate(name: &str, kind: Kind, target: &str, change: &str) -> anyhow::Resul
     let mut cluster = Cluster::load(name)?;
     let map = match kind {
         Kind::Namespace => {
-            let ns = cluster.namespaces.iter_mut().find(|n| n.name == target).with_context(|| {
-                format!("no namespace {target:?} in cluster {name:?}")
-            })?;
+            let ns = cluster
+                .namespaces
+                .iter_mut()
+                .find(|n| n.name == target)
+                .with_context(|| format!("no namespace {target:?} in cluster {name:?}"))?;
             &mut ns.annotations
         }
         Kind::Pod => {
             let uid = cluster.pod(target)?.pod.uid.clone();
-            let rec = cluster.pods.iter_mut().find(|p| p.pod.uid == uid).context("pod vanished")?;
+            let rec = cluster
+                .pods
+                .iter_mut()
+                .find(|p| p.pod.uid == uid)
+                .context("pod vanished")?;
             &mut rec.pod.annotations
         }
     };
@@ -613,8 +699,16 @@ mod tests {
             parse_change("weft.dev/dataplane-mode=none").unwrap(),
             ("weft.dev/dataplane-mode".into(), Some("none".into()))
         );
-        assert_eq!(parse_change("weft.dev/dataplane-mode-").unwrap(), ("weft.dev/dataplane-mode".into(), None));
+        assert_eq!(
+            parse_change("weft.dev/dataplane-mode-").unwrap(),
+            ("weft.dev/dataplane-mode".into(), None)
+        );
         assert!(parse_change("novalue").unwrap_err().to_string().contains("KEY=VALUE"));
-        assert!(parse_change("Bad Key=1").unwrap_err().to_string().contains("annotation key"));
+        assert!(
+            parse_change("Bad Key=1")
+                .unwrap_err()
+                .to_string()
+                .contains("annotation key")
+        );
     }
 }

@@ -1,1 +1,419 @@
-fn main() {}
+//! `cargo xtask`: Weft's developer entry point. `demo` and `test` are the README's quick start; both
+//! install what is missing first (idempotently) and say what they do.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use clap::Parser;
+
+/// bpf-linker that links LLVM 22 bitcode (the pinned nightly's); newer ones need a newer LLVM.
+const BPF_LINKER_VERSION: &str = "0.10.4";
+/// The eBPF toolchain. Pinned by name: the machine's nightly carries LLVM 22.
+const EBPF_TOOLCHAIN: &str = "nightly";
+/// Debian packages the dev cluster and the tests use.
+const DEBIAN_PACKAGES: &[&str] = &["iproute2", "curl", "bpftool"];
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+enum Cli {
+    /// Install what is missing: Debian packages, the nightly's rust-src, bpf-linker, bpffs.
+    Setup,
+    /// Setup, then build every binary.
+    Build,
+    /// Build, bring up a 2-node dev cluster, show capture working, tear it down.
+    Demo,
+    /// Every test: formatting, clippy, unit, integration and end-to-end (root, real eBPF).
+    Test,
+    /// Formatting and clippy only.
+    Lint,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse() {
+        Cli::Setup => setup(),
+        Cli::Build => setup().and_then(|()| build()),
+        Cli::Demo => setup().and_then(|()| build()).and_then(|()| demo()),
+        Cli::Test => setup()
+            .and_then(|()| lint())
+            .and_then(|()| build())
+            .and_then(|()| test()),
+        Cli::Lint => setup().and_then(|()| lint()),
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Where installed tools are cached, outside the clone so fresh clones reuse them.
+fn cache_dir() -> PathBuf {
+    std::env::var_os("WEFT_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache")
+                .join("weft")
+        })
+}
+
+fn step(msg: &str) {
+    println!("\x1b[1m==> {msg}\x1b[0m");
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    ensure!(status.success(), "{cmd:?} failed ({status})");
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_ok_and(|s| s.trim() == "0")
+}
+
+// === setup ===
+
+fn setup() -> anyhow::Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        step("Debian packages: all present");
+    } else {
+        ensure!(
+            is_root(),
+            "Debian packages {} are missing and installing them needs root",
+            missing.join(", ")
+        );
+        step(&format!("installing Debian packages: {}", missing.join(" ")));
+        run(Command::new("apt-get").arg("update").arg("-qq"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if !toolchains.lines().any(|l| l.starts_with(EBPF_TOOLCHAIN)) {
+        step(&format!("installing the {EBPF_TOOLCHAIN} toolchain for eBPF"));
+        run(Command::new("rustup").args(["toolchain", "install", EBPF_TOOLCHAIN, "--profile", "minimal"]))?;
+    }
+    let components =
+        output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN]))?;
+    if components.lines().any(|l| l.starts_with("rust-src")) {
+        step(&format!("rust-src for {EBPF_TOOLCHAIN}: present"));
+    } else {
+        step(&format!("installing rust-src for {EBPF_TOOLCHAIN}"));
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", EBPF_TOOLCHAIN]))?;
+    }
+
+    let linker = cache_dir().join("bin").join("bpf-linker");
+    let have = Command::new(&linker)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    if have.as_deref().is_ok_and(|v| v.contains(BPF_LINKER_VERSION)) {
+        step(&format!(
+            "bpf-linker {BPF_LINKER_VERSION}: present ({})",
+            linker.display()
+        ));
+    } else {
+        step(&format!(
+            "installing bpf-linker {BPF_LINKER_VERSION} into {} (about 2 minutes)",
+            cache_dir().display()
+        ));
+        run(Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--root",
+            ])
+            .arg(cache_dir()))?;
+    }
+
+    if is_root() && !output(Command::new("stat").args(["-fc", "%T", "/sys/fs/bpf"])).is_ok_and(|t| t.trim() == "bpf_fs")
+    {
+        step("mounting bpffs at /sys/fs/bpf");
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    Ok(())
+}
+
+/// `cargo` with the eBPF toolchain environment.
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut paths = vec![cache_dir().join("bin")];
+    paths.extend(std::env::split_paths(&path));
+    cmd.current_dir(root())
+        .env("PATH", std::env::join_paths(paths).expect("valid PATH"))
+        .env("WEFT_EBPF_TOOLCHAIN", EBPF_TOOLCHAIN);
+    cmd
+}
+
+fn build() -> anyhow::Result<()> {
+    step("building Weft (userspace with stable, eBPF with the pinned nightly)");
+    run(cargo().args(["build", "--bins"]))
+}
+
+fn lint() -> anyhow::Result<()> {
+    step("cargo fmt --check");
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    step("cargo clippy --all-targets -- -D warnings");
+    run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))
+}
+
+fn test() -> anyhow::Result<()> {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    if !is_root() {
+        ensure!(!ci, "CI=true: the end-to-end tests need root and must run; run as root");
+        println!("note: not root; the end-to-end tests will be skipped (they need network namespaces and eBPF)");
+    }
+    step("running every test (unit, integration, end-to-end)");
+    run(cargo()
+        .args(["test"])
+        .env("WEFT_BIN_DIR", root().join("target").join("debug")))
+}
+
+// === demo ===
+
+fn demo() -> anyhow::Result<()> {
+    ensure!(
+        is_root(),
+        "the demo builds network namespaces and loads eBPF: run it as root"
+    );
+    let bin = root().join("target").join("debug");
+    let weftctl = bin.join("weftctl");
+    let probe = bin.join("weft-probe");
+    let name = "demo";
+
+    step("bringing up a dev cluster: 2 nodes x 2 pods, namespace `default` enrolled (weft.dev/dataplane-mode=ambient)");
+    let _ = Command::new(&weftctl).args(["dev", "down", "--name", name]).output();
+    run(Command::new(&weftctl).args([
+        "dev",
+        "up",
+        "--name",
+        name,
+        "--nodes",
+        "2",
+        "--pods-per-node",
+        "2",
+        "--ambient",
+        "default",
+    ]))?;
+    let cluster = Teardown {
+        weftctl: weftctl.clone(),
+        name,
+    };
+    run(Command::new(&weftctl).args(["dev", "status", "--name", name]))?;
+    let status: serde_json::Value = serde_json::from_str(&output(
+        Command::new(&weftctl).args(["dev", "status", "--name", name, "-o", "json"]),
+    )?)?;
+    let ip = |pod: &str, v6: bool| -> anyhow::Result<String> {
+        status["pods"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == pod))
+            .and_then(|p| p["ips"].as_array())
+            .and_then(|ips| ips.iter().filter_map(|i| i.as_str()).find(|i| i.contains(':') == v6))
+            .map(str::to_owned)
+            .with_context(|| format!("no address for {pod}"))
+    };
+    let log = |node: &str| -> anyhow::Result<PathBuf> {
+        status["nodes"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["name"] == node))
+            .and_then(|n| n["agent"]["log"].as_str())
+            .map(PathBuf::from)
+            .with_context(|| format!("no agent log for {node}"))
+    };
+
+    step("starting an HTTP server in pod app-2-1 (node2) that answers with the client address it sees");
+    let server = Background(
+        Command::new(&weftctl)
+            .args(["dev", "exec", "--name", name, "app-2-1", "--"])
+            .arg(&probe)
+            .args(["serve", "--ports", "8080"])
+            .stdout(Stdio::piped())
+            .spawn()?,
+    );
+    wait_for_port(&weftctl, name, &ip("app-2-1", false)?)?;
+
+    for v6 in [false, true] {
+        let server_ip = ip("app-2-1", v6)?;
+        let url = if v6 {
+            format!("http://[{server_ip}]:8080/")
+        } else {
+            format!("http://{server_ip}:8080/")
+        };
+        step(&format!("curl {url} from pod app-1-1 (node1), an unmodified curl"));
+        let body = output(Command::new(&weftctl).args([
+            "dev", "exec", "--name", name, "app-1-1", "--", "curl", "-sS", "-m", "5", &url,
+        ]))?;
+        println!("    server says: {}", body.trim());
+        ensure!(
+            body.contains(&ip("app-1-1", v6)?),
+            "the server did not see the client pod's address"
+        );
+    }
+
+    step("what the agents recorded (one access record per connection)");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (out, inb) = loop {
+        let out = records(&log("node1")?, "outbound");
+        let inb = records(&log("node2")?, "inbound");
+        if (out.len() >= 2 && inb.len() >= 2) || Instant::now() > deadline {
+            break (out, inb);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    ensure!(
+        out.len() >= 2 && inb.len() >= 2,
+        "the agents did not record the connections"
+    );
+    for r in out.iter().chain(&inb) {
+        println!(
+            "    {:<8} {:>24} -> {:<26} src.workload={} dst.workload={} bytes={}/{}",
+            r["direction"].as_str().unwrap_or_default(),
+            r["src.addr"].as_str().unwrap_or_default(),
+            r["dst.addr"].as_str().unwrap_or_default(),
+            r["src.workload"].as_str().unwrap_or_default(),
+            r["dst.workload"].as_str().unwrap_or_default(),
+            r["bytes_sent"],
+            r["bytes_received"],
+        );
+    }
+
+    step("opting pod app-1-2 out (weft.dev/dataplane-mode=none): its connections are no longer captured");
+    run(Command::new(&weftctl).args([
+        "dev",
+        "annotate",
+        "--name",
+        name,
+        "pod",
+        "app-1-2",
+        "weft.dev/dataplane-mode=none",
+    ]))?;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !std::fs::read_to_string(log("node1")?)
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.contains("\"unenrolled\"") && l.contains("default/app-1-2"))
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "the agent did not un-enroll app-1-2 within 2 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = records(&log("node1")?, "outbound").len();
+    let url = format!("http://{}:8080/", ip("app-2-1", false)?);
+    let body = output(Command::new(&weftctl).args([
+        "dev", "exec", "--name", name, "app-1-2", "--", "curl", "-sS", "-m", "5", &url,
+    ]))?;
+    println!("    server says: {}", body.trim());
+    std::thread::sleep(Duration::from_millis(300)); // a record would be written as the connection closes
+    let after = records(&log("node1")?, "outbound").len();
+    ensure!(after == before, "the opted-out pod was still captured");
+    println!("    node1's agent recorded no new outbound connection");
+
+    println!();
+    step("what to look at");
+    println!(
+        "    agent logs (JSON, one access record per connection): {} and {}",
+        log("node1")?.display(),
+        log("node2")?.display()
+    );
+    println!("    the cluster:     weftctl dev status --name {name}   (while it runs; the demo removes it now)");
+    println!("    the attachments: bpftool cgroup show <node cgroup>  /  bpftool link show");
+    drop(server);
+    drop(cluster);
+    step("demo finished; cluster removed");
+    Ok(())
+}
+
+fn wait_for_port(weftctl: &Path, name: &str, ip: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let ok = Command::new(weftctl)
+            .args([
+                "dev",
+                "exec",
+                "--name",
+                name,
+                "app-2-2",
+                "--",
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-m",
+                "1",
+            ])
+            .arg(format!("http://{ip}:8080/"))
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("the server in app-2-1 did not start listening")
+}
+
+fn records(log: &Path, direction: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "weft::access" && v["direction"] == direction)
+        .collect()
+}
+
+/// Removes the demo cluster however the demo ends.
+struct Teardown<'a> {
+    weftctl: PathBuf,
+    name: &'a str,
+}
+
+impl Drop for Teardown<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.weftctl)
+            .args(["dev", "down", "--name", self.name])
+            .status();
+    }
+}
+
+struct Background(Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -53,7 +53,12 @@ fn parse_ports(s: &str) -> Result<(u16, u16), String> {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse() {
         Cli::Serve { ports } => serve(ports).await,
-        Cli::Connect { addr, ports, count, concurrency } => connect(addr, ports, count, concurrency).await,
+        Cli::Connect {
+            addr,
+            ports,
+            count,
+            concurrency,
+        } => connect(addr, ports, count, concurrency).await,
     }
 }
 
@@ -63,7 +68,9 @@ async fn serve((first, last): (u16, u16)) -> anyhow::Result<()> {
         socket.set_only_v6(false)?;
         socket.set_reuse_address(true)?;
         socket.set_nonblocking(true)?;
-        socket.bind(&SocketAddr::from(([0u16; 8], port)).into()).with_context(|| format!("binding port {port}"))?;
+        socket
+            .bind(&SocketAddr::from(([0u16; 8], port)).into())
+            .with_context(|| format!("binding port {port}"))?;
         socket.listen(1024)?;
         let listener = TcpListener::from_std(socket.into())?;
         tokio::spawn(async move {
@@ -92,10 +99,16 @@ async fn answer(mut stream: TcpStream, peer: SocketAddr) {
         }
     })
     .await;
-    let local = stream.local_addr().map(canonical).map(|a| a.to_string()).unwrap_or_default();
+    let local = stream
+        .local_addr()
+        .map(canonical)
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let body = format!("peer={} local={local}\n", canonical(peer));
-    let response =
-        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
     let _ = stream.write_all(response.as_bytes()).await;
     let _ = stream.shutdown().await;
 }
@@ -130,7 +143,10 @@ async fn connect(addr: IpAddr, (first, last): (u16, u16), count: usize, concurre
                     Ok(Ok(body)) if body.contains(&format!("local={}", SocketAddr::new(addr, port))) => {
                         ok.fetch_add(1, Ordering::Relaxed);
                     }
-                    Ok(Ok(body)) => failures.lock().await.push(format!("port {port}: wrong answer {body:?}")),
+                    Ok(Ok(body)) => failures
+                        .lock()
+                        .await
+                        .push(format!("port {port}: wrong answer {body:?}")),
                     Ok(Err(e)) => failures.lock().await.push(format!("port {port}: {e}")),
                     Err(_) => failures.lock().await.push(format!("port {port}: timed out")),
                 }
@@ -153,10 +169,14 @@ async fn connect(addr: IpAddr, (first, last): (u16, u16), count: usize, concurre
 
 async fn request(to: SocketAddr) -> anyhow::Result<String> {
     let mut s = TcpStream::connect(to).await?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n").await?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")
+        .await?;
     let mut out = Vec::new();
     s.read_to_end(&mut out).await?;
     let text = String::from_utf8_lossy(&out).into_owned();
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).context("no HTTP response")?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .context("no HTTP response")?;
     Ok(body)
 }

@@ -84,7 +84,9 @@ impl Names<'_> {
 pub fn validate_name(name: &str) -> anyhow::Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 20
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-');
     anyhow::ensure!(
@@ -116,7 +118,10 @@ impl Cluster {
     }
 
     pub fn snapshot(&self) -> WorkloadSnapshot {
-        WorkloadSnapshot { namespaces: self.namespaces.clone(), pods: self.pods.iter().map(|p| p.pod.clone()).collect() }
+        WorkloadSnapshot {
+            namespaces: self.namespaces.clone(),
+            pods: self.pods.iter().map(|p| p.pod.clone()).collect(),
+        }
     }
 
     /// Finds a pod by `name` or `namespace/name`.
@@ -130,7 +135,11 @@ impl Cluster {
             [one] => Ok(one),
             [] => {
                 let known: Vec<_> = self.pods.iter().map(|p| p.pod.qualified_name()).collect();
-                anyhow::bail!("no pod {query:?} in cluster {:?}; pods: {}", self.name, known.join(", "))
+                anyhow::bail!(
+                    "no pod {query:?} in cluster {:?}; pods: {}",
+                    self.name,
+                    known.join(", ")
+                )
             }
             _ => anyhow::bail!("pod name {query:?} is ambiguous; use namespace/name"),
         }

@@ -12,7 +12,10 @@ use weft_dataplane::netns::NetNs;
 
 /// Runs `ip ARGS...`, failing with its error output.
 pub fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip").args(args).output().context("running `ip` (is iproute2 installed?)")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running `ip` (is iproute2 installed?)")?;
     anyhow::ensure!(
         out.status.success(),
         "ip {}: {}",
@@ -38,7 +41,13 @@ pub fn netns_path(name: &str) -> PathBuf {
 pub fn create_netns(name: &str) -> anyhow::Result<()> {
     ip(&["netns", "add", name])?;
     ip_in(name, &["link", "set", "lo", "up"])?;
-    sysctls(name, &[("net/ipv6/conf/all/accept_dad", "0"), ("net/ipv6/conf/default/accept_dad", "0")])
+    sysctls(
+        name,
+        &[
+            ("net/ipv6/conf/all/accept_dad", "0"),
+            ("net/ipv6/conf/default/accept_dad", "0"),
+        ],
+    )
 }
 
 /// Writes sysctls inside a network namespace (net sysctls are per namespace).
@@ -76,7 +85,9 @@ pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
             (fstype == "cgroup2").then(|| PathBuf::from(path))
         })
         .min_by_key(|p| p.as_os_str().len())
-        .context("no cgroup v2 filesystem is mounted; Weft needs cgroup v2 (mount -t cgroup2 none /sys/fs/cgroup/unified)")
+        .context(
+            "no cgroup v2 filesystem is mounted; Weft needs cgroup v2 (mount -t cgroup2 none /sys/fs/cgroup/unified)",
+        )
 }
 
 /// Kills every process in a cgroup subtree and waits until it is empty, then removes the subtree.
@@ -87,7 +98,11 @@ pub fn remove_cgroup_tree(root: &Path) -> anyhow::Result<()> {
     fs::write(root.join("cgroup.kill"), "1").with_context(|| format!("killing processes in {}", root.display()))?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !cgroup_tree_empty(root) {
-        anyhow::ensure!(Instant::now() < deadline, "processes in {} did not exit within 10 s", root.display());
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "processes in {} did not exit within 10 s",
+            root.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     rmdir_tree(root)
@@ -117,7 +132,12 @@ fn rmdir_tree(dir: &Path) -> anyhow::Result<()> {
 
 fn subdirs(dir: &Path) -> Vec<PathBuf> {
     fs::read_dir(dir)
-        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.is_dir()).collect())
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -143,6 +163,9 @@ pub fn preflight() -> anyhow::Result<()> {
 /// Whether a process is alive (and not a zombie).
 pub fn alive(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+        .map(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        })
         .unwrap_or(false)
 }
