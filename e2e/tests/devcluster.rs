@@ -44,10 +44,19 @@ fn up_then_down_leaves_no_netns_cgroup_pin_or_process_behind() {
         .collect();
     assert!(!leftovers(name).is_empty());
     // A long-running process in a pod goes down with the cluster.
-    let sleeper = c.spawn("app-1-1", &["sleep", "600"]);
+    let mut sleeper = c.spawn("app-1-1", &["sleep", "600"]);
     let sleeper_pid = sleeper.child.id() as i32;
-    std::mem::forget(sleeper);
+    // Reap it as soon as `down` kills it: an unreaped zombie keeps its cgroup busy.
+    let reaper = std::thread::spawn(move || sleeper.child.wait());
     drop(c);
+    let exit = reaper
+        .join()
+        .expect("reaper thread")
+        .expect("waiting for the pod process");
+    assert!(
+        !exit.success(),
+        "the pod's process must have been killed by down, got {exit}"
+    );
     assert_eq!(leftovers(name), Vec::<String>::new());
     for pid in pids.into_iter().chain([sleeper_pid]) {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

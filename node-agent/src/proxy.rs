@@ -148,6 +148,10 @@ async fn outbound(ctx: Arc<PodContext>, mut downstream: TcpStream, v6: bool) {
             return;
         }
     };
+    // The address the destination sees: the pod's own, with the agent socket's port.
+    if let Ok(local) = upstream.local_addr() {
+        record.src = local;
+    }
     match copy(&mut downstream, &mut upstream).await {
         Ok(t) => record.transferred = t,
         Err(_) => record.reason = Reason::Io,
