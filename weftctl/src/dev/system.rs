@@ -125,7 +125,18 @@ fn rmdir_tree(dir: &Path) -> anyhow::Result<()> {
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(20))
             }
-            Err(e) => return Err(e).with_context(|| format!("removing cgroup {}", dir.display())),
+            Err(e) => {
+                let events = fs::read_to_string(dir.join("cgroup.events")).unwrap_or_default();
+                let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                return Err(e).with_context(|| {
+                    format!(
+                        "removing cgroup {} (events: {}; processes: {})",
+                        dir.display(),
+                        events.split_whitespace().collect::<Vec<_>>().join(" "),
+                        procs.split_whitespace().collect::<Vec<_>>().join(" ")
+                    )
+                });
+            }
         }
     }
 }
