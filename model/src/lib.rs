@@ -3,6 +3,7 @@
 //! here is pure so it can be tested as plain functions.
 
 pub mod annotations;
+pub mod cni;
 pub mod enrollment;
 pub mod workload;
 

@@ -3,9 +3,13 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::Context as _;
-use weft_model::{Pod, enrollment};
+use weft_model::{
+    Pod, WorkloadSnapshot,
+    cni::{PodEvent, Reply},
+    enrollment,
+};
 
-use crate::{capture::Capture, config::Config, inpod::InPod, source::FileSource};
+use crate::{capture::Capture, cni, config::Config, inpod::InPod, source::FileSource};
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(config: Config) -> anyhow::Result<()> {
@@ -22,6 +26,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let mut capture = Capture::start(&config.bpf_pin_dir, &config.cgroup).context("starting capture")?;
     tracing::info!(node = %config.node, cgroup = %config.cgroup.display(), pins = %config.bpf_pin_dir.display(), "capture ready");
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("creating state directory {}", config.state_dir.display()))?;
+    let state_file = config.state_dir.join("pod-networks.json");
+    let mut networks = cni::load(&state_file);
+    let mut cni_events = cni::spawn(&config.cni_socket).context("starting the CNI endpoint")?;
     let mut snapshots = FileSource::new(config.workloads_file.clone()).spawn();
     let mut reconciler = Reconciler {
         node: config.node.clone(),
@@ -33,19 +42,91 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let mut retry = tokio::time::interval(Duration::from_secs(1));
     tracing::info!("ready");
     loop {
+        let mut reply = None;
         tokio::select! {
             changed = snapshots.changed() => {
                 if changed.is_err() { anyhow::bail!("workload source stopped"); }
+            }
+            Some((event, reply_tx)) = cni_events.recv() => {
+                cni::apply(&mut networks, &event);
+                let saved = cni::save(&state_file, &networks);
+                // The pod's metadata may still be on its way from the workload source.
+                if let PodEvent::Add(n) = &event {
+                    let deadline = tokio::time::Instant::now() + POD_METADATA_WAIT;
+                    while !snapshots.borrow().pods.iter().any(|p| p.uid == n.uid)
+                        && tokio::time::timeout_at(deadline, snapshots.changed()).await.is_ok_and(|r| r.is_ok())
+                    {}
+                }
+                reply = Some((event, reply_tx, saved));
             }
             _ = retry.tick() => {}
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
-        let snapshot = snapshots.borrow_and_update().clone();
+        let snapshot = with_networks(snapshots.borrow_and_update().clone(), &networks);
         reconciler.reconcile(&snapshot, &mut capture);
+        if let Some((event, reply_tx, saved)) = reply {
+            // Answered only now: a pod that must be captured is, before its containers start.
+            let _ = reply_tx.send(cni_reply(&event, &snapshot, &reconciler, saved));
+        }
     }
     tracing::info!("shutting down; capture stays attached and refuses connections until an agent returns");
     Ok(())
+}
+
+/// How long a CNI ADD waits for the pod's metadata (namespace, annotations) to arrive.
+const POD_METADATA_WAIT: Duration = Duration::from_secs(5);
+
+/// The answer to the CNI plugin: failure if the pod should be captured and is not, so the runtime
+/// retries instead of starting the pod outside the mesh.
+fn cni_reply(
+    event: &PodEvent,
+    snapshot: &WorkloadSnapshot,
+    reconciler: &Reconciler,
+    saved: std::io::Result<()>,
+) -> Reply {
+    let fail = |e: String| Reply {
+        ok: false,
+        error: Some(e),
+    };
+    if let Err(e) = saved {
+        return fail(format!("persisting pod networks: {e}"));
+    }
+    let PodEvent::Add(n) = event else {
+        return Reply { ok: true, error: None };
+    };
+    let Some(pod) = snapshot.pods.iter().find(|p| p.uid == n.uid) else {
+        return fail(format!(
+            "pod {}/{} is not known to the node agent yet",
+            n.namespace, n.name
+        ));
+    };
+    let wanted = pod.node == reconciler.node && enrollment::is_enrolled(pod, snapshot.namespace(&pod.namespace));
+    if wanted && !reconciler.pods.contains_key(&n.uid) {
+        return fail(format!(
+            "pod {} could not be enrolled; see the agent's log",
+            pod.qualified_name()
+        ));
+    }
+    Reply { ok: true, error: None }
+}
+
+/// Joins what the workload source says about pods with what the CNI plugin reported on this node:
+/// a pod can be captured once its network namespace is known. The CNI's addresses win (they are what
+/// the runtime assigned).
+fn with_networks(mut snapshot: WorkloadSnapshot, networks: &cni::Networks) -> WorkloadSnapshot {
+    for pod in &mut snapshot.pods {
+        match networks.get(&pod.uid) {
+            Some(n) => {
+                pod.netns = Some(n.netns.clone());
+                if !n.ips.is_empty() {
+                    pod.ips = n.ips.clone();
+                }
+            }
+            None => pod.netns = None,
+        }
+    }
+    snapshot
 }
 
 /// Keeps the set of enrolled pods equal to what the latest snapshot asks for.
@@ -56,7 +137,7 @@ struct Reconciler {
 }
 
 impl Reconciler {
-    fn reconcile(&mut self, snapshot: &weft_model::WorkloadSnapshot, capture: &mut Capture) {
+    fn reconcile(&mut self, snapshot: &WorkloadSnapshot, capture: &mut Capture) {
         let desired: BTreeMap<&str, &Pod> = enrollment::enrolled_on(snapshot, &self.node)
             .map(|p| (p.uid.as_str(), p))
             .collect();

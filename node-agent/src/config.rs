@@ -21,6 +21,12 @@ pub struct Args {
     /// Workload snapshot to follow (JSON, `WorkloadSnapshot`); written by the local dev cluster.
     #[arg(long)]
     pub workloads_file: PathBuf,
+    /// Unix socket the CNI plugin reports pods on.
+    #[arg(long, default_value = "/run/weft/cni.sock")]
+    pub cni_socket: PathBuf,
+    /// Where the agent keeps what it must know across restarts (pod networks).
+    #[arg(long, default_value = "/run/weft/node")]
+    pub state_dir: PathBuf,
     /// bpffs directory for this agent's pinned maps and links.
     #[arg(long, default_value = "/sys/fs/bpf/weft")]
     pub bpf_pin_dir: PathBuf,
@@ -36,6 +42,8 @@ pub struct Args {
 pub struct Config {
     pub node: String,
     pub workloads_file: PathBuf,
+    pub cni_socket: PathBuf,
+    pub state_dir: PathBuf,
     pub bpf_pin_dir: PathBuf,
     pub cgroup: PathBuf,
     pub log_format: LogFormat,
@@ -58,6 +66,8 @@ impl Args {
         Ok(Config {
             node: self.node,
             workloads_file: self.workloads_file,
+            cni_socket: self.cni_socket,
+            state_dir: self.state_dir,
             bpf_pin_dir: self.bpf_pin_dir,
             cgroup: self.cgroup,
             log_format: self.log_format,

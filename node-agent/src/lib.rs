@@ -2,6 +2,7 @@
 
 pub mod app;
 pub mod capture;
+pub mod cni;
 pub mod config;
 pub mod inpod;
 pub mod proxy;

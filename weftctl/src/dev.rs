@@ -241,7 +241,32 @@ fn build(args: &UpArgs, agent_bin: Option<&Path>) -> anyhow::Result<()> {
             agent_log,
             agent_pid: None,
         });
+    }
+    // Routes between nodes: every node reaches every other node's pod CIDRs through it.
+    for node in &cluster.nodes {
+        for other in cluster.nodes.iter().filter(|o| o.name != node.name) {
+            for (cidr, via) in other.pod_cidrs.iter().zip(&other.ips) {
+                system::ip_in(&node.netns, &["route", "add", cidr, "via", &via.to_string()])?;
+            }
+        }
+    }
+    cluster.save()?;
 
+    // The agents run before any pod, as a DaemonSet does; each pod then goes through the CNI plugin.
+    let cni_bin = match agent_bin {
+        Some(bin) => {
+            for idx in 0..cluster.nodes.len() {
+                let pid = start_agent(&cluster, &cluster.nodes[idx], bin)?;
+                cluster.nodes[idx].agent_pid = Some(pid);
+            }
+            Some(cni_binary()?)
+        }
+        None => None,
+    };
+    for node in cluster.nodes.clone() {
+        let i = node.name.trim_start_matches("node").to_owned();
+        let (netns, node_cg) = (node.netns.clone(), node.cgroup.clone());
+        let node = node.name.clone();
         for k in 1..=args.pods_per_node {
             let pod_name = format!("app-{i}-{k}");
             let pod_netns = names.netns(&pod_name);
@@ -289,20 +314,10 @@ fn build(args: &UpArgs, agent_bin: Option<&Path>) -> anyhow::Result<()> {
             });
         }
     }
-    // Routes between nodes: every node reaches every other node's pod CIDRs through it.
-    for node in &cluster.nodes {
-        for other in cluster.nodes.iter().filter(|o| o.name != node.name) {
-            for (cidr, via) in other.pod_cidrs.iter().zip(&other.ips) {
-                system::ip_in(&node.netns, &["route", "add", cidr, "via", &via.to_string()])?;
-            }
-        }
-    }
     cluster.save()?;
-
-    if let Some(bin) = agent_bin {
-        for idx in 0..cluster.nodes.len() {
-            let pid = start_agent(&cluster, &cluster.nodes[idx], bin)?;
-            cluster.nodes[idx].agent_pid = Some(pid);
+    if let Some(cni) = &cni_bin {
+        for pod in &cluster.pods {
+            cni_add(&cluster, pod, cni)?;
         }
     }
     cluster.complete = true;
@@ -360,6 +375,10 @@ fn start_agent(cluster: &Cluster, node: &Node, bin: &Path) -> anyhow::Result<u32
     cmd.args(["--node", &node.name, "--log-format", "json"])
         .arg("--workloads-file")
         .arg(names.workloads_file())
+        .arg("--cni-socket")
+        .arg(names.cni_socket(&node.name))
+        .arg("--state-dir")
+        .arg(names.agent_state_dir(&node.name))
         .arg("--bpf-pin-dir")
         .arg(&node.bpf_pin_dir)
         .arg("--cgroup")
@@ -411,6 +430,76 @@ fn start_agent(cluster: &Cluster, node: &Node, bin: &Path) -> anyhow::Result<u32
         }
         std::thread::sleep(Duration::from_millis(25));
     }
+}
+
+/// `weft-cni` next to this binary, or `$WEFT_CNI_BIN`.
+fn cni_binary() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("WEFT_CNI_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let bin = std::env::current_exe()
+        .context("locating weftctl")?
+        .with_file_name("weft-cni");
+    anyhow::ensure!(
+        bin.exists(),
+        "weft-cni not found next to weftctl ({}); build it or set WEFT_CNI_BIN",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+/// Calls the CNI plugin for a pod exactly as a container runtime would: `CNI_*` environment, the
+/// network configuration on stdin with the primary plugin's result as `prevResult`.
+fn cni_add(cluster: &Cluster, pod: &PodRecord, bin: &Path) -> anyhow::Result<()> {
+    let netns = system::netns_path(&pod.netns_name);
+    let ips: Vec<_> = pod
+        .pod
+        .ips
+        .iter()
+        .map(|ip| {
+            let prefix = if ip.is_ipv4() { 24 } else { 64 };
+            serde_json::json!({ "address": format!("{ip}/{prefix}"), "interface": 0 })
+        })
+        .collect();
+    let conf = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "weft-dev",
+        "type": "weft-cni",
+        "agentSocket": Names(&cluster.name).cni_socket(&pod.pod.node),
+        "prevResult": {
+            "cniVersion": "1.0.0",
+            "interfaces": [{ "name": "eth0", "sandbox": netns }],
+            "ips": ips,
+        },
+    });
+    let mut child = Process::new(bin)
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", &pod.pod.uid)
+        .env("CNI_NETNS", &netns)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", bin.parent().unwrap_or(Path::new("/")))
+        .env(
+            "CNI_ARGS",
+            format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID={}",
+                pod.pod.namespace, pod.pod.name, pod.pod.uid
+            ),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {}", bin.display()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(conf.to_string().as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "CNI ADD for {} failed: {}",
+        pod.pod.qualified_name(),
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+    Ok(())
 }
 
 fn tail(s: &str, n: usize) -> String {
@@ -474,7 +563,12 @@ fn teardown(name: &str) -> anyhow::Result<()> {
     if run_dir.exists() {
         // Keep the lock file: it is held by the caller.
         for entry in fs::read_dir(&run_dir)?.filter_map(Result::ok) {
-            if entry.file_name() != "lock" {
+            if entry.file_name() == "lock" {
+                continue;
+            }
+            if entry.path().is_dir() {
+                fs::remove_dir_all(entry.path())?;
+            } else {
                 fs::remove_file(entry.path())?;
             }
         }

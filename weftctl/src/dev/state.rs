@@ -69,6 +69,13 @@ impl Names<'_> {
     pub fn workloads_file(&self) -> PathBuf {
         self.run_dir().join("workloads.json")
     }
+    /// Where a node's agent takes CNI reports.
+    pub fn cni_socket(&self, node: &str) -> PathBuf {
+        self.run_dir().join(format!("{node}-cni.sock"))
+    }
+    pub fn agent_state_dir(&self, node: &str) -> PathBuf {
+        self.run_dir().join(format!("{node}-agent"))
+    }
     pub fn log_dir(&self) -> PathBuf {
         Path::new(LOG_DIR).join(self.0)
     }
