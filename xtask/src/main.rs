@@ -196,9 +196,38 @@ fn test() -> anyhow::Result<()> {
         println!("note: not root; the end-to-end tests will be skipped (they need network namespaces and eBPF)");
     }
     step("running every test (unit, integration, end-to-end)");
-    run(cargo()
+    let mut child = cargo()
         .args(["test"])
-        .env("WEFT_BIN_DIR", root().join("target").join("debug")))
+        .env("WEFT_BIN_DIR", root().join("target").join("debug"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().context("cargo test output")?;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .trim_start_matches("ok. ")
+                            .trim_start_matches("FAILED. ")
+                            .strip_suffix(word)
+                    })
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+        }
+    }
+    let status = child.wait()?;
+    // One closing line for the whole run (cargo's last line is often an empty doc-test run).
+    println!("tests: {passed} passed, {failed} failed");
+    ensure!(status.success(), "cargo test failed ({status})");
+    Ok(())
 }
 
 // === demo ===
