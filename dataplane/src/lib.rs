@@ -2,6 +2,7 @@
 //! namespaces, the sockets the agent opens inside pods, recovering original destinations, and
 //! proxying bytes.
 
+pub mod cgroup;
 pub mod netns;
 pub mod proxy;
 pub mod socket;

@@ -12,6 +12,34 @@ fn records_to<'a>(records: &'a [Value], direction: &str, dst: &str) -> Vec<&'a V
         .collect()
 }
 
+/// `weft-probe connect` in a pod: `count` bounded connections, each checked against its port.
+fn probe_connect(
+    c: &Cluster,
+    pod: &str,
+    addr: &str,
+    ports: &str,
+    count: u32,
+    concurrency: u32,
+) -> std::process::Output {
+    let probe = bin("weft-probe");
+    let (count, concurrency) = (count.to_string(), concurrency.to_string());
+    c.exec(
+        pod,
+        &[
+            probe.to_str().unwrap(),
+            "connect",
+            "--addr",
+            addr,
+            "--ports",
+            ports,
+            "--count",
+            &count,
+            "--concurrency",
+            &concurrency,
+        ],
+    )
+}
+
 fn curl_across_nodes(name: &str, v6: bool) {
     let c = Cluster::up(name, &["--ambient", "default"]);
     let _server = c.serve("app-2-1", "8080");
@@ -81,22 +109,7 @@ fn parallel_connections_to_200_ports_each_reach_their_destination() {
     let c = Cluster::up("e2e-ports", &["--ambient", "default"]);
     let _server = c.serve("app-2-1", "20000-20199");
     let server_ip = c.pod_ip("app-2-1", false);
-    let probe = bin("weft-probe");
-    let out = c.exec(
-        "app-1-1",
-        &[
-            probe.to_str().unwrap(),
-            "connect",
-            "--addr",
-            &server_ip,
-            "--ports",
-            "20000-20199",
-            "--count",
-            "200",
-            "--concurrency",
-            "200",
-        ],
-    );
+    let out = probe_connect(&c, "app-1-1", &server_ip, "20000-20199", 200, 200);
     // weft-probe checks that each answer names the port the connection was made to.
     assert!(out.status.success(), "{}", text(&out));
     let ports = wait_for("200 outbound records", Duration::from_secs(10), || {
@@ -188,22 +201,7 @@ fn per_connection_map_entries_are_gone_after_10000_short_connections() {
     }
     let c = Cluster::up("e2e-maps", &["--ambient", "default"]);
     let _server = c.serve("app-2-1", "8080");
-    let probe = bin("weft-probe");
-    let out = c.exec(
-        "app-1-1",
-        &[
-            probe.to_str().unwrap(),
-            "connect",
-            "--addr",
-            &c.pod_ip("app-2-1", false),
-            "--ports",
-            "8080",
-            "--count",
-            "10000",
-            "--concurrency",
-            "32",
-        ],
-    );
+    let out = probe_connect(&c, "app-1-1", &c.pod_ip("app-2-1", false), "8080", 10_000, 32);
     assert!(out.status.success(), "{}", text(&out));
     let pins = c.node("node1")["bpfPinDir"].as_str().unwrap().to_owned();
     wait_for("per-connection entries to be deleted", Duration::from_secs(10), || {

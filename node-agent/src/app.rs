@@ -210,7 +210,7 @@ fn check_own_cgroup(config: &Config) -> anyhow::Result<()> {
         .unwrap_or("/")
         .trim()
         .to_owned();
-    let root = cgroup2_root()?;
+    let root = weft_dataplane::cgroup::v2_root().context("finding the cgroup v2 mount")?;
     let target = config.cgroup.strip_prefix(&root).with_context(|| {
         format!(
             "--cgroup {} is not under the cgroup v2 root {}",
@@ -226,18 +226,4 @@ fn check_own_cgroup(config: &Config) -> anyhow::Result<()> {
         target.display()
     );
     Ok(())
-}
-
-/// `/sys/fs/cgroup` on pure cgroup v2 hosts, `/sys/fs/cgroup/unified` on hybrid ones.
-pub fn cgroup2_root() -> anyhow::Result<std::path::PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
-    mounts
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
-            (fstype == "cgroup2").then(|| std::path::PathBuf::from(path))
-        })
-        .min_by_key(|p| p.as_os_str().len())
-        .context("no cgroup v2 filesystem is mounted")
 }

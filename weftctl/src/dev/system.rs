@@ -74,20 +74,10 @@ pub fn list_netns(prefix: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// `/sys/fs/cgroup` on pure cgroup v2 hosts, `/sys/fs/cgroup/unified` on hybrid ones.
 pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
-    let mounts = fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
-    mounts
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
-            (fstype == "cgroup2").then(|| PathBuf::from(path))
-        })
-        .min_by_key(|p| p.as_os_str().len())
-        .context(
-            "no cgroup v2 filesystem is mounted; Weft needs cgroup v2 (mount -t cgroup2 none /sys/fs/cgroup/unified)",
-        )
+    weft_dataplane::cgroup::v2_root().context(
+        "no cgroup v2 filesystem is mounted; Weft needs cgroup v2 (mount -t cgroup2 none /sys/fs/cgroup/unified)",
+    )
 }
 
 /// Kills every process in a cgroup subtree and waits until it is empty, then removes the subtree.
