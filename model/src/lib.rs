@@ -5,6 +5,7 @@
 pub mod annotations;
 pub mod cni;
 pub mod enrollment;
+pub mod policy;
 pub mod workload;
 
 pub use weft_ebpf_common::{marks, ports};
