@@ -166,7 +166,7 @@ impl Reconciler {
         if self.first {
             // A previous agent may have left pods captured that are gone or no longer enrolled.
             self.first = false;
-            let live: Vec<u64> = self.pods.values().filter_map(|p| p.netns_cookie()).collect();
+            let live: Vec<u64> = self.pods.values().map(InPod::netns_cookie).collect();
             for cookie in capture.enrolled_netns() {
                 if !live.contains(&cookie) {
                     capture.unenroll(cookie);

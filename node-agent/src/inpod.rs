@@ -119,11 +119,11 @@ impl InPod {
         });
         let mut tasks = Vec::new();
         for (listener, v6) in outbound {
-            tasks.push(tokio::spawn(proxy::outbound_loop(ctx.clone(), listener, v6)));
+            let handle = move |ctx, stream, _| proxy::outbound(ctx, stream, v6);
+            tasks.push(tokio::spawn(proxy::accept_loop(ctx.clone(), listener, handle)));
         }
-        tasks.push(tokio::spawn(proxy::inbound_loop(ctx.clone(), inbound4)));
-        if let Some(l6) = inbound6 {
-            tasks.push(tokio::spawn(proxy::inbound_loop(ctx.clone(), l6)));
+        for listener in std::iter::once(inbound4).chain(inbound6) {
+            tasks.push(tokio::spawn(proxy::accept_loop(ctx.clone(), listener, proxy::inbound)));
         }
         tracing::info!(pod = %name, netns_cookie, "enrolled");
         Ok(Self {
@@ -133,8 +133,8 @@ impl InPod {
         })
     }
 
-    pub fn netns_cookie(&self) -> Option<u64> {
-        Some(self.netns_cookie)
+    pub fn netns_cookie(&self) -> u64 {
+        self.netns_cookie
     }
 
     /// Stops capturing the pod's new connections; connections already proxied run to completion.

@@ -3,7 +3,8 @@
 //! address as source). Plain TCP for now; HBONE replaces the outbound path between meshed pods.
 
 use std::{
-    net::SocketAddr,
+    future::Future,
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -66,6 +67,20 @@ struct Record<'a> {
     reason: Reason,
 }
 
+impl<'a> Record<'a> {
+    fn new(ctx: &'a PodContext, direction: Direction, src: SocketAddr) -> Self {
+        Self {
+            ctx,
+            direction,
+            src,
+            dst: None,
+            started: Instant::now(),
+            transferred: Transferred::default(),
+            reason: Reason::Done,
+        }
+    }
+}
+
 impl Drop for Record<'_> {
     fn drop(&mut self) {
         let dst = self.dst.map(|d| d.to_string()).unwrap_or_default();
@@ -89,117 +104,60 @@ impl Drop for Record<'_> {
     }
 }
 
-/// Accepts captured connects on the pod's outbound listener.
-pub async fn outbound_loop(ctx: Arc<PodContext>, listener: TcpListener, v6: bool) {
+/// Accepts connections on one of the pod's listeners, each handled in its own task.
+pub async fn accept_loop<F, Fut>(ctx: Arc<PodContext>, listener: TcpListener, handle: F)
+where
+    F: Fn(Arc<PodContext>, TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(outbound(ctx.clone(), stream, v6));
+            Ok((stream, peer)) => {
+                tokio::spawn(handle(ctx.clone(), stream, peer));
             }
             Err(e) => {
-                tracing::warn!(pod = %ctx.pod.qualified_name(), error = %e, "outbound accept");
+                tracing::warn!(pod = %ctx.pod.qualified_name(), error = %e, "accept");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
 }
 
-async fn outbound(ctx: Arc<PodContext>, mut downstream: TcpStream, v6: bool) {
-    // The client's socket is on the pod's loopback; report the pod's own address as source.
-    let src_ip = ctx.pod.ips.iter().find(|ip| ip.is_ipv6() == v6).copied();
-    let src = downstream.peer_addr().ok();
-    let mut record = Record {
-        ctx: &ctx,
-        direction: Direction::Outbound,
-        src: match (src_ip, src) {
-            (Some(ip), Some(s)) => SocketAddr::new(ip, s.port()),
-            (_, Some(s)) => s,
-            _ => SocketAddr::from(([0, 0, 0, 0], 0)),
-        },
-        dst: None,
-        started: Instant::now(),
-        transferred: Transferred::default(),
-        reason: Reason::Done,
-    };
-    let dst = match socket::original_dst(&downstream, v6) {
-        Ok(d) => d,
-        Err(_) => {
-            record.reason = Reason::NoOriginalDst;
-            return;
-        }
-    };
-    record.dst = Some(dst);
-    if is_forbidden(dst, &ctx) {
-        record.reason = Reason::ForbiddenTarget;
-        return;
+/// A connect captured on the outbound listener: to its original destination, from the pod's address.
+pub async fn outbound(ctx: Arc<PodContext>, downstream: TcpStream, v6: bool) {
+    // Until the upstream socket exists, the source is the pod's address (the client socket sits on
+    // the pod's loopback).
+    let pod_ip = ctx.pod.ips.iter().find(|ip| ip.is_ipv6() == v6).copied();
+    let src = SocketAddr::new(pod_ip.unwrap_or(IpAddr::from([0, 0, 0, 0])), 0);
+    let mut record = Record::new(&ctx, Direction::Outbound, src);
+    match socket::original_dst(&downstream, v6) {
+        Ok(dst) => forward(&mut record, downstream, dst, Source::Pod).await,
+        Err(_) => record.reason = Reason::NoOriginalDst,
     }
-    let _ = downstream.set_nodelay(true);
-    let upstream = match socket::agent_socket_in(&ctx.netns, dst, Source::Pod) {
-        Ok(s) => s,
-        Err(_) => {
-            record.reason = Reason::LocalSocket;
-            return;
-        }
-    };
-    let mut upstream = match tokio::time::timeout(CONNECT_TIMEOUT, upstream.connect(dst)).await {
-        Ok(Ok(s)) => s,
-        _ => {
-            record.reason = Reason::UpstreamConnect;
-            return;
-        }
-    };
-    // The address the destination sees: the pod's own, with the agent socket's port.
-    if let Ok(local) = upstream.local_addr() {
-        record.src = local;
-    }
-    match copy(&mut downstream, &mut upstream).await {
-        Ok(t) => record.transferred = t,
+}
+
+/// A connection steered to the inbound listener: to the application, from the client's address.
+pub async fn inbound(ctx: Arc<PodContext>, downstream: TcpStream, peer: SocketAddr) {
+    let mut record = Record::new(&ctx, Direction::Inbound, peer);
+    // Steered by sk_lookup: the accepted socket's local address is the original destination.
+    match downstream.local_addr() {
+        Ok(dst) => forward(&mut record, downstream, dst, Source::Spoofed(peer.ip())).await,
         Err(_) => record.reason = Reason::Io,
     }
 }
 
-/// Accepts connections steered to the pod's inbound listener.
-pub async fn inbound_loop(ctx: Arc<PodContext>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                tokio::spawn(inbound(ctx.clone(), stream, peer));
-            }
-            Err(e) => {
-                tracing::warn!(pod = %ctx.pod.qualified_name(), error = %e, "inbound accept");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-async fn inbound(ctx: Arc<PodContext>, mut downstream: TcpStream, peer: SocketAddr) {
-    let mut record = Record {
-        ctx: &ctx,
-        direction: Direction::Inbound,
-        src: peer,
-        dst: None,
-        started: Instant::now(),
-        transferred: Transferred::default(),
-        reason: Reason::Done,
-    };
-    // Steered by sk_lookup: the accepted socket's local address is the original destination.
-    let Ok(dst) = downstream.local_addr() else {
-        record.reason = Reason::Io;
-        return;
-    };
+/// Connects to `dst` from inside the pod and proxies until both sides close, noting in `record`
+/// where it ended.
+async fn forward(record: &mut Record<'_>, mut downstream: TcpStream, dst: SocketAddr, source: Source) {
     record.dst = Some(dst);
-    if is_forbidden(dst, &ctx) {
+    if is_forbidden(dst, record.ctx) {
         record.reason = Reason::ForbiddenTarget;
         return;
     }
     let _ = downstream.set_nodelay(true);
-    let upstream = match socket::agent_socket_in(&ctx.netns, dst, Source::Spoofed(peer.ip())) {
-        Ok(s) => s,
-        Err(_) => {
-            record.reason = Reason::LocalSocket;
-            return;
-        }
+    let Ok(upstream) = socket::agent_socket_in(&record.ctx.netns, dst, source) else {
+        record.reason = Reason::LocalSocket;
+        return;
     };
     let mut upstream = match tokio::time::timeout(CONNECT_TIMEOUT, upstream.connect(dst)).await {
         Ok(Ok(s)) => s,
@@ -208,6 +166,12 @@ async fn inbound(ctx: Arc<PodContext>, mut downstream: TcpStream, peer: SocketAd
             return;
         }
     };
+    if matches!(source, Source::Pod)
+        && let Ok(local) = upstream.local_addr()
+    {
+        // The address the destination sees: the pod's own, with the agent socket's port.
+        record.src = local;
+    }
     match copy(&mut downstream, &mut upstream).await {
         Ok(t) => record.transferred = t,
         Err(_) => record.reason = Reason::Io,
