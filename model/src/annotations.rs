@@ -14,17 +14,7 @@ pub fn validate_key(key: &str) -> Result<(), String> {
         None => (None, key),
     };
     if let Some(prefix) = prefix {
-        let ok = !prefix.is_empty()
-            && prefix.len() <= 253
-            && prefix.split('.').all(|label| {
-                !label.is_empty()
-                    && label.len() <= 63
-                    && label
-                        .bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                    && !label.starts_with('-')
-                    && !label.ends_with('-')
-            });
+        let ok = !prefix.is_empty() && prefix.len() <= 253 && prefix.split('.').all(crate::is_dns_label);
         if !ok {
             return Err(format!(
                 "annotation key {key:?}: prefix {prefix:?} is not a DNS subdomain"

@@ -150,10 +150,10 @@ impl AuthorizationPolicy {
             field,
             problem,
         };
-        if !dns_label(&self.metadata.name) {
+        if !crate::is_dns_label(&self.metadata.name) {
             return Err(invalid("metadata.name".into(), "must be a lowercase DNS label".into()));
         }
-        if !dns_label(&self.metadata.namespace) {
+        if !crate::is_dns_label(&self.metadata.namespace) {
             return Err(invalid(
                 "metadata.namespace".into(),
                 "must be a lowercase DNS label".into(),
@@ -173,7 +173,7 @@ impl AuthorizationPolicy {
                     }
                 }
                 for (i, ns) in from.source.namespaces.iter().enumerate() {
-                    if ns != "*" && !dns_label(ns) {
+                    if ns != "*" && !crate::is_dns_label(ns) {
                         return Err(invalid(at("namespaces", i), format!("{ns:?} is not a namespace name")));
                     }
                 }
@@ -194,15 +194,6 @@ impl AuthorizationPolicy {
         }
         Ok(())
     }
-}
-
-fn dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 /// An IP block: `a.b.c.d/n`, `x::y/n`, or a single address.

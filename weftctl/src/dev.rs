@@ -127,7 +127,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
     );
     for ns in &args.namespaces {
         anyhow::ensure!(
-            dns_label(ns),
+            weft_model::is_dns_label(ns),
             "namespace {ns:?} is not a valid Kubernetes name (lowercase DNS label)"
         );
     }
@@ -330,15 +330,6 @@ fn build(args: &UpArgs, agent_bin: Option<&Path>) -> anyhow::Result<()> {
         cluster.name
     );
     Ok(())
-}
-
-fn dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 /// `weft-node` next to this binary, or `$WEFT_NODE_BIN`.

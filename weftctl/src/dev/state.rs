@@ -89,13 +89,7 @@ impl Names<'_> {
 
 /// Cluster names: 1-20 lowercase alphanumerics or '-', starting and ending alphanumeric.
 pub fn validate_name(name: &str) -> anyhow::Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 20
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
+    let ok = weft_model::is_dns_label(name) && name.len() <= 20;
     anyhow::ensure!(
         ok,
         "invalid cluster name {name:?}: use 1-20 lowercase letters, digits or '-', starting and ending with a letter or digit"
