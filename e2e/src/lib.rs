@@ -194,3 +194,20 @@ pub fn curl(cluster: &Cluster, pod: &str, url: &str) -> (i32, String, String) {
     let (body, remote) = stdout.rsplit_once('\n').unwrap_or((&stdout, ""));
     (out.status.code().unwrap_or(-1), body.to_owned(), remote.to_owned())
 }
+
+/// Whether a new connection from `pod` to a `weft-probe serve` at `url` is captured on the client
+/// side, decided without waiting for logs. The probe answers with the source port it saw; the client
+/// agent reconnects from a socket of its own, so that port differs from curl's own local port exactly
+/// when the connection was captured. The server pod must not be enrolled (its agent would reconnect too).
+pub fn captured(cluster: &Cluster, pod: &str, url: &str) -> bool {
+    let out = cluster.exec(pod, &["curl", "-sS", "-m", "5", "-w", "\n%{local_port}", url]);
+    assert!(out.status.success(), "curl from {pod}: {}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (body, local_port) = stdout.rsplit_once('\n').expect("curl output ends with the local port");
+    let peer = body
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("peer="))
+        .expect("probe answer names the peer");
+    let seen_port = peer.rsplit_once(':').map(|(_, p)| p).expect("peer has a port");
+    seen_port != local_port.trim()
+}

@@ -360,16 +360,39 @@ fn demo() -> anyhow::Result<()> {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let before = records(&log("node1")?, "outbound").len();
+    // Uncaptured, the connection reaches node2 from curl's own socket: node2's inbound record then
+    // carries curl's source port. Captured, it would carry the node1 agent's port instead.
     let url = format!("http://{}:8080/", ip("app-2-1", false)?);
-    let body = output(Command::new(&weftctl).args([
-        "dev", "exec", "--name", name, "app-1-2", "--", "curl", "-sS", "-m", "5", &url,
+    let out = output(Command::new(&weftctl).args([
+        "dev",
+        "exec",
+        "--name",
+        name,
+        "app-1-2",
+        "--",
+        "curl",
+        "-sS",
+        "-m",
+        "5",
+        "-w",
+        "\n%{local_port}",
+        &url,
     ]))?;
+    let (body, port) = out.rsplit_once('\n').context("curl printed no local port")?;
     println!("    server says: {}", body.trim());
-    std::thread::sleep(Duration::from_millis(300)); // a record would be written as the connection closes
-    let after = records(&log("node1")?, "outbound").len();
-    ensure!(after == before, "the opted-out pod was still captured");
-    println!("    node1's agent recorded no new outbound connection");
+    let direct = format!("{}:{}", ip("app-1-2", false)?, port.trim());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !records(&log("node2")?, "inbound")
+        .iter()
+        .any(|r| r["src.addr"] == direct.as_str())
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "the opted-out pod was still captured: node2 never saw {direct}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("    node2 saw curl's own connection ({direct}): node1's agent no longer captures app-1-2");
 
     println!();
     step("what to look at");
