@@ -144,6 +144,20 @@ impl Cluster {
             .collect()
     }
 
+    /// Kills a node's agent the hard way (SIGKILL) and waits until it is gone.
+    pub fn kill_agent(&self, node: &str) {
+        let pid = self.node(node)["agent"]["pid"].as_i64().expect("agent pid") as i32;
+        // SAFETY: signalling the agent process this test's cluster started.
+        assert_eq!(
+            unsafe { libc::kill(pid, libc::SIGKILL) },
+            0,
+            "killing the agent on {node}"
+        );
+        wait_for("the agent to exit", Duration::from_secs(5), || {
+            (!self.node(node)["agent"]["running"].as_bool().unwrap_or(true)).then_some(())
+        });
+    }
+
     pub fn annotate(&self, kind: &str, target: &str, change: &str) {
         let out = weftctl(&["dev", "annotate", "--name", &self.name, kind, target, change]);
         assert!(out.status.success(), "annotate: {}", text(&out));

@@ -5,11 +5,17 @@ use std::{collections::BTreeSet, time::Duration};
 use serde_json::Value;
 use weft_e2e::{Cluster, bin, captured, curl, privileged, text, wait_for};
 
-fn records_to<'a>(records: &'a [Value], direction: &str, dst: &str) -> Vec<&'a Value> {
-    records
-        .iter()
-        .filter(|r| r["direction"] == direction && r["dst.addr"] == dst)
-        .collect()
+/// Waits for a node's agent to record a connection in `direction` to `dst`.
+fn record_to(c: &Cluster, node: &str, direction: &str, dst: &str) -> Value {
+    wait_for(
+        &format!("{node}'s {direction} record to {dst}"),
+        Duration::from_secs(5),
+        || {
+            c.access_records(node)
+                .into_iter()
+                .find(|r| r["direction"] == direction && r["dst.addr"] == dst)
+        },
+    )
 }
 
 /// `weft-probe connect` in a pod: `count` bounded connections, each checked against its port.
@@ -68,23 +74,15 @@ fn curl_across_nodes(name: &str, v6: bool) {
         "getpeername must report the original destination to curl"
     );
 
-    let out = wait_for("the client agent's record", Duration::from_secs(5), || {
-        let r = c.access_records("node1");
-        let found: Vec<Value> = records_to(&r, "outbound", &dst).into_iter().cloned().collect();
-        (!found.is_empty()).then_some(found)
-    });
-    assert_eq!(out[0]["src.workload"], "default/app-1-1");
-    assert_eq!(out[0]["reason"], "done");
-    let inbound = wait_for("the server agent's record", Duration::from_secs(5), || {
-        let r = c.access_records("node2");
-        let found: Vec<Value> = records_to(&r, "inbound", &dst).into_iter().cloned().collect();
-        (!found.is_empty()).then_some(found)
-    });
+    let out = record_to(&c, "node1", "outbound", &dst);
+    assert_eq!(out["src.workload"], "default/app-1-1");
+    assert_eq!(out["reason"], "done");
+    let inbound = record_to(&c, "node2", "inbound", &dst);
     assert!(
-        inbound[0]["src.addr"].as_str().unwrap_or_default().contains(&client_ip),
+        inbound["src.addr"].as_str().unwrap_or_default().contains(&client_ip),
         "{inbound:?}"
     );
-    assert_eq!(inbound[0]["dst.workload"], "default/app-2-1");
+    assert_eq!(inbound["dst.workload"], "default/app-2-1");
 }
 
 #[test]
@@ -266,13 +264,7 @@ fn a_restarted_agent_captures_again_with_one_attachment_and_connections_are_refu
         "one attachment of each capture program"
     );
 
-    // Kill the agent the hard way.
-    let pid = node["agent"]["pid"].as_i64().unwrap() as i32;
-    // SAFETY: signalling the agent process this test's cluster started.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-    wait_for("the agent to exit", Duration::from_secs(5), || {
-        (!c.node("node1")["agent"]["running"].as_bool().unwrap()).then_some(())
-    });
+    c.kill_agent("node1");
 
     // While it is down, captured connections are refused, never sent around the agent.
     let inbound_before = c.access_records("node2").len();

@@ -144,12 +144,7 @@ fn up_on_a_stale_cluster_cleans_it_first() {
     let name = "e2e-stale";
     let c = Cluster::up(name, &["--nodes", "1", "--pods-per-node", "1", "--ambient", "default"]);
     // Simulate a crash: the agent dies, the cluster's objects stay.
-    let pid = c.node("node1")["agent"]["pid"].as_i64().unwrap() as i32;
-    // SAFETY: signalling the agent this test's cluster started.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    weft_e2e::wait_for("the agent to exit", std::time::Duration::from_secs(5), || {
-        (!c.node("node1")["agent"]["running"].as_bool().unwrap()).then_some(())
-    });
+    c.kill_agent("node1");
     std::mem::forget(c);
     let again = weftctl(&[
         "dev",
