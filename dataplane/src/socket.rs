@@ -15,7 +15,7 @@ use crate::netns::NetNs;
 const SO_NETNS_COOKIE: libc::c_int = 71;
 const SO_ORIGINAL_DST: libc::c_int = 80;
 
-/// Binds a listener inside `netns`. `v6only` applies to IPv6 addresses.
+/// Binds a listener inside `netns`; an IPv6 listener is IPv6-only (IPv4 has its own).
 pub fn listen_in(netns: &NetNs, addr: SocketAddr, backlog: i32) -> io::Result<tokio::net::TcpListener> {
     let socket = netns.run(|| -> io::Result<Socket> {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;

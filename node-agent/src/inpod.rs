@@ -43,6 +43,8 @@ pub enum Error {
 #[derive(Debug)]
 pub struct PodContext {
     pub pod: Pod,
+    /// `namespace/name`, formatted once for every record and log line.
+    pub name: String,
     pub netns: NetNs,
 }
 
@@ -115,6 +117,7 @@ impl InPod {
 
         let ctx = Arc::new(PodContext {
             pod: pod.clone(),
+            name: name.clone(),
             netns,
         });
         let mut tasks = Vec::new();
@@ -144,7 +147,7 @@ impl InPod {
         for ip in &self.ctx.pod.ips {
             capture.remove_listener(*ip);
         }
-        tracing::info!(pod = %self.ctx.pod.qualified_name(), "unenrolled");
+        tracing::info!(pod = %self.ctx.name, "unenrolled");
     }
 }
 

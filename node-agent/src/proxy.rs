@@ -85,8 +85,8 @@ impl Drop for Record<'_> {
     fn drop(&mut self) {
         let dst = self.dst.map(|d| d.to_string()).unwrap_or_default();
         let (direction, src_workload, dst_workload) = match self.direction {
-            Direction::Outbound => ("outbound", self.ctx.pod.qualified_name(), String::new()),
-            Direction::Inbound => ("inbound", String::new(), self.ctx.pod.qualified_name()),
+            Direction::Outbound => ("outbound", self.ctx.name.as_str(), ""),
+            Direction::Inbound => ("inbound", "", self.ctx.name.as_str()),
         };
         tracing::info!(
             target: "weft::access",
@@ -116,7 +116,7 @@ where
                 tokio::spawn(handle(ctx.clone(), stream, peer));
             }
             Err(e) => {
-                tracing::warn!(pod = %ctx.pod.qualified_name(), error = %e, "accept");
+                tracing::warn!(pod = %ctx.name, error = %e, "accept");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
