@@ -15,7 +15,8 @@ const BPF_LINKER_VERSION: &str = "0.10.4";
 /// The eBPF toolchain. Pinned by name: the machine's nightly carries LLVM 22.
 const EBPF_TOOLCHAIN: &str = "nightly";
 /// Debian packages the dev cluster and the tests use.
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "curl", "bpftool"];
+// protobuf-compiler: protoc for api/build.rs. tcpdump: the e2e test that inspects what crosses the wire.
+const DEBIAN_PACKAGES: &[&str] = &["iproute2", "curl", "bpftool", "protobuf-compiler", "tcpdump"];
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]

@@ -1,0 +1,1 @@
+//! HBONE (placeholder; being built).
