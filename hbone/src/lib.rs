@@ -1,1 +1,13 @@
-//! HBONE (placeholder; being built).
+//! HBONE: HTTP/2 `CONNECT` tunnels over mutual TLS 1.3 between SPIFFE workload identities, wire-compatible
+//! with Istio's ztunnel.
+//!
+//! - [`identity`]: `spiffe://<td>/ns/<ns>/sa/<sa>` identities.
+//! - [`tls`]: credentials, trust bundles, and the rustls client/server configurations (ring, TLS 1.3, ALPN h2).
+//! - [`client`]: the pooled HBONE client (one TLS connection multiplexes many `CONNECT` streams).
+//! - [`server`]: the HBONE server that validates `CONNECT` requests and hands them to a [`server::Handler`].
+
+pub mod identity;
+pub mod tls;
+
+pub use identity::{Identity, InvalidIdentity};
+pub use tls::{Credential, TlsError, TrustBundle, client_config, peer_identity, server_config};
