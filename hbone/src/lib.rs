@@ -7,6 +7,7 @@
 //! - [`server`]: the HBONE server that validates `CONNECT` requests and hands them to a [`server::Handler`].
 
 pub mod identity;
+pub mod server;
 pub mod tls;
 
 pub use identity::{Identity, InvalidIdentity};

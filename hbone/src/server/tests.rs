@@ -1,0 +1,106 @@
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use http::{Method, Uri};
+use proptest::prelude::*;
+
+use super::*;
+
+fn connect(authority: &str) -> Result<SocketAddr, BadRequest> {
+    let uri: Uri = authority.parse().map_err(|_| BadRequest::MissingAuthority)?;
+    parse_connect(&Method::CONNECT, &uri)
+}
+
+#[test]
+fn accepts_ipv4_and_bracketed_ipv6_targets() {
+    assert_eq!(connect("10.0.0.1:8080"), Ok("10.0.0.1:8080".parse().unwrap()));
+    assert_eq!(connect("[fd00::1]:443"), Ok("[fd00::1]:443".parse().unwrap()));
+}
+
+#[test]
+fn rejects_everything_but_connect_to_an_allowed_ip_port() {
+    let uri: Uri = "10.0.0.1:80".parse().unwrap();
+    assert!(matches!(
+        parse_connect(&Method::GET, &uri),
+        Err(BadRequest::Method { .. })
+    ));
+    assert_eq!(
+        connect("10.0.0.1:15008"),
+        Err(BadRequest::ForbiddenPort { port: 15008 })
+    );
+    assert_eq!(
+        connect("10.0.0.1:15001"),
+        Err(BadRequest::ForbiddenPort { port: 15001 })
+    );
+    assert_eq!(
+        connect("10.0.0.1:15006"),
+        Err(BadRequest::ForbiddenPort { port: 15006 })
+    );
+    assert_eq!(connect("10.0.0.1:0"), Err(BadRequest::PortZero));
+    assert_eq!(connect("user@10.0.0.1:80"), Err(BadRequest::UserInfo));
+    assert!(matches!(connect("example.com:80"), Err(BadRequest::NotIpPort { .. })));
+    assert!(matches!(connect("10.0.0.1"), Err(BadRequest::NotIpPort { .. })));
+    assert!(matches!(connect("10.0.0.1:65536"), Err(_)));
+    assert!(matches!(connect("fd00::1:80"), Err(_)));
+    assert!(matches!(connect("[fe80::1%25eth0]:80"), Err(_)));
+    assert!(matches!(connect("0.0.0.0:80"), Err(BadRequest::NotUnicast { .. })));
+    assert!(matches!(connect("[::]:80"), Err(BadRequest::NotUnicast { .. })));
+    assert!(matches!(connect("224.0.0.1:80"), Err(BadRequest::NotUnicast { .. })));
+    assert!(matches!(
+        connect("255.255.255.255:80"),
+        Err(BadRequest::NotUnicast { .. })
+    ));
+    assert_eq!(
+        parse_connect(&Method::CONNECT, &"http://10.0.0.1:80/".parse().unwrap()),
+        Err(BadRequest::NotAuthorityForm)
+    );
+}
+
+#[test]
+fn refusals_map_to_ztunnel_status_codes() {
+    assert_eq!(Refusal::Denied.status(), 401);
+    assert_eq!(Refusal::Forbidden.status(), 400);
+    assert_eq!(Refusal::Unreachable.status(), 503);
+}
+
+fn unicast_ip() -> impl Strategy<Value = IpAddr> {
+    prop_oneof![
+        any::<u32>().prop_map(|b| IpAddr::V4(Ipv4Addr::from(b))),
+        any::<u128>().prop_map(|b| IpAddr::V6(Ipv6Addr::from(b))),
+    ]
+    .prop_filter("unicast", |ip| {
+        !ip.is_unspecified() && !ip.is_multicast() && *ip != IpAddr::V4(Ipv4Addr::BROADCAST)
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn never_panics_on_arbitrary_authorities(s in "\\PC{0,40}") {
+        if let Ok(uri) = s.parse::<Uri>() {
+            let _ = parse_connect(&Method::CONNECT, &uri);
+        }
+    }
+
+    #[test]
+    fn never_panics_on_authority_like_strings(s in "[\\[\\]0-9a-fA-F:.%@a-z]{0,45}") {
+        if let Ok(uri) = s.parse::<Uri>() {
+            if let Ok(addr) = parse_connect(&Method::CONNECT, &uri) {
+                // Whatever is accepted is a literal address with an allowed port.
+                prop_assert!(addr.port() != 0 && !FORBIDDEN_PORTS.contains(&addr.port()));
+                prop_assert_eq!(Ok(addr), s.parse::<SocketAddr>());
+            }
+        }
+    }
+
+    #[test]
+    fn accepts_exactly_allowed_ip_port_and_round_trips(ip in unicast_ip(), port in any::<u16>()) {
+        let addr = SocketAddr::new(ip, port);
+        let result = connect(&addr.to_string());
+        if port == 0 || FORBIDDEN_PORTS.contains(&port) {
+            prop_assert!(result.is_err());
+        } else {
+            prop_assert_eq!(result, Ok(addr));
+        }
+    }
+}
