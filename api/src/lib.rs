@@ -2,6 +2,8 @@
 
 #![allow(clippy::all, clippy::pedantic, missing_docs)]
 
+pub mod convert;
+
 pub mod v1 {
     tonic::include_proto!("weft.v1");
 }
