@@ -6,9 +6,12 @@
 //! - [`client`]: the pooled HBONE client (one TLS connection multiplexes many `CONNECT` streams).
 //! - [`server`]: the HBONE server that validates `CONNECT` requests and hands them to a [`server::Handler`].
 
+pub mod client;
 pub mod identity;
 pub mod server;
 pub mod tls;
 
+pub use client::{ConnectError, Pool, PoolConfig, PoolKey, Tunnel};
 pub use identity::{Identity, InvalidIdentity};
+pub use server::{BadRequest, Handler, Refusal, Request, ServeError, Transferred, parse_connect, serve};
 pub use tls::{Credential, TlsError, TrustBundle, client_config, peer_identity, server_config};
