@@ -1,0 +1,185 @@
+//! Node authentication for the agent-facing services: gRPC metadata `authorization: Bearer <token>`
+//! maps to a node name through the `--node-tokens` file.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs, io,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+};
+
+use tonic::{Status, metadata::MetadataMap};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is readable by group or others (mode {mode:04o}): it holds node credentials, make it 0600")]
+    Exposed { path: PathBuf, mode: u32 },
+    #[error("{path} is not a JSON object of node name to token (like {{\"node1\": \"secret\"}})")]
+    Malformed {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}: node {node:?}: {problem}")]
+    Invalid {
+        path: PathBuf,
+        node: String,
+        problem: String,
+    },
+}
+
+/// Which token belongs to which node. Tokens are kept only as SHA-256 digests, so that looking one
+/// up does not compare secrets byte by byte.
+#[derive(Clone, Debug, Default)]
+pub struct NodeTokens {
+    by_digest: HashMap<Vec<u8>, String>,
+}
+
+impl NodeTokens {
+    /// No node can authenticate.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Reads `{"<node>": "<token>", ...}` from `path`, refusing a file that group or others can read,
+    /// an empty token, or one token for two nodes.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let read = |source| Error::Read {
+            path: path.to_owned(),
+            source,
+        };
+        let meta = fs::metadata(path).map_err(read)?;
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(Error::Exposed {
+                path: path.to_owned(),
+                mode,
+            });
+        }
+        let bytes = fs::read(path).map_err(read)?;
+        let map: BTreeMap<String, String> = serde_json::from_slice(&bytes).map_err(|source| Error::Malformed {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_map(map).map_err(|(node, problem)| Error::Invalid {
+            path: path.to_owned(),
+            node,
+            problem,
+        })
+    }
+
+    /// Builds the table from node name to token; the error names the node and the problem.
+    pub fn from_map(map: BTreeMap<String, String>) -> Result<Self, (String, String)> {
+        let mut by_digest = HashMap::new();
+        for (node, token) in map {
+            if node.is_empty() {
+                return Err((node, "empty node name".into()));
+            }
+            if token.trim().is_empty() {
+                return Err((node, "empty token".into()));
+            }
+            if let Some(other) = by_digest.insert(digest(&token), node.clone()) {
+                return Err((node, format!("same token as node {other:?}")));
+            }
+        }
+        Ok(Self { by_digest })
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_digest.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_digest.is_empty()
+    }
+
+    /// The node the request's bearer token belongs to, or UNAUTHENTICATED.
+    pub fn authenticate(&self, metadata: &MetadataMap) -> Result<String, Status> {
+        let header = metadata
+            .get("authorization")
+            .ok_or_else(|| Status::unauthenticated("missing authorization metadata (Bearer <node token>)"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("authorization metadata is not \"Bearer <node token>\""))?;
+        self.by_digest
+            .get(&digest(token.trim()))
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("unknown node token"))
+    }
+}
+
+fn digest(token: &str) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+        .as_ref()
+        .to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+
+    use super::*;
+
+    fn write(dir: &Path, mode: u32, text: &str) -> PathBuf {
+        let path = dir.join("tokens.json");
+        let _ = fs::remove_file(&path);
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&path)
+            .unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        path
+    }
+
+    fn bearer(token: &str) -> MetadataMap {
+        let mut m = MetadataMap::new();
+        m.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        m
+    }
+
+    #[test]
+    fn token_maps_to_its_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = NodeTokens::load(&write(dir.path(), 0o600, r#"{"node1": "s1", "node2": "s2"}"#)).unwrap();
+        assert_eq!(tokens.authenticate(&bearer("s2")).unwrap(), "node2");
+        assert_eq!(
+            tokens.authenticate(&bearer("nope")).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(
+            tokens.authenticate(&MetadataMap::new()).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+    }
+
+    #[test]
+    fn refuses_readable_malformed_or_ambiguous_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = NodeTokens::load(&write(dir.path(), 0o640, "{}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("readable by group or others (mode 0640)"), "{err}");
+        let err = NodeTokens::load(&write(dir.path(), 0o600, "[1]"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is not a JSON object"), "{err}");
+        let err = NodeTokens::load(&write(dir.path(), 0o600, r#"{"a": "x", "b": "x"}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(r#"node "b": same token as node "a""#), "{err}");
+        let err = NodeTokens::load(&write(dir.path(), 0o600, r#"{"a": " "}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("empty token"), "{err}");
+    }
+}
