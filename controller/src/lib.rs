@@ -3,4 +3,5 @@
 
 pub mod auth;
 pub mod ca;
+pub mod distribution;
 pub mod store;

@@ -1,0 +1,215 @@
+//! What one subscriber should hold, computed from a store snapshot: a pure function, so the rules
+//! (which policies a node sees, which pods a service selects, how versions are made) are tested
+//! without streams.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use prost::Message as _;
+use weft_api::{types, v1};
+
+use crate::store::State;
+
+/// A resource key: (type, name), as in [`v1::ResourceKey`].
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Key {
+    pub ty: &'static str,
+    pub name: String,
+}
+
+impl Key {
+    /// Parses the `type/name` form used in [`v1::Ack::rejected`].
+    pub fn parse(s: &str) -> Option<Key> {
+        let (ty, name) = s.split_once('/')?;
+        let ty = ALL_TYPES.into_iter().find(|t| *t == ty)?;
+        Some(Key {
+            ty,
+            name: name.to_owned(),
+        })
+    }
+
+    pub fn to_wire(&self) -> v1::ResourceKey {
+        v1::ResourceKey {
+            r#type: self.ty.to_owned(),
+            name: self.name.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.ty, self.name)
+    }
+}
+
+pub const ALL_TYPES: [&str; 4] = [types::NAMESPACE, types::WORKLOAD, types::SERVICE, types::POLICY];
+
+/// The resource types a subscriber asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TypeFilter(BTreeSet<&'static str>);
+
+impl TypeFilter {
+    /// From [`v1::Subscribe::types`]: empty means all; an unknown name is an error naming it.
+    pub fn parse(names: &[String]) -> Result<TypeFilter, String> {
+        if names.is_empty() {
+            return Ok(TypeFilter(ALL_TYPES.into_iter().collect()));
+        }
+        names
+            .iter()
+            .map(|n| {
+                ALL_TYPES
+                    .into_iter()
+                    .find(|t| t == n)
+                    .ok_or_else(|| format!("unknown resource type {n:?} (known: {})", ALL_TYPES.join(", ")))
+            })
+            .collect::<Result<_, _>>()
+            .map(TypeFilter)
+    }
+
+    fn wants(&self, ty: &str) -> bool {
+        self.0.contains(ty)
+    }
+}
+
+/// Every resource `node` should hold, with versions set.
+///
+/// All namespaces, all pods (as workloads), all services (endpoints: the pods of the service's
+/// namespace its selector matches), and the policies of the namespaces that have a pod on `node`:
+/// the agent enforces policy for inbound connections to its own pods only.
+pub fn desired(state: &State, node: &str, trust_domain: &str, filter: &TypeFilter) -> BTreeMap<Key, v1::Resource> {
+    use v1::resource::Kind as K;
+    let mut out = BTreeMap::new();
+    let mut add = |ty: &'static str, name: String, kind: K| {
+        let key = Key { ty, name };
+        let mut resource = v1::Resource {
+            key: Some(key.to_wire()),
+            version: 0,
+            kind: Some(kind),
+        };
+        resource.version = version(&resource);
+        out.insert(key, resource);
+    };
+    if filter.wants(types::NAMESPACE) {
+        for ns in state.namespaces() {
+            add(
+                types::NAMESPACE,
+                ns.name.clone(),
+                K::Namespace(v1::Namespace {
+                    name: ns.name.clone(),
+                    labels: to_map(&ns.meta.labels),
+                    annotations: to_map(&ns.meta.annotations),
+                }),
+            );
+        }
+    }
+    if filter.wants(types::WORKLOAD) {
+        for p in state.pods() {
+            add(
+                types::WORKLOAD,
+                format!("{}/{}", p.namespace, p.name),
+                K::Workload(v1::Workload {
+                    uid: p.uid.clone(),
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                    node: p.node.clone(),
+                    service_account: p.service_account.clone(),
+                    identity: format!("spiffe://{trust_domain}/ns/{}/sa/{}", p.namespace, p.service_account),
+                    labels: to_map(&p.meta.labels),
+                    annotations: to_map(&p.meta.annotations),
+                    ips: p.ips.iter().map(ToString::to_string).collect(),
+                }),
+            );
+        }
+    }
+    if filter.wants(types::SERVICE) {
+        for s in state.services() {
+            let mut endpoints: Vec<String> = state
+                .pods()
+                .filter(|p| s.selects(p))
+                .map(|p| format!("{}/{}", p.namespace, p.name))
+                .collect();
+            endpoints.sort();
+            add(
+                types::SERVICE,
+                format!("{}/{}", s.namespace, s.name),
+                K::Service(v1::Service {
+                    namespace: s.namespace.clone(),
+                    name: s.name.clone(),
+                    vips: s.cluster_ips.iter().map(ToString::to_string).collect(),
+                    ports: s
+                        .ports
+                        .iter()
+                        .map(|p| v1::ServicePort {
+                            name: p.name.clone(),
+                            port: u32::from(p.port),
+                            target_port: u32::from(p.target_port),
+                        })
+                        .collect(),
+                    endpoints,
+                }),
+            );
+        }
+    }
+    if filter.wants(types::POLICY) {
+        let local: BTreeSet<&str> = state
+            .pods()
+            .filter(|p| p.node == node)
+            .map(|p| p.namespace.as_str())
+            .collect();
+        for p in state
+            .policies()
+            .filter(|p| local.contains(p.metadata.namespace.as_str()))
+        {
+            add(
+                types::POLICY,
+                format!("{}/{}", p.metadata.namespace, p.metadata.name),
+                K::Policy(v1::Policy::from(p)),
+            );
+        }
+    }
+    out
+}
+
+/// A content hash of the resource's encoding (its `version` left out). The wire maps are hash maps
+/// with no stable order, so they are hashed separately, sorted, after the rest of the encoding.
+pub fn version(resource: &v1::Resource) -> u64 {
+    use v1::resource::Kind as K;
+    let mut r = resource.clone();
+    r.version = 0;
+    let mut maps: Vec<BTreeMap<String, String>> = Vec::new();
+    let mut take = |m: &mut std::collections::HashMap<String, String>| maps.push(m.drain().collect());
+    match &mut r.kind {
+        Some(K::Namespace(n)) => {
+            take(&mut n.labels);
+            take(&mut n.annotations);
+        }
+        Some(K::Workload(w)) => {
+            take(&mut w.labels);
+            take(&mut w.annotations);
+        }
+        Some(K::Policy(p)) => {
+            if let Some(s) = &mut p.selector {
+                take(&mut s.match_labels);
+            }
+        }
+        Some(K::Service(_)) | None => {}
+    }
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(&r.encode_to_vec());
+    for map in maps {
+        ctx.update(&(map.len() as u64).to_be_bytes());
+        for (k, v) in map {
+            for s in [k, v] {
+                ctx.update(&(s.len() as u64).to_be_bytes());
+                ctx.update(s.as_bytes());
+            }
+        }
+    }
+    let digest = ctx.finish();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest.as_ref()[..8]);
+    u64::from_be_bytes(first)
+}
+
+fn to_map(m: &BTreeMap<String, String>) -> std::collections::HashMap<String, String> {
+    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
