@@ -6,6 +6,7 @@
 //! their own. Connections idle longer than [`PoolConfig::idle_timeout`] are closed, broken ones are evicted.
 
 mod conn;
+mod tls_io;
 
 use std::collections::HashMap;
 use std::io;
@@ -30,6 +31,7 @@ use crate::identity::Identity;
 use crate::server::{CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
 use crate::tls::{ALPN_H2, TlsError};
 use conn::{Conn, ConnState, Entry, StreamGuard};
+use tls_io::TlsIo;
 
 /// HTTP/2 PING interval on connections with live tunnels (dead peers are noticed within interval + timeout).
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -240,6 +242,7 @@ impl Pool {
         if stream.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
             return Err(ConnectError::Tls(rustls::Error::NoApplicationProtocol));
         }
+        let (io, tls_error) = TlsIo::new(stream);
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)
@@ -248,7 +251,7 @@ impl Pool {
             .max_send_buf_size(MAX_FRAME_SIZE as usize)
             .keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(classify)?;
 
@@ -257,6 +260,7 @@ impl Pool {
         let conn = Arc::new(Conn {
             sender,
             state: state.clone(),
+            tls_error,
         });
         entry.push(conn.clone());
         self.inner.live.fetch_add(1, Ordering::AcqRel);
@@ -380,6 +384,10 @@ enum SendError {
 
 /// Sends `CONNECT target` on `conn` and, on 200, takes over the stream.
 async fn send_connect(conn: &Conn, target: SocketAddr) -> Result<TokioIo<Upgraded>, SendError> {
+    let classify = |e: hyper::Error| match conn.tls_error.get() {
+        Some(tls) => ConnectError::Tls(tls.clone()),
+        None => classify(e),
+    };
     let mut sender = conn.sender.clone();
     let response = sender
         .try_send_request(connect_request(target))
@@ -410,7 +418,7 @@ fn connect_request(target: SocketAddr) -> http::Request<Empty<Bytes>> {
 /// A TLS handshake failure: the rustls error when there is one (certificate refused, alert received),
 /// otherwise the I/O error.
 fn handshake_error(e: io::Error) -> ConnectError {
-    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+    match tls_cause(&e) {
         Some(tls) => ConnectError::Tls(tls.clone()),
         None => ConnectError::Connect(e),
     }
@@ -419,12 +427,28 @@ fn handshake_error(e: io::Error) -> ConnectError {
 /// An HTTP/2 failure, or the TLS failure underneath it (with TLS 1.3 the server refuses a client certificate
 /// only after the client's handshake finished, so the refusal surfaces on the first request).
 fn classify(e: hyper::Error) -> ConnectError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
-    while let Some(err) = source {
-        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-            return ConnectError::Tls(tls.clone());
-        }
-        source = err.source();
+    match tls_cause(&e) {
+        Some(tls) => ConnectError::Tls(tls.clone()),
+        None => ConnectError::Http(e),
     }
-    ConnectError::Http(e)
+}
+
+/// The rustls error in `e`'s cause chain. `io::Error::source` skips the error it wraps, so look inside
+/// every `io::Error` too.
+fn tls_cause<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(tls) = err
+            .downcast_ref::<io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(tls);
+        }
+        next = err.source();
+    }
+    None
 }

@@ -21,6 +21,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub(super) struct Conn {
     pub(super) sender: SendRequest<Empty<Bytes>>,
     pub(super) state: Arc<ConnState>,
+    /// The first TLS error on the connection (e.g. the server refusing our certificate).
+    pub(super) tls_error: super::tls_io::TlsErrorSlot,
 }
 
 /// Stream accounting shared by the pool, the driving task and every [`StreamGuard`].

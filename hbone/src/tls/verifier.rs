@@ -14,8 +14,9 @@ use super::{TlsError, TrustBundle, leaf_identity};
 use crate::identity::Identity;
 
 /// Why a chain-valid peer certificate was still refused. Carried inside
-/// `rustls::CertificateError::Other` so the handshake error says why.
-#[derive(Debug, thiserror::Error)]
+/// `rustls::CertificateError::Other` so the handshake error says why. rustls displays that variant with
+/// `Debug`, so `Debug` is the readable message.
+#[derive(thiserror::Error)]
 pub(crate) enum PeerIdentityError {
     /// The leaf carries no usable SPIFFE id.
     #[error("peer certificate has no usable SPIFFE identity")]
@@ -40,6 +41,16 @@ pub(crate) enum PeerIdentityError {
         /// The id the server presented.
         actual: Identity,
     },
+}
+
+impl std::fmt::Debug for PeerIdentityError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)?;
+        if let PeerIdentityError::NoIdentity { source } = self {
+            write!(f, ": {source}")?;
+        }
+        Ok(())
+    }
 }
 
 /// What both verifiers share: roots, trust domain, signature algorithms.
