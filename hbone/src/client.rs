@@ -164,9 +164,14 @@ impl Pool {
         Fut: Future<Output = io::Result<TcpStream>>,
     {
         let timeout = self.inner.config.connect_timeout;
-        tokio::time::timeout(timeout, self.connect_inner(key, tls, dial, target))
+        let result = tokio::time::timeout(timeout, self.connect_inner(&key, tls, dial, target))
             .await
-            .map_err(|_| ConnectError::Timeout)?
+            .unwrap_or(Err(ConnectError::Timeout));
+        if result.is_err() {
+            // Don't keep an empty entry for a destination we could not reach.
+            self.inner.forget_if_unused(&key);
+        }
+        result
     }
 
     /// Live TLS connections (all keys).
@@ -176,7 +181,7 @@ impl Pool {
 
     async fn connect_inner<F, Fut>(
         &self,
-        key: PoolKey,
+        key: &PoolKey,
         tls: impl FnOnce() -> Result<Arc<rustls::ClientConfig>, TlsError>,
         dial: F,
         target: SocketAddr,
@@ -185,7 +190,7 @@ impl Pool {
         F: FnOnce(SocketAddr) -> Fut,
         Fut: Future<Output = io::Result<TcpStream>>,
     {
-        let entry = self.inner.entry(&key);
+        let entry = self.inner.entry(key);
         let mut dialer = Some((tls, dial));
         let mut evicted = None;
         loop {
@@ -196,7 +201,7 @@ impl Pool {
                     match (entry.reserve(), dialer.take()) {
                         (Some((conn, guard)), _) => (conn, guard, true),
                         (None, Some((tls, dial))) => {
-                            let (conn, guard) = self.dial(&key, &entry, tls, dial).await?;
+                            let (conn, guard) = self.dial(key, &entry, tls, dial).await?;
                             (conn, guard, false)
                         }
                         // Unreachable: we only come round again after a pooled connection failed, and dialing
@@ -291,7 +296,11 @@ impl PoolInner {
     }
 
     fn entry(&self, key: &PoolKey) -> Arc<Entry> {
-        self.entries().entry(key.clone()).or_default().clone()
+        let mut entries = self.entries();
+        if let Some(entry) = entries.get(key) {
+            return entry.clone();
+        }
+        entries.entry(key.clone()).or_default().clone()
     }
 
     /// Drops the entry for `key` when it has no connection and nobody is using it.

@@ -6,6 +6,8 @@
 //! - [`client`]: the pooled HBONE client (one TLS connection multiplexes many `CONNECT` streams).
 //! - [`server`]: the HBONE server that validates `CONNECT` requests and hands them to a [`server::Handler`].
 
+#![warn(missing_docs)]
+
 pub mod client;
 pub mod identity;
 pub mod server;

@@ -181,3 +181,22 @@ async fn unresponsive_peer_times_out() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn dial_failure_is_a_connect_error_and_leaves_no_connection() {
+    within(async {
+        let (server, client) = setup(PoolConfig::default()).await;
+        let closed = {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            l.local_addr().unwrap()
+        };
+        let err = client
+            .connect_expecting(closed, &server.identity, any_target())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, weft_hbone::ConnectError::Connect(_)), "{err:?}");
+        assert_eq!(err.reason(), "connect");
+        assert_eq!(client.pool.connection_count(), 0);
+    })
+    .await;
+}

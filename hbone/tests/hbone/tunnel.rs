@@ -95,3 +95,26 @@ async fn credential_reads_identity_and_validity_from_the_leaf() {
     assert!(cred.not_before < cred.not_after);
     assert_eq!(cred.chain.len(), 1);
 }
+
+#[tokio::test]
+async fn ipv6_targets_travel_as_bracketed_authorities() {
+    within(async {
+        let ca = Ca::new("root");
+        let app = echo_server().await;
+        let server = TestServer::start(
+            &ca.issue("spiffe://cluster.local/ns/server/sa/api"),
+            &ca.bundle(),
+            Mode::Forward(app),
+        )
+        .await;
+        let client = Client::new(
+            ca.issue("spiffe://cluster.local/ns/client/sa/web"),
+            ca.bundle(),
+            Pool::new(PoolConfig::default()),
+        );
+        let target: std::net::SocketAddr = "[fd00::17]:9090".parse().unwrap();
+        let _tunnel = client.connect(&server, target).await.unwrap();
+        assert_eq!(server.handler.opened.lock().unwrap()[0].target, target);
+    })
+    .await;
+}
