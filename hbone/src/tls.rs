@@ -6,6 +6,8 @@
 //! Peer names are never checked as DNS names: the verifiers in this module check the chain against the
 //! trust bundle's roots and then the peer's single `spiffe://` URI SAN.
 
+#[cfg(test)]
+mod tests;
 mod verifier;
 
 use std::sync::Arc;

@@ -155,3 +155,25 @@ async fn client_refuses_server_with_another_identity() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn server_refuses_clients_that_do_not_negotiate_h2() {
+    within(async {
+        let ca = Ca::new("root");
+        let app = echo_server().await;
+        let server = TestServer::start(&ca.issue(SERVER_ID), &ca.bundle(), Mode::Forward(app)).await;
+        let cred = ca.issue(CLIENT_ID);
+        let mut config = (*weft_hbone::client_config(&cred, &ca.bundle(), &server.identity).unwrap()).clone();
+        config.alpn_protocols.clear();
+        let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::IpAddress(server.addr.ip().into());
+        // The handshake itself may complete; the server then hangs up.
+        let _ = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(name, tcp)
+            .await;
+        let err = server.next_result().await.unwrap_err();
+        assert!(matches!(err, ServeError::Alpn { negotiated: None }), "{err:?}");
+        assert_eq!(server.handler.opened_count(), 0);
+    })
+    .await;
+}
