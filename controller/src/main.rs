@@ -1,15 +1,113 @@
-//! `weft-controller`: placeholder until its issue lands (see docs/architecture.md, "Not built yet").
-use std::process::ExitCode;
+//! `weft-controller`: parses flags, sets up logging, and hands over to [`weft_controller::app`].
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser as _;
+use weft_controller::{
+    app::{self, CaFiles},
+    ca,
+};
 
-/// Weft's controller.
-#[derive(clap::Parser)]
+/// Weft's controller: the local store, the mesh CA, and config distribution to node agents.
+#[derive(clap::Parser, Debug)]
 #[command(name = "weft-controller", version)]
-struct Args {}
+struct Args {
+    /// Directory for store.json, the CA (ca/root.pem, ca/root.key) and the published root.pem.
+    #[arg(long, env = "WEFT_STATE_DIR")]
+    state_dir: PathBuf,
+    /// Address for node agents (Config and Ca over TLS).
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], weft_api::CONTROLLER_PORT)))]
+    listen: SocketAddr,
+    /// Unix socket for the Store admin API (weftctl apply/delete/get), mode 0600 [default: STATE_DIR/admin.sock].
+    #[arg(long)]
+    admin_socket: Option<PathBuf>,
+    /// SPIFFE trust domain of the workload identities.
+    #[arg(long, default_value = "cluster.local", value_parser = parse_trust_domain)]
+    trust_domain: String,
+    /// Lifetime of workload certificates (humantime: 24h, 90m, ...).
+    #[arg(long, default_value = "24h", value_parser = parse_lifetime)]
+    cert_lifetime: Duration,
+    /// JSON object {"<node>": "<token>"} of node credentials; must not be readable by group or others.
+    #[arg(long, env = "WEFT_NODE_TOKENS")]
+    node_tokens: Option<PathBuf>,
+    /// Operator-supplied CA certificate (PEM: the CA first, then its issuers up to the root).
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// Private key of --ca-cert (PKCS#8 PEM).
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// DNS name in the controller's serving certificate (agents check it).
+    #[arg(long, default_value = "weft-controller", value_parser = parse_server_name)]
+    server_name: String,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Plain)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Json,
+    Plain,
+}
+
+fn parse_trust_domain(s: &str) -> Result<String, String> {
+    if ca::is_trust_domain(s) {
+        Ok(s.to_owned())
+    } else {
+        Err("a trust domain is lowercase letters, digits, '.', '-' and '_'".into())
+    }
+}
+
+fn parse_lifetime(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(60) || d > Duration::from_secs(365 * 24 * 3600) {
+        return Err("must be between 1m and 365d".into());
+    }
+    Ok(d)
+}
+
+fn parse_server_name(s: &str) -> Result<String, String> {
+    if !s.is_empty() && s.len() <= 253 && s.split('.').all(weft_model::is_dns_label) {
+        Ok(s.to_owned())
+    } else {
+        Err("must be a DNS name (lowercase labels separated by '.')".into())
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Plain => builder.init(),
+    }
+}
 
 fn main() -> ExitCode {
-    let _ = Args::parse();
-    eprintln!("weft-controller: not built yet; see docs/architecture.md");
-    ExitCode::from(2)
+    let args = Args::parse();
+    init_logging(args.log_format);
+    let config = app::Config {
+        admin_socket: args.admin_socket.unwrap_or_else(|| args.state_dir.join("admin.sock")),
+        state_dir: args.state_dir,
+        listen: args.listen,
+        trust_domain: args.trust_domain,
+        cert_lifetime: args.cert_lifetime,
+        node_tokens: args.node_tokens,
+        ca: args.ca_cert.zip(args.ca_key).map(|(cert, key)| CaFiles { cert, key }),
+        server_name: args.server_name,
+    };
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(app::run(config)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-controller: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
