@@ -1,0 +1,416 @@
+//! The controller's services in process: TLS on 127.0.0.1:0, a temp state dir, clients that trust
+//! the published root.pem and authenticate as nodes.
+
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    path::Path,
+    time::Duration,
+};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{
+    Code, Request, Streaming,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
+};
+use weft_api::v1::{
+    self, Ack, Push, SignRequest, StreamRequest, Subscribe, ca_client::CaClient, config_client::ConfigClient,
+    stream_request,
+};
+use weft_controller::app::{Config, Controller};
+use x509_parser::{extensions::GeneralName, prelude::FromDer as _};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+const BASE: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: default}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: default, labels: {app: web}}
+spec: {nodeName: node1, serviceAccountName: web}
+status: {podIP: 10.0.1.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: cart, namespace: shop, labels: {app: cart}}
+spec: {nodeName: node1, serviceAccountName: cart}
+status: {podIP: 10.0.1.2}
+---
+apiVersion: security.weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: allow-web, namespace: shop}
+spec: {rules: [{from: [{source: {namespaces: [default]}}]}]}
+"#;
+
+struct Harness {
+    dir: tempfile::TempDir,
+    controller: Option<Controller>,
+}
+
+impl Harness {
+    async fn start() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let controller = start_in(dir.path()).await;
+        controller.store().apply(BASE, "base.yaml").unwrap();
+        Harness {
+            dir,
+            controller: Some(controller),
+        }
+    }
+
+    fn controller(&self) -> &Controller {
+        self.controller.as_ref().unwrap()
+    }
+
+    async fn channel(&self) -> Channel {
+        let root = std::fs::read_to_string(self.controller().roots_path()).unwrap();
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(root))
+            .domain_name("weft-controller");
+        Endpoint::from_shared(format!("https://{}", self.controller().listen_addr()))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    fn apply(&self, yaml: &str) {
+        self.controller().store().apply(yaml, "test.yaml").unwrap();
+    }
+
+    async fn stop(mut self) -> tempfile::TempDir {
+        self.controller.take().unwrap().shutdown().await.unwrap();
+        self.dir
+    }
+}
+
+async fn start_in(dir: &Path) -> Controller {
+    let tokens = dir.join("tokens.json");
+    if !tokens.exists() {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tokens)
+            .unwrap();
+        f.write_all(br#"{"node1": "token-1", "node2": "token-2"}"#).unwrap();
+    }
+    Controller::start(Config {
+        state_dir: dir.join("state"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_socket: dir.join("admin.sock"),
+        trust_domain: "cluster.local".into(),
+        cert_lifetime: Duration::from_secs(3600),
+        node_tokens: Some(tokens),
+        ca: None,
+        server_name: "weft-controller".into(),
+    })
+    .await
+    .unwrap()
+}
+
+fn authed<T>(message: T, token: &str) -> Request<T> {
+    let mut req = Request::new(message);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
+/// A subscriber: its outbound sender and the pushes coming in.
+struct Sub {
+    tx: mpsc::Sender<StreamRequest>,
+    rx: Streaming<Push>,
+}
+
+impl Sub {
+    async fn open(channel: Channel, token: &str, node: &str, types: &[&str]) -> Result<Sub, tonic::Status> {
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(StreamRequest {
+            kind: Some(stream_request::Kind::Subscribe(Subscribe {
+                node: node.into(),
+                types: types.iter().map(|t| t.to_string()).collect(),
+            })),
+        })
+        .await
+        .unwrap();
+        let response = ConfigClient::new(channel)
+            .stream(authed(ReceiverStream::new(rx), token))
+            .await?;
+        Ok(Sub {
+            tx,
+            rx: response.into_inner(),
+        })
+    }
+
+    async fn next(&mut self) -> Result<Push, tonic::Status> {
+        match tokio::time::timeout(WAIT, self.rx.message()).await {
+            Ok(Ok(Some(push))) => Ok(push),
+            Ok(Ok(None)) => panic!("stream ended"),
+            Ok(Err(status)) => Err(status),
+            Err(_) => panic!("no push within {WAIT:?}"),
+        }
+    }
+
+    async fn ack(&self, push: &Push) {
+        self.answer(push, "", &[]).await;
+    }
+
+    async fn answer(&self, push: &Push, error: &str, rejected: &[&str]) {
+        self.tx
+            .send(StreamRequest {
+                kind: Some(stream_request::Kind::Ack(Ack {
+                    nonce: push.nonce.clone(),
+                    error: error.into(),
+                    rejected: rejected.iter().map(|r| r.to_string()).collect(),
+                })),
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Asserts that nothing arrives for a short while (used only to check a push is *not* sent).
+    async fn quiet(&mut self) {
+        if let Ok(m) = tokio::time::timeout(Duration::from_millis(300), self.rx.message()).await {
+            panic!("unexpected message: {m:?}");
+        }
+    }
+}
+
+fn keys(push: &Push) -> Vec<String> {
+    let mut k: Vec<String> = push
+        .resources
+        .iter()
+        .map(|r| {
+            let key = r.key.as_ref().unwrap();
+            format!("{}/{}", key.r#type, key.name)
+        })
+        .collect();
+    k.sort();
+    k
+}
+
+fn removed(push: &Push) -> Vec<String> {
+    push.removed
+        .iter()
+        .map(|k| format!("{}/{}", k.r#type, k.name))
+        .collect()
+}
+
+#[tokio::test]
+async fn stream_sends_full_push_then_only_changes() {
+    let h = Harness::start().await;
+    let mut sub = Sub::open(h.channel().await, "token-1", "node1", &[]).await.unwrap();
+    let first = sub.next().await.unwrap();
+    assert!(first.full);
+    assert_eq!(
+        keys(&first),
+        [
+            "namespace/default",
+            "namespace/shop",
+            "policy/shop/allow-web",
+            "workload/default/web",
+            "workload/shop/cart",
+        ]
+    );
+    sub.ack(&first).await;
+
+    h.apply(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: api, namespace: default}\nspec: {nodeName: node2}\nstatus: {podIP: 10.0.2.1}\n",
+    );
+    let delta = sub.next().await.unwrap();
+    assert!(!delta.full);
+    assert_eq!(keys(&delta), ["workload/default/api"]);
+    assert!(delta.removed.is_empty());
+    assert_ne!(delta.nonce, first.nonce);
+    let Some(v1::resource::Kind::Workload(w)) = &delta.resources[0].kind else {
+        panic!("not a workload")
+    };
+    assert_eq!(w.identity, "spiffe://cluster.local/ns/default/sa/default");
+    assert_eq!(w.ips, ["10.0.2.1"]);
+    sub.ack(&delta).await;
+
+    h.controller()
+        .store()
+        .delete("apiVersion: v1\nkind: Pod\nmetadata: {name: api}\n", "rm.yaml", false)
+        .unwrap();
+    let gone = sub.next().await.unwrap();
+    assert!(gone.resources.is_empty());
+    assert_eq!(removed(&gone), ["workload/default/api"]);
+    sub.ack(&gone).await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn node_without_pods_in_a_namespace_gets_none_of_its_policies() {
+    let h = Harness::start().await;
+    let mut sub = Sub::open(h.channel().await, "token-2", "node2", &[]).await.unwrap();
+    let first = sub.next().await.unwrap();
+    assert!(
+        !keys(&first).iter().any(|k| k.starts_with("policy/")),
+        "{:?}",
+        keys(&first)
+    );
+    sub.ack(&first).await;
+    // A pod of shop lands on node2: now its policies are node2's business.
+    h.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: cart2, namespace: shop}\nspec: {nodeName: node2}\n");
+    let delta = sub.next().await.unwrap();
+    assert_eq!(keys(&delta), ["policy/shop/allow-web", "workload/shop/cart2"]);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn nacked_resource_is_not_resent_until_it_changes() {
+    let h = Harness::start().await;
+    let mut sub = Sub::open(h.channel().await, "token-1", "node1", &["namespace"])
+        .await
+        .unwrap();
+    let first = sub.next().await.unwrap();
+    assert_eq!(keys(&first), ["namespace/default", "namespace/shop"]);
+    sub.answer(&first, "cannot use shop", &["namespace/shop"]).await;
+    // An unrelated change: only it is pushed, not the rejected version of shop.
+    h.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: extra}\n");
+    let delta = sub.next().await.unwrap();
+    assert_eq!(keys(&delta), ["namespace/extra"]);
+    sub.ack(&delta).await;
+    // shop changes: it is pushed again.
+    h.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {fixed: \"yes\"}}\n");
+    let fixed = sub.next().await.unwrap();
+    assert_eq!(keys(&fixed), ["namespace/shop"]);
+    sub.ack(&fixed).await;
+    sub.quiet().await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn reconnect_gets_a_full_resync() {
+    let h = Harness::start().await;
+    let channel = h.channel().await;
+    let mut sub = Sub::open(channel.clone(), "token-1", "node1", &[]).await.unwrap();
+    let first = sub.next().await.unwrap();
+    sub.ack(&first).await;
+    drop(sub);
+    h.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: extra}\n");
+    let mut again = Sub::open(channel, "token-1", "node1", &[]).await.unwrap();
+    let push = again.next().await.unwrap();
+    assert!(push.full);
+    assert_eq!(push.resources.len(), first.resources.len() + 1);
+    assert!(push.revision > first.revision);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn bad_token_is_unauthenticated_and_other_node_is_denied() {
+    let h = Harness::start().await;
+    let err = Sub::open(h.channel().await, "wrong", "node1", &[]).await.err().unwrap();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let mut sub = Sub::open(h.channel().await, "token-2", "node1", &[]).await.unwrap();
+    let err = sub.next().await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("node2"), "{}", err.message());
+    let err = CaClient::new(h.channel().await)
+        .sign(authed(SignRequest::default(), "wrong"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    h.stop().await;
+}
+
+fn csr() -> String {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    rcgen::CertificateParams::new(vec!["ignored.example".to_owned()])
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn ca_signs_only_identities_of_pods_on_the_calling_node() {
+    let h = Harness::start().await;
+    let mut ca = CaClient::new(h.channel().await);
+    let sign = |identity: &str, csr_pem: String, token: &str| {
+        authed(
+            SignRequest {
+                csr_pem,
+                identity: identity.into(),
+            },
+            token,
+        )
+    };
+    let ok = ca
+        .sign(sign("spiffe://cluster.local/ns/shop/sa/cart", csr(), "token-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.chain_pem.len(), 1);
+    assert_eq!(
+        ok.roots_pem,
+        [std::fs::read_to_string(h.controller().roots_path()).unwrap()]
+    );
+    let der = pem_der(&ok.chain_pem[0]);
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&der).unwrap();
+    let names = &cert.subject_alternative_name().unwrap().unwrap().value.general_names;
+    assert_eq!(names, &[GeneralName::URI("spiffe://cluster.local/ns/shop/sa/cart")]);
+    let lifetime = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+    assert_eq!(lifetime, 3600 + 60);
+
+    let denied = ca
+        .sign(sign("spiffe://cluster.local/ns/shop/sa/cart", csr(), "token-2"))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    assert!(
+        denied.message().contains("node node2") && denied.message().contains("spiffe://cluster.local/ns/shop/sa/cart"),
+        "{}",
+        denied.message()
+    );
+    let bad = ca
+        .sign(sign(
+            "spiffe://cluster.local/ns/shop/sa/cart",
+            "garbage".into(),
+            "token-1",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().contains("CSR"), "{}", bad.message());
+    h.stop().await;
+}
+
+fn pem_der(pem: &str) -> Vec<u8> {
+    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+    p.contents
+}
+
+#[tokio::test]
+async fn restart_keeps_the_root_the_store_and_a_private_key_file() {
+    let h = Harness::start().await;
+    let root = std::fs::read(h.controller().roots_path()).unwrap();
+    let revision = h.controller().store().snapshot().revision;
+    let dir = h.stop().await;
+    let key = dir.path().join("state/ca/root.key");
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    let again = start_in(dir.path()).await;
+    assert_eq!(std::fs::read(again.roots_path()).unwrap(), root);
+    assert_eq!(again.store().snapshot().revision, revision);
+    let pods: BTreeMap<String, String> = again
+        .store()
+        .snapshot()
+        .pods()
+        .map(|p| (p.name.clone(), p.uid.clone()))
+        .collect();
+    assert_eq!(pods.len(), 2);
+    again.shutdown().await.unwrap();
+}
