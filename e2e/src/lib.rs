@@ -13,6 +13,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod wire;
+
 /// Directory holding the built binaries (`weftctl`, `weft-node`, `weft-probe`).
 pub fn bin_dir() -> PathBuf {
     std::env::var_os("WEFT_BIN_DIR").map(PathBuf::from).unwrap_or_else(|| {
@@ -158,6 +160,54 @@ impl Cluster {
         });
     }
 
+    /// `weftctl apply -f -` against the cluster's store; returns the command's output.
+    pub fn apply(&self, yaml: &str) -> Output {
+        weftctl_stdin(&["apply", "--cluster", &self.name, "-f", "-"], yaml)
+    }
+
+    /// `weftctl delete -f -` against the cluster's store.
+    pub fn delete(&self, yaml: &str) -> Output {
+        weftctl_stdin(&["delete", "--cluster", &self.name, "-f", "-"], yaml)
+    }
+
+    /// Stops the controller (SIGKILL) and waits until it is gone.
+    pub fn kill_controller(&self) {
+        let pid = self.status()["controller"]["pid"].as_i64().expect("controller pid") as i32;
+        // SAFETY: signalling the controller this test's cluster started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "killing the controller");
+        wait_for("the controller to exit", Duration::from_secs(5), || {
+            (!self.status()["controller"]["running"].as_bool().unwrap_or(true)).then_some(())
+        });
+    }
+
+    pub fn start_controller(&self) {
+        let out = weftctl(&["dev", "start-controller", "--name", &self.name]);
+        assert!(out.status.success(), "start-controller: {}", text(&out));
+    }
+
+    /// The controller's log lines, parsed.
+    pub fn controller_log(&self) -> Vec<Value> {
+        let log = self.status()["controller"]["log"]
+            .as_str()
+            .expect("log path")
+            .to_owned();
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .collect()
+    }
+
+    /// An agent's log lines, parsed.
+    pub fn agent_log(&self, node: &str) -> Vec<Value> {
+        let log = self.node(node)["agent"]["log"].as_str().expect("log path").to_owned();
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .collect()
+    }
+
     pub fn annotate(&self, kind: &str, target: &str, change: &str) {
         let out = weftctl(&["dev", "annotate", "--name", &self.name, kind, target, change]);
         assert!(out.status.success(), "annotate: {}", text(&out));
@@ -190,6 +240,21 @@ pub fn weftctl(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("running weftctl")
+}
+
+/// `weftctl ARGS` with `input` on stdin.
+pub fn weftctl_stdin(args: &[&str], input: &str) -> Output {
+    let mut child = Command::new(bin("weftctl"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running weftctl");
+    if let Some(mut stdin) = child.stdin.take() {
+        std::io::Write::write_all(&mut stdin, input.as_bytes()).expect("writing weftctl's stdin");
+    }
+    child.wait_with_output().expect("waiting for weftctl")
 }
 
 pub fn text(out: &Output) -> String {

@@ -1,15 +1,24 @@
 //! Wires the agent together: capture, the workload source, the reconciler.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
+use tokio::sync::watch;
+use weft_hbone::client::{Pool, PoolConfig};
 use weft_model::{
     Pod, WorkloadSnapshot,
     cni::{PodEvent, Reply},
     enrollment,
 };
 
-use crate::{capture::Capture, cni, config::Config, inpod::InPod, source::FileSource};
+use crate::{
+    capture::Capture, cni, config::Config, controller::Controller, discovery, identity::Identities, inpod::InPod,
+    proxy::Mesh, state::State,
+};
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(config: Config) -> anyhow::Result<()> {
@@ -31,11 +40,27 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let state_file = config.state_dir.join("pod-networks.json");
     let mut networks = cni::load(&state_file);
     let mut cni_events = cni::spawn(&config.cni_socket).context("starting the CNI endpoint")?;
-    let mut snapshots = FileSource::new(config.workloads_file.clone()).spawn();
+    let controller = Controller::new(
+        &config.controller,
+        &config.controller_ca,
+        &config.controller_name,
+        &config.node_token_file,
+    )?;
+    let (state_tx, mut states) = watch::channel(Arc::new(State::default()));
+    tokio::spawn(discovery::run(controller.clone(), config.node.clone(), state_tx));
+    let identities = Identities::new(controller, config.trust_domain.clone());
+    let mesh = Arc::new(Mesh {
+        state: states.clone(),
+        identities: identities.clone(),
+        pool: Pool::new(PoolConfig::default()),
+        strict_mtls: config.strict_mtls,
+        next_endpoint: Default::default(),
+    });
     let mut reconciler = Reconciler {
         node: config.node.clone(),
         pods: BTreeMap::new(),
         first: true,
+        mesh,
     };
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -44,8 +69,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     loop {
         let mut reply = None;
         tokio::select! {
-            changed = snapshots.changed() => {
-                if changed.is_err() { anyhow::bail!("workload source stopped"); }
+            changed = states.changed() => {
+                if changed.is_err() { anyhow::bail!("the discovery client stopped"); }
             }
             Some((event, reply_tx)) = cni_events.recv() => {
                 cni::apply(&mut networks, &event);
@@ -53,8 +78,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 // The pod's metadata may still be on its way from the workload source.
                 if let PodEvent::Add(n) = &event {
                     let deadline = tokio::time::Instant::now() + POD_METADATA_WAIT;
-                    while !snapshots.borrow().pods.iter().any(|p| p.uid == n.uid)
-                        && tokio::time::timeout_at(deadline, snapshots.changed()).await.is_ok_and(|r| r.is_ok())
+                    while !states.borrow().has_pod(&n.uid)
+                        && tokio::time::timeout_at(deadline, states.changed()).await.is_ok_and(|r| r.is_ok())
                     {}
                 }
                 reply = Some((event, reply_tx, saved));
@@ -63,8 +88,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
-        let snapshot = with_networks(snapshots.borrow_and_update().clone(), &networks);
-        reconciler.reconcile(&snapshot, &mut capture);
+        let state = states.borrow_and_update().clone();
+        let snapshot = with_networks(state.snapshot(), &networks);
+        if state.synced {
+            // Before the first push the agent knows nothing; reconciling then would unenroll everything.
+            reconciler.reconcile(&snapshot, &state, &mut capture);
+            identities.want(&reconciler.identities());
+        }
         if let Some((event, reply_tx, saved)) = reply {
             // Answered only now: a pod that must be captured is, before its containers start.
             let _ = reply_tx.send(cni_reply(&event, &snapshot, &reconciler, saved));
@@ -134,10 +164,16 @@ struct Reconciler {
     node: String,
     pods: BTreeMap<String, InPod>,
     first: bool,
+    mesh: Arc<Mesh>,
 }
 
 impl Reconciler {
-    fn reconcile(&mut self, snapshot: &WorkloadSnapshot, capture: &mut Capture) {
+    /// The identities of the enrolled pods: the certificates the node needs.
+    fn identities(&self) -> BTreeSet<weft_hbone::identity::Identity> {
+        self.pods.values().map(|p| p.ctx.identity.clone()).collect()
+    }
+
+    fn reconcile(&mut self, snapshot: &WorkloadSnapshot, state: &State, capture: &mut Capture) {
         let desired: BTreeMap<&str, &Pod> = enrollment::enrolled_on(snapshot, &self.node)
             .map(|p| (p.uid.as_str(), p))
             .collect();
@@ -156,7 +192,10 @@ impl Reconciler {
             if self.pods.contains_key(uid) {
                 continue;
             }
-            match InPod::enroll(pod, capture) {
+            let Some(workload) = state.workload(&pod.qualified_name()) else {
+                continue;
+            };
+            match InPod::enroll(pod, &workload.identity, &self.mesh, capture) {
                 Ok(p) => {
                     self.pods.insert(uid.to_owned(), p);
                 }
@@ -181,7 +220,7 @@ impl Reconciler {
     }
 }
 
-fn display_chain(e: &dyn std::error::Error) -> String {
+pub fn display_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

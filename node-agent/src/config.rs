@@ -18,9 +18,25 @@ pub struct Args {
     /// Name of the node this agent serves; only pods on this node are captured.
     #[arg(long, env = "WEFT_NODE_NAME")]
     pub node: String,
-    /// Workload snapshot to follow (JSON, `WorkloadSnapshot`); written by the local dev cluster.
+    /// The controller's gRPC endpoint (config and CA), e.g. `https://172.30.0.1:15012`.
+    #[arg(long, env = "WEFT_CONTROLLER")]
+    pub controller: String,
+    /// The mesh root the controller's certificate is checked against (the controller publishes it
+    /// as `<state-dir>/root.pem`).
     #[arg(long)]
-    pub workloads_file: PathBuf,
+    pub controller_ca: PathBuf,
+    /// The name in the controller's certificate.
+    #[arg(long, default_value = "weft-controller")]
+    pub controller_name: String,
+    /// File holding this node's credential for the controller.
+    #[arg(long)]
+    pub node_token_file: PathBuf,
+    /// The mesh's SPIFFE trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Refuse plaintext connections from outside the mesh to enrolled pods.
+    #[arg(long)]
+    pub strict_mtls: bool,
     /// Unix socket the CNI plugin reports pods on.
     #[arg(long, default_value = "/run/weft/cni.sock")]
     pub cni_socket: PathBuf,
@@ -41,7 +57,12 @@ pub struct Args {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub node: String,
-    pub workloads_file: PathBuf,
+    pub controller: String,
+    pub controller_ca: PathBuf,
+    pub controller_name: String,
+    pub node_token_file: PathBuf,
+    pub trust_domain: String,
+    pub strict_mtls: bool,
     pub cni_socket: PathBuf,
     pub state_dir: PathBuf,
     pub bpf_pin_dir: PathBuf,
@@ -63,9 +84,26 @@ impl Args {
         if !self.cgroup.is_dir() {
             return Err(format!("--cgroup {} is not a directory", self.cgroup.display()));
         }
+        if !self.controller.starts_with("https://") {
+            return Err(format!(
+                "--controller {} must be an https:// URL (the agent talks to the controller in TLS only)",
+                self.controller
+            ));
+        }
+        if !weft_model::is_dns_label(&self.trust_domain.replace('.', "-")) {
+            return Err(format!(
+                "--trust-domain {:?} is not a valid trust domain",
+                self.trust_domain
+            ));
+        }
         Ok(Config {
             node: self.node,
-            workloads_file: self.workloads_file,
+            controller: self.controller,
+            controller_ca: self.controller_ca,
+            controller_name: self.controller_name,
+            node_token_file: self.node_token_file,
+            trust_domain: self.trust_domain,
+            strict_mtls: self.strict_mtls,
             cni_socket: self.cni_socket,
             state_dir: self.state_dir,
             bpf_pin_dir: self.bpf_pin_dir,

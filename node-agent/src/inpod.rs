@@ -11,7 +11,12 @@ use tokio::task::JoinHandle;
 use weft_dataplane::{netns::NetNs, socket};
 use weft_model::{Pod, marks, ports};
 
-use crate::{capture::Capture, proxy};
+use weft_hbone::identity::Identity;
+
+use crate::{
+    capture::Capture,
+    proxy::{self, Mesh},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -40,12 +45,14 @@ pub enum Error {
 }
 
 /// What the proxy needs to know about the pod a connection belongs to.
-#[derive(Debug)]
 pub struct PodContext {
     pub pod: Pod,
     /// `namespace/name`, formatted once for every record and log line.
     pub name: String,
+    /// The pod's SPIFFE identity (from its service account).
+    pub identity: Identity,
     pub netns: NetNs,
+    pub mesh: Arc<Mesh>,
 }
 
 /// An enrolled pod. Dropping it stops its listeners; [`InPod::unenroll`] also removes its capture.
@@ -58,7 +65,7 @@ pub struct InPod {
 impl InPod {
     /// Enrolls `pod`: listeners first, then inbound steering, then outbound capture, so that no
     /// captured connection ever finds no listener while the agent runs.
-    pub fn enroll(pod: &Pod, capture: &mut Capture) -> Result<Self, Error> {
+    pub fn enroll(pod: &Pod, identity: &Identity, mesh: &Arc<Mesh>, capture: &mut Capture) -> Result<Self, Error> {
         let name = pod.qualified_name();
         let path = pod.netns.as_ref().ok_or_else(|| Error::NoNetns { pod: name.clone() })?;
         let netns = NetNs::open(path).map_err(|source| Error::OpenNetns {
@@ -84,8 +91,16 @@ impl InPod {
             1024,
         )
         .map_err(setup("binding inbound listener 0.0.0.0:15006"))?;
+        let mut hbone = vec![
+            socket::listen_in(&netns, SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports::HBONE)), 1024)
+                .map_err(setup("binding HBONE listener 0.0.0.0:15008"))?,
+        ];
         let mut inbound6 = None;
         if has_v6 {
+            hbone.push(
+                socket::listen_in(&netns, SocketAddr::from((Ipv6Addr::UNSPECIFIED, ports::HBONE)), 1024)
+                    .map_err(setup("binding HBONE listener [::]:15008"))?,
+            );
             outbound.push((
                 socket::listen_in(&netns, SocketAddr::from((Ipv6Addr::LOCALHOST, ports::OUTBOUND)), 1024)
                     .map_err(setup("binding outbound listener [::1]:15001"))?,
@@ -118,7 +133,9 @@ impl InPod {
         let ctx = Arc::new(PodContext {
             pod: pod.clone(),
             name: name.clone(),
+            identity: identity.clone(),
             netns,
+            mesh: mesh.clone(),
         });
         let mut tasks = Vec::new();
         for (listener, v6) in outbound {
@@ -126,7 +143,14 @@ impl InPod {
             tasks.push(tokio::spawn(proxy::accept_loop(ctx.clone(), listener, handle)));
         }
         for listener in std::iter::once(inbound4).chain(inbound6) {
-            tasks.push(tokio::spawn(proxy::accept_loop(ctx.clone(), listener, proxy::inbound)));
+            tasks.push(tokio::spawn(proxy::accept_loop(
+                ctx.clone(),
+                listener,
+                proxy::inbound_plaintext,
+            )));
+        }
+        for listener in hbone {
+            tasks.push(tokio::spawn(proxy::inbound_hbone(ctx.clone(), listener)));
         }
         tracing::info!(pod = %name, netns_cookie, "enrolled");
         Ok(Self {

@@ -1,33 +1,64 @@
-//! The agent's proxies inside an enrolled pod: outbound (captured connects, to their original
-//! destination) and inbound (steered connections from outside, to the application, with the client's
-//! address as source). Plain TCP for now; HBONE replaces the outbound path between meshed pods.
+//! The agent's proxies inside an enrolled pod.
+//!
+//! - Outbound (15001): a captured connect goes by its original destination's plan: HBONE to a
+//!   meshed workload (service VIPs load-balanced first), plain TCP to anything outside the mesh.
+//! - Inbound HBONE (15008): mutual TLS from another agent; each CONNECT is authorized by policy and
+//!   connected to the application from the client's address.
+//! - Inbound plaintext (15006): connections from outside the mesh, steered by sk_lookup; the same
+//!   policies with no source identity, or refused outright in strict mode.
 
 use std::{
     future::Future,
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, atomic::AtomicUsize},
     time::{Duration, Instant},
 };
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
 use weft_dataplane::{
     proxy::{Transferred, copy},
     socket::{self, Source},
 };
 use weft_model::ports;
 
-use crate::inpod::PodContext;
+use crate::{identity::Identities, inpod::PodContext, state::State};
+
+mod inbound;
+mod outbound;
+
+pub use inbound::{hbone as inbound_hbone, plaintext as inbound_plaintext};
+pub use outbound::outbound;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where a connection ended; bounded, so it can label metrics later.
+/// What every pod's proxies share on this node.
+pub struct Mesh {
+    pub state: watch::Receiver<Arc<State>>,
+    pub identities: Identities,
+    pub pool: weft_hbone::client::Pool,
+    /// Refuse plaintext inbound connections to enrolled pods.
+    pub strict_mtls: bool,
+    /// Round robin over service endpoints.
+    pub next_endpoint: AtomicUsize,
+}
+
+impl Mesh {
+    pub fn state(&self) -> Arc<State> {
+        self.state.borrow().clone()
+    }
+}
+
+/// Where a connection ended; bounded, so it can label metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
     /// Proxied until both sides closed.
     Done,
     /// No original destination recorded for an outbound connection: refused.
     NoOriginalDst,
-    /// A destination the agent never proxies to (its own ports): refused.
+    /// A destination the agent never proxies to (its own ports, another pod's address): refused.
     ForbiddenTarget,
     /// The upstream refused, timed out or was unreachable.
     UpstreamConnect,
@@ -35,6 +66,16 @@ pub enum Reason {
     Io,
     /// The agent could not open its socket in the pod.
     LocalSocket,
+    /// Denied by an authorization policy.
+    Denied,
+    /// Plaintext inbound while strict mTLS is on.
+    StrictMtls,
+    /// No certificate for the pod's identity: refused rather than sent in plaintext.
+    NoIdentity,
+    /// A service VIP with no endpoint for the port.
+    NoEndpoint,
+    /// The HBONE tunnel could not be opened; the label says why.
+    Tunnel(&'static str),
 }
 
 impl Reason {
@@ -46,6 +87,11 @@ impl Reason {
             Reason::UpstreamConnect => "upstream_connect",
             Reason::Io => "io",
             Reason::LocalSocket => "local_socket",
+            Reason::Denied => "denied",
+            Reason::StrictMtls => "strict_mtls",
+            Reason::NoIdentity => "no_identity",
+            Reason::NoEndpoint => "no_endpoint",
+            Reason::Tunnel(r) => r,
         }
     }
 }
@@ -56,24 +102,42 @@ enum Direction {
     Inbound,
 }
 
+/// How the connection crossed (or would have crossed) the network.
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    Hbone,
+    Passthrough,
+    Plaintext,
+}
+
 /// One access record per connection, written when the connection ends, on every path.
-struct Record<'a> {
-    ctx: &'a PodContext,
+struct Record {
+    ctx: Arc<PodContext>,
     direction: Direction,
+    mode: Mode,
     src: SocketAddr,
+    /// The peer's workload (`namespace/name`) when known.
+    peer_workload: Option<String>,
+    /// The peer's SPIFFE identity: the verified client's inbound, the expected server's outbound.
+    peer_identity: Option<String>,
     dst: Option<SocketAddr>,
+    policy: Option<String>,
     started: Instant,
     transferred: Transferred,
     reason: Reason,
 }
 
-impl<'a> Record<'a> {
-    fn new(ctx: &'a PodContext, direction: Direction, src: SocketAddr) -> Self {
+impl Record {
+    fn new(ctx: Arc<PodContext>, direction: Direction, mode: Mode, src: SocketAddr) -> Self {
         Self {
             ctx,
             direction,
+            mode,
             src,
+            peer_workload: None,
+            peer_identity: None,
             dst: None,
+            policy: None,
             started: Instant::now(),
             transferred: Transferred::default(),
             reason: Reason::Done,
@@ -81,20 +145,33 @@ impl<'a> Record<'a> {
     }
 }
 
-impl Drop for Record<'_> {
+impl Drop for Record {
     fn drop(&mut self) {
         let dst = self.dst.map(|d| d.to_string()).unwrap_or_default();
-        let (direction, src_workload, dst_workload) = match self.direction {
-            Direction::Outbound => ("outbound", self.ctx.name.as_str(), ""),
-            Direction::Inbound => ("inbound", "", self.ctx.name.as_str()),
+        let own_name = self.ctx.name.as_str();
+        let own_identity = self.ctx.identity.to_string();
+        let peer_name = self.peer_workload.as_deref().unwrap_or("");
+        let peer_identity = self.peer_identity.as_deref().unwrap_or("");
+        let (direction, src_workload, src_identity, dst_workload, dst_identity) = match self.direction {
+            Direction::Outbound => ("outbound", own_name, own_identity.as_str(), peer_name, peer_identity),
+            Direction::Inbound => ("inbound", peer_name, peer_identity, own_name, own_identity.as_str()),
+        };
+        let mode = match self.mode {
+            Mode::Hbone => "hbone",
+            Mode::Passthrough => "passthrough",
+            Mode::Plaintext => "plaintext",
         };
         tracing::info!(
             target: "weft::access",
             direction,
+            mode,
             src.addr = %self.src,
             src.workload = %src_workload,
+            src.identity = %src_identity,
             dst.addr = %dst,
             dst.workload = %dst_workload,
+            dst.identity = %dst_identity,
+            policy = self.policy.as_deref().unwrap_or(""),
             bytes_sent = self.transferred.sent,
             bytes_received = self.transferred.received,
             duration_ms = self.started.elapsed().as_millis() as u64,
@@ -123,48 +200,16 @@ where
     }
 }
 
-/// A connect captured on the outbound listener: to its original destination, from the pod's address.
-pub async fn outbound(ctx: Arc<PodContext>, downstream: TcpStream, v6: bool) {
-    // Until the upstream socket exists, the source is the pod's address (the client socket sits on
-    // the pod's loopback).
-    let pod_ip = ctx.pod.ips.iter().find(|ip| ip.is_ipv6() == v6).copied();
-    let src = SocketAddr::new(pod_ip.unwrap_or(IpAddr::from([0, 0, 0, 0])), 0);
-    let mut record = Record::new(&ctx, Direction::Outbound, src);
-    match socket::original_dst(&downstream, v6) {
-        Ok(dst) => forward(&mut record, downstream, dst, Source::Pod).await,
-        Err(_) => record.reason = Reason::NoOriginalDst,
-    }
-}
-
-/// A connection steered to the inbound listener: to the application, from the client's address.
-pub async fn inbound(ctx: Arc<PodContext>, downstream: TcpStream, peer: SocketAddr) {
-    let mut record = Record::new(&ctx, Direction::Inbound, peer);
-    // Steered by sk_lookup: the accepted socket's local address is the original destination.
-    match downstream.local_addr() {
-        Ok(dst) => forward(&mut record, downstream, dst, Source::Spoofed(peer.ip())).await,
-        Err(_) => record.reason = Reason::Io,
-    }
-}
-
-/// Connects to `dst` from inside the pod and proxies until both sides close, noting in `record`
-/// where it ended.
-async fn forward(record: &mut Record<'_>, mut downstream: TcpStream, dst: SocketAddr, source: Source) {
+/// Connects to `dst` in plain TCP from inside the pod and proxies until both sides close, noting in
+/// `record` where it ended.
+async fn forward(record: &mut Record, mut downstream: TcpStream, dst: SocketAddr, source: Source) {
     record.dst = Some(dst);
-    if is_forbidden(dst, record.ctx) {
-        record.reason = Reason::ForbiddenTarget;
-        return;
-    }
     let _ = downstream.set_nodelay(true);
-    let Ok(upstream) = socket::agent_socket_in(&record.ctx.netns, dst, source) else {
-        record.reason = Reason::LocalSocket;
+    let Ok(mut upstream) = connect_in(&record.ctx, dst, source)
+        .await
+        .map_err(|r| record.reason = r)
+    else {
         return;
-    };
-    let mut upstream = match tokio::time::timeout(CONNECT_TIMEOUT, upstream.connect(dst)).await {
-        Ok(Ok(s)) => s,
-        _ => {
-            record.reason = Reason::UpstreamConnect;
-            return;
-        }
     };
     if matches!(source, Source::Pod)
         && let Ok(local) = upstream.local_addr()
@@ -178,8 +223,17 @@ async fn forward(record: &mut Record<'_>, mut downstream: TcpStream, dst: Socket
     }
 }
 
+/// A TCP connection from inside the pod's network namespace.
+async fn connect_in(ctx: &PodContext, dst: SocketAddr, source: Source) -> Result<TcpStream, Reason> {
+    let socket = socket::agent_socket_in(&ctx.netns, dst, source).map_err(|_| Reason::LocalSocket)?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
+        Ok(Ok(s)) => Ok(s),
+        _ => Err(Reason::UpstreamConnect),
+    }
+}
+
 /// The agent's own ports on the pod's own addresses: proxying there would loop.
-fn is_forbidden(dst: SocketAddr, ctx: &PodContext) -> bool {
+fn is_forbidden(dst: SocketAddr, pod_ips: &[IpAddr]) -> bool {
     matches!(dst.port(), ports::OUTBOUND | ports::INBOUND_PLAINTEXT | ports::HBONE)
-        && (ctx.pod.ips.contains(&dst.ip()) || dst.ip().is_loopback())
+        && (pod_ips.contains(&dst.ip()) || dst.ip().is_loopback())
 }

@@ -4,7 +4,9 @@
 //! namespace, so nothing touches the host's network); each pod is a network namespace behind its
 //! node's bridge with a veth pair, dual-stack addresses from the node's pod CIDRs, and a cgroup v2
 //! leaf under its node's cgroup. One `weft-node` runs per node, inside the node's namespace and
-//! cgroup, like a hostNetwork DaemonSet pod; it follows the workload snapshot this tool writes.
+//! cgroup, like a hostNetwork DaemonSet pod. The controller runs in the fabric namespace on its local
+//! store; `up` and `annotate` register namespaces and pods in that store, as a kube-apiserver would
+//! hold them, and the agents follow the controller.
 
 use std::{
     collections::BTreeMap,
@@ -14,12 +16,12 @@ use std::{
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Command as Process, ExitCode, Stdio},
-    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use weft_model::{Namespace, Pod, annotations, enrollment};
 
+mod mesh;
 mod state;
 mod system;
 
@@ -67,6 +69,11 @@ pub enum Command {
         name: String,
         node: String,
     },
+    /// Start the controller if it is not running; it keeps its CA and store.
+    StartController {
+        #[arg(long)]
+        name: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -83,9 +90,15 @@ pub struct UpArgs {
     /// Namespaces to enroll in the ambient mesh.
     #[arg(long, value_delimiter = ',')]
     ambient: Vec<String>,
-    /// Do not start the node agents.
+    /// Do not start the controller and the node agents.
     #[arg(long)]
     no_mesh: bool,
+    /// Lifetime of the workload certificates the controller issues.
+    #[arg(long, default_value = "24h")]
+    cert_lifetime: String,
+    /// Agents refuse plaintext connections from outside the mesh to enrolled pods.
+    #[arg(long)]
+    strict_mtls: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -113,6 +126,7 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             change,
         } => annotate(&name, kind, &target, &change).map(|()| ExitCode::SUCCESS),
         Command::StartAgent { name, node } => start_agent_cmd(&name, &node).map(|()| ExitCode::SUCCESS),
+        Command::StartController { name } => start_controller_cmd(&name).map(|()| ExitCode::SUCCESS),
     }
 }
 
@@ -139,7 +153,15 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         );
     }
     system::preflight()?;
-    let agent_bin = if args.no_mesh { None } else { Some(agent_binary()?) };
+    let bins = if args.no_mesh {
+        None
+    } else {
+        Some(MeshBins {
+            agent: mesh::sibling_binary("weft-node", "WEFT_NODE_BIN")?,
+            controller: mesh::sibling_binary("weft-controller", "WEFT_CONTROLLER_BIN")?,
+            cni: mesh::sibling_binary("weft-cni", "WEFT_CNI_BIN")?,
+        })
+    };
 
     let _lock = lock(&args.name)?;
     if let Ok(existing) = Cluster::load(&args.name)
@@ -156,7 +178,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         println!("cleaning stale cluster {:?}", args.name);
         teardown(&args.name)?;
     }
-    let result = build(&args, agent_bin.as_deref());
+    let result = build(&args, bins.as_ref());
     if let Err(e) = result {
         // Nothing half-created: whatever failed, remove all of it.
         let _ = teardown(&args.name);
@@ -165,7 +187,13 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build(args: &UpArgs, agent_bin: Option<&Path>) -> anyhow::Result<()> {
+struct MeshBins {
+    agent: PathBuf,
+    controller: PathBuf,
+    cni: PathBuf,
+}
+
+fn build(args: &UpArgs, bins: Option<&MeshBins>) -> anyhow::Result<()> {
     let names = Names(&args.name);
     let cg_root = system::cgroup2_root()?;
     let cluster_cg = names.cgroup(&cg_root);
@@ -174,6 +202,9 @@ fn build(args: &UpArgs, agent_bin: Option<&Path>) -> anyhow::Result<()> {
         name: args.name.clone(),
         mesh: !args.no_mesh,
         complete: false,
+        controller_pid: None,
+        cert_lifetime: args.cert_lifetime.clone(),
+        strict_mtls: args.strict_mtls,
         nodes: Vec::new(),
         namespaces: args
             .namespaces
@@ -198,6 +229,11 @@ fn build(args: &UpArgs, agent_bin: Option<&Path>) -> anyhow::Result<()> {
     system::create_netns(&fabric)?;
     system::ip_in(&fabric, &["link", "add", "br0", "type", "bridge"])?;
     system::ip_in(&fabric, &["link", "set", "br0", "up"])?;
+    // The controller's address: nodes are on the same bridge.
+    system::ip_in(
+        &fabric,
+        &["addr", "add", &format!("{}/24", mesh::CONTROLLER_IP), "dev", "br0"],
+    )?;
 
     for i in 1..=args.nodes {
         let node = format!("node{i}");
@@ -252,17 +288,19 @@ fn build(args: &UpArgs, agent_bin: Option<&Path>) -> anyhow::Result<()> {
     }
     cluster.save()?;
 
-    // The agents run before any pod, as a DaemonSet does; each pod then goes through the CNI plugin.
-    let cni_bin = match agent_bin {
-        Some(bin) => {
-            for idx in 0..cluster.nodes.len() {
-                let pid = start_agent(&cluster, &cluster.nodes[idx], bin)?;
-                cluster.nodes[idx].agent_pid = Some(pid);
-            }
-            Some(cni_binary()?)
+    // The controller, then the agents, run before any pod, as in a cluster; each pod is registered
+    // in the store and then goes through the CNI plugin.
+    if let Some(bins) = bins {
+        mesh::provision_tokens(&cluster)?;
+        cluster.controller_pid = Some(mesh::start_controller(&cluster, &bins.controller)?);
+        cluster.save()?;
+        let namespaces: Vec<_> = cluster.namespaces.iter().map(mesh::namespace_object).collect();
+        mesh::apply(&cluster.name, &namespaces, "weftctl dev up")?;
+        for idx in 0..cluster.nodes.len() {
+            let pid = mesh::start_agent(&cluster, &cluster.nodes[idx], &bins.agent)?;
+            cluster.nodes[idx].agent_pid = Some(pid);
         }
-        None => None,
-    };
+    }
     for node in cluster.nodes.clone() {
         let i = node.name.trim_start_matches("node").to_owned();
         let (netns, node_cg) = (node.netns.clone(), node.cgroup.clone());
@@ -315,9 +353,11 @@ fn build(args: &UpArgs, agent_bin: Option<&Path>) -> anyhow::Result<()> {
         }
     }
     cluster.save()?;
-    if let Some(cni) = &cni_bin {
+    if let Some(bins) = bins {
+        let pods: Vec<_> = cluster.pods.iter().map(|p| mesh::pod_object(&p.pod)).collect();
+        mesh::apply(&cluster.name, &pods, "weftctl dev up")?;
         for pod in &cluster.pods {
-            cni_add(&cluster, pod, cni)?;
+            cni_add(&cluster, pod, &bins.cni)?;
         }
     }
     cluster.complete = true;
@@ -330,113 +370,6 @@ fn build(args: &UpArgs, agent_bin: Option<&Path>) -> anyhow::Result<()> {
         cluster.name
     );
     Ok(())
-}
-
-/// `weft-node` next to this binary, or `$WEFT_NODE_BIN`.
-fn agent_binary() -> anyhow::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("WEFT_NODE_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().context("locating weftctl")?;
-    let bin = exe.with_file_name("weft-node");
-    anyhow::ensure!(
-        bin.exists(),
-        "weft-node not found next to weftctl ({}); build it (cargo xtask build) or set WEFT_NODE_BIN",
-        bin.display()
-    );
-    Ok(bin)
-}
-
-/// Starts a node's agent inside the node's network namespace and agent cgroup, detached from this
-/// process, and waits until it reports ready.
-fn start_agent(cluster: &Cluster, node: &Node, bin: &Path) -> anyhow::Result<u32> {
-    let names = Names(&cluster.name);
-    let log = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&node.agent_log)
-        .with_context(|| format!("opening {}", node.agent_log.display()))?;
-    let start_len = log.metadata().map(|m| m.len()).unwrap_or(0);
-    let netns =
-        fs::File::open(system::netns_path(&node.netns)).with_context(|| format!("opening netns {}", node.netns))?;
-    let procs = fs::OpenOptions::new()
-        .write(true)
-        .open(node.cgroup.join("agent").join("cgroup.procs"))?;
-    let mut cmd = Process::new(bin);
-    cmd.args(["--node", &node.name, "--log-format", "json"])
-        .arg("--workloads-file")
-        .arg(names.workloads_file())
-        .arg("--cni-socket")
-        .arg(names.cni_socket(&node.name))
-        .arg("--state-dir")
-        .arg(names.agent_state_dir(&node.name))
-        .arg("--bpf-pin-dir")
-        .arg(&node.bpf_pin_dir)
-        .arg("--cgroup")
-        .arg(&node.cgroup)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    let (netns_fd, procs_fd) = (
-        std::os::fd::AsRawFd::as_raw_fd(&netns),
-        std::os::fd::AsRawFd::as_raw_fd(&procs),
-    );
-    // SAFETY: only async-signal-safe syscalls between fork and exec, on descriptors kept open above.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() < 0 || libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
-    let pid = child.id();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = fs::read(&node.agent_log).unwrap_or_default();
-        let new = String::from_utf8_lossy(text.get(start_len as usize..).unwrap_or_default()).into_owned();
-        if new.lines().any(|l| l.contains("\"message\":\"ready\"")) {
-            // The agent outlives this command; it is reaped by init once we exit.
-            std::mem::forget(child);
-            return Ok(pid);
-        }
-        if let Some(status) = child.try_wait()? {
-            anyhow::bail!(
-                "the agent on {} exited ({status}) during start:\n{}",
-                node.name,
-                tail(&new, 10)
-            );
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            anyhow::bail!(
-                "the agent on {} was not ready within 30 s:\n{}",
-                node.name,
-                tail(&new, 10)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
-/// `weft-cni` next to this binary, or `$WEFT_CNI_BIN`.
-fn cni_binary() -> anyhow::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("WEFT_CNI_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let bin = std::env::current_exe()
-        .context("locating weftctl")?
-        .with_file_name("weft-cni");
-    anyhow::ensure!(
-        bin.exists(),
-        "weft-cni not found next to weftctl ({}); build it or set WEFT_CNI_BIN",
-        bin.display()
-    );
-    Ok(bin)
 }
 
 /// Calls the CNI plugin for a pod exactly as a container runtime would: `CNI_*` environment, the
@@ -493,11 +426,6 @@ fn cni_add(cluster: &Cluster, pod: &PodRecord, bin: &Path) -> anyhow::Result<()>
     Ok(())
 }
 
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<_> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 fn start_agent_cmd(name: &str, node_name: &str) -> anyhow::Result<()> {
     system::preflight()?;
     let _lock = lock(name)?;
@@ -512,10 +440,33 @@ fn start_agent_cmd(name: &str, node_name: &str) -> anyhow::Result<()> {
         println!("the agent on {node_name} is already running (pid {pid})");
         return Ok(());
     }
-    let pid = start_agent(&cluster, &cluster.nodes[idx], &agent_binary()?)?;
+    let pid = mesh::start_agent(
+        &cluster,
+        &cluster.nodes[idx],
+        &mesh::sibling_binary("weft-node", "WEFT_NODE_BIN")?,
+    )?;
     cluster.nodes[idx].agent_pid = Some(pid);
     cluster.save()?;
     println!("started the agent on {node_name} (pid {pid})");
+    Ok(())
+}
+
+fn start_controller_cmd(name: &str) -> anyhow::Result<()> {
+    system::preflight()?;
+    let _lock = lock(name)?;
+    let mut cluster = Cluster::load(name)?;
+    anyhow::ensure!(cluster.mesh, "cluster {name:?} was created with --no-mesh");
+    if let Some(pid) = cluster.controller_pid.filter(|p| system::alive(*p)) {
+        println!("the controller is already running (pid {pid})");
+        return Ok(());
+    }
+    let pid = mesh::start_controller(
+        &cluster,
+        &mesh::sibling_binary("weft-controller", "WEFT_CONTROLLER_BIN")?,
+    )?;
+    cluster.controller_pid = Some(pid);
+    cluster.save()?;
+    println!("started the controller (pid {pid})");
     Ok(())
 }
 
@@ -635,8 +586,18 @@ fn status(name: &str, output: Output) -> anyhow::Result<()> {
                     })
                 })
                 .collect();
+            let names = Names(name);
+            let controller = serde_json::json!({
+                "pid": cluster.controller_pid,
+                "running": cluster.controller_pid.is_some_and(system::alive),
+                "log": names.log_dir().join("controller.log"),
+                "adminSocket": names.controller_socket(),
+                "url": mesh::controller_url(),
+                "root": names.controller_state_dir().join("root.pem"),
+            });
             let doc = serde_json::json!({
-                "name": cluster.name, "mesh": cluster.mesh, "namespaces": cluster.namespaces, "nodes": nodes, "pods": pods,
+                "name": cluster.name, "mesh": cluster.mesh, "controller": controller,
+                "namespaces": cluster.namespaces, "nodes": nodes, "pods": pods,
             });
             println!("{}", serde_json::to_string_pretty(&doc)?);
         }
@@ -648,6 +609,20 @@ fn status(name: &str, output: Output) -> anyhow::Result<()> {
                 cluster.name,
                 if cluster.mesh { "on" } else { "off" }
             )?;
+            if cluster.mesh {
+                let controller = match cluster.controller_pid {
+                    Some(pid) if system::alive(pid) => format!("pid {pid}"),
+                    Some(_) => "stopped".into(),
+                    None => "-".into(),
+                };
+                writeln!(
+                    out,
+                    "controller {}  {controller}  store: weftctl get --cluster {}  log: {}",
+                    mesh::controller_url(),
+                    cluster.name,
+                    Names(name).log_dir().join("controller.log").display()
+                )?;
+            }
             writeln!(
                 out,
                 "\n{:<8} {:<14} {:<16} {:<20} {:<10} AGENT LOG",
@@ -755,6 +730,18 @@ fn annotate(name: &str, kind: Kind, target: &str, change: &str) -> anyhow::Resul
         (key, None) => {
             map.remove(&key);
         }
+    }
+    if cluster.mesh {
+        // The store is what the agents follow; the cluster file only mirrors it for `status`.
+        let object = match kind {
+            Kind::Namespace => cluster
+                .namespaces
+                .iter()
+                .find(|n| n.name == target)
+                .map(mesh::namespace_object),
+            Kind::Pod => Some(mesh::pod_object(&cluster.pod(target)?.pod)),
+        };
+        mesh::apply(name, &object.into_iter().collect::<Vec<_>>(), "weftctl dev annotate")?;
     }
     cluster.save()?;
     println!("annotated {target}");

@@ -5,6 +5,10 @@
 //! - `connect --addr IP --ports P[-Q] [--count N] [--concurrency C]`: N connections (bounded), each a
 //!   request to one port in turn; checks every answer names the port it was sent to; prints a JSON
 //!   summary and exits non-zero if any failed.
+//! - `echo --port P`: echoes every byte back until the client closes (dual stack).
+//! - `stream --addr IP:PORT --seconds S [--connections N]`: N connections open at once to an echo
+//!   server, each sending a numbered 1 KiB chunk every 100 ms and checking its echo, for S seconds
+//!   (bounded). Prints a JSON summary; exits non-zero on any error or mismatch.
 use std::{
     net::{IpAddr, SocketAddr},
     sync::{
@@ -37,6 +41,18 @@ enum Cli {
         #[arg(long, default_value_t = 1)]
         concurrency: usize,
     },
+    Echo {
+        #[arg(long)]
+        port: u16,
+    },
+    Stream {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
+    },
 }
 
 fn parse_ports(s: &str) -> Result<(u16, u16), String> {
@@ -59,6 +75,19 @@ async fn main() -> anyhow::Result<()> {
             count,
             concurrency,
         } => connect(addr, ports, count, concurrency).await,
+        Cli::Echo { port } => echo(port).await,
+        Cli::Stream {
+            addr,
+            seconds,
+            connections,
+        } => {
+            stream(
+                addr,
+                Duration::from_secs(seconds.min(3600)),
+                connections.clamp(1, 10_000),
+            )
+            .await
+        }
     }
 }
 
@@ -179,4 +208,77 @@ async fn request(to: SocketAddr) -> anyhow::Result<String> {
         .map(|(_, b)| b.to_owned())
         .context("no HTTP response")?;
     Ok(body)
+}
+
+async fn echo(port: u16) -> anyhow::Result<()> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+    socket.set_only_v6(false)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket
+        .bind(&SocketAddr::from(([0u16; 8], port)).into())
+        .with_context(|| format!("binding port {port}"))?;
+    socket.listen(1024)?;
+    let listener = TcpListener::from_std(socket.into())?;
+    println!("ready: echo on port {port}");
+    loop {
+        let (mut stream, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let (mut r, mut w) = stream.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            let _ = w.shutdown().await;
+        });
+    }
+}
+
+async fn stream(addr: SocketAddr, duration: Duration, connections: usize) -> anyhow::Result<()> {
+    let mut streams = Vec::new();
+    for _ in 0..connections {
+        streams.push(
+            tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+                .await
+                .context("connect timed out")??,
+        );
+    }
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for (id, mut s) in streams.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut chunk = vec![0u8; 1024];
+            let mut back = vec![0u8; 1024];
+            let mut seq: u64 = 0;
+            let mut ticker = tokio::time::interval(Duration::from_millis(100));
+            while started.elapsed() < duration {
+                ticker.tick().await;
+                let stamp = format!("conn={id} seq={seq} ");
+                chunk.fill(b'.');
+                chunk[..stamp.len()].copy_from_slice(stamp.as_bytes());
+                s.write_all(&chunk)
+                    .await
+                    .with_context(|| format!("conn {id} seq {seq}: write"))?;
+                tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+                    .await
+                    .with_context(|| format!("conn {id} seq {seq}: echo timed out"))?
+                    .with_context(|| format!("conn {id} seq {seq}: read"))?;
+                anyhow::ensure!(back == chunk, "conn {id} seq {seq}: echo differs");
+                seq += 1;
+            }
+            s.shutdown().await?;
+            Ok::<u64, anyhow::Error>(seq)
+        }));
+    }
+    let mut chunks = 0;
+    let mut errors = Vec::new();
+    for t in tasks {
+        match t.await? {
+            Ok(n) => chunks += n,
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({ "connections": connections, "chunks": chunks, "errors": errors.len(), "first_errors": errors.iter().take(5).collect::<Vec<_>>(), "seconds": started.elapsed().as_secs_f64() })
+    );
+    anyhow::ensure!(errors.is_empty(), "{} of {connections} streams failed", errors.len());
+    Ok(())
 }

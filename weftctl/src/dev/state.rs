@@ -23,6 +23,15 @@ pub struct Cluster {
     pub mesh: bool,
     /// Set once `up` finished; a cluster without it is a leftover of a crashed `up`.
     pub complete: bool,
+    /// The controller's pid, when the mesh is on.
+    #[serde(default)]
+    pub controller_pid: Option<u32>,
+    /// Workload certificate lifetime the controller issues (humantime, e.g. `24h`).
+    #[serde(default = "default_cert_lifetime")]
+    pub cert_lifetime: String,
+    /// Agents refuse plaintext inbound connections.
+    #[serde(default)]
+    pub strict_mtls: bool,
     pub nodes: Vec<Node>,
     pub namespaces: Vec<Namespace>,
     pub pods: Vec<PodRecord>,
@@ -49,6 +58,10 @@ pub struct PodRecord {
 }
 
 /// Names derived from the cluster name: every object `up` creates is found again by these.
+fn default_cert_lifetime() -> String {
+    "24h".into()
+}
+
 pub struct Names<'a>(pub &'a str);
 
 impl Names<'_> {
@@ -66,8 +79,21 @@ impl Names<'_> {
     pub fn state_file(&self) -> PathBuf {
         self.run_dir().join("cluster.json")
     }
-    pub fn workloads_file(&self) -> PathBuf {
-        self.run_dir().join("workloads.json")
+    /// The controller's state (its CA root and store).
+    pub fn controller_state_dir(&self) -> PathBuf {
+        self.run_dir().join("controller")
+    }
+    /// The controller's admin socket (the store API that `weftctl apply` uses).
+    pub fn controller_socket(&self) -> PathBuf {
+        self.run_dir().join("controller.sock")
+    }
+    /// Every node's credential, for the controller.
+    pub fn node_tokens_file(&self) -> PathBuf {
+        self.run_dir().join("node-tokens.json")
+    }
+    /// One node's credential, for its agent.
+    pub fn node_token_file(&self, node: &str) -> PathBuf {
+        self.run_dir().join(format!("{node}-token"))
     }
     /// Where a node's agent takes CNI reports.
     pub fn cni_socket(&self, node: &str) -> PathBuf {
@@ -114,8 +140,7 @@ impl Cluster {
     pub fn save(&self) -> anyhow::Result<()> {
         let names = Names(&self.name);
         fs::create_dir_all(names.run_dir())?;
-        write_atomic(&names.state_file(), &serde_json::to_vec_pretty(self)?)?;
-        write_atomic(&names.workloads_file(), &serde_json::to_vec_pretty(&self.snapshot())?)
+        write_atomic(&names.state_file(), &serde_json::to_vec_pretty(self)?)
     }
 
     pub fn snapshot(&self) -> WorkloadSnapshot {

@@ -1,0 +1,102 @@
+//! Outbound: a captured connect, by the plan for its original destination.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, atomic::Ordering},
+};
+
+use tokio::net::TcpStream;
+use weft_dataplane::{
+    proxy::copy,
+    socket::{self, Source},
+};
+use weft_hbone::{client::PoolKey, identity::Identity, tls};
+
+use super::{Direction, Mode, Reason, Record, connect_in, forward, is_forbidden};
+use crate::{inpod::PodContext, state::Plan};
+
+/// A connect captured on the outbound listener.
+pub async fn outbound(ctx: Arc<PodContext>, downstream: TcpStream, v6: bool) {
+    // Until the upstream socket exists, the source is the pod's address (the client socket sits on
+    // the pod's loopback).
+    let pod_ip = ctx.pod.ips.iter().find(|ip| ip.is_ipv6() == v6).copied();
+    let src = SocketAddr::new(pod_ip.unwrap_or(IpAddr::from([0, 0, 0, 0])), 0);
+    let mut record = Record::new(ctx.clone(), Direction::Outbound, Mode::Passthrough, src);
+    let Ok(dst) = socket::original_dst(&downstream, v6) else {
+        record.reason = Reason::NoOriginalDst;
+        return;
+    };
+    record.dst = Some(dst);
+    if is_forbidden(dst, &ctx.pod.ips) {
+        record.reason = Reason::ForbiddenTarget;
+        return;
+    }
+    let pick = ctx.mesh.next_endpoint.fetch_add(1, Ordering::Relaxed);
+    match ctx.mesh.state().plan(dst, pick) {
+        Plan::Hbone {
+            peer,
+            target,
+            identity,
+            workload,
+        } => {
+            record.mode = Mode::Hbone;
+            record.dst = Some(target);
+            record.peer_workload = Some(workload);
+            record.peer_identity = Some(identity.to_string());
+            hbone(&mut record, downstream, peer, target, identity).await;
+        }
+        Plan::Passthrough { target, workload } => {
+            record.peer_workload = workload;
+            forward(&mut record, downstream, target, Source::Pod).await;
+        }
+        Plan::NoEndpoint { service } => {
+            record.peer_workload = Some(service);
+            record.reason = Reason::NoEndpoint;
+        }
+    }
+}
+
+/// Through an HBONE tunnel, in mutual TLS as the pod's identity, to the destination's agent. Without
+/// a certificate the connection is refused, never sent in plaintext.
+async fn hbone(
+    record: &mut Record,
+    mut downstream: TcpStream,
+    peer: SocketAddr,
+    target: SocketAddr,
+    expected: Identity,
+) {
+    let ctx = record.ctx.clone();
+    let cert = match ctx.mesh.identities.get(&ctx.identity).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(pod = %ctx.name, error = %e, "outbound refused");
+            record.reason = Reason::NoIdentity;
+            return;
+        }
+    };
+    let _ = downstream.set_nodelay(true);
+    let key = PoolKey {
+        source: ctx.pod.uid.clone(),
+        destination: expected.clone(),
+        peer,
+    };
+    let dial_ctx = ctx.clone();
+    let dial = move |peer: SocketAddr| async move {
+        connect_in(&dial_ctx, peer, Source::Pod)
+            .await
+            .map_err(|r| std::io::Error::other(r.as_str()))
+    };
+    let tls = || tls::client_config(&cert.credential, &cert.bundle, &expected);
+    let mut tunnel = match ctx.mesh.pool.connect(key, tls, dial, target).await {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::debug!(pod = %ctx.name, %target, error = %e, "tunnel");
+            record.reason = Reason::Tunnel(e.reason());
+            return;
+        }
+    };
+    match copy(&mut downstream, &mut tunnel).await {
+        Ok(t) => record.transferred = t,
+        Err(_) => record.reason = Reason::Io,
+    }
+}
