@@ -53,7 +53,7 @@ pub struct Document<T> {
 /// so that positions match the file). The first problem is returned. A Pod without `metadata.uid`
 /// comes back with an empty `uid`; the store fills it in.
 pub fn parse(yaml: &str, file: &str) -> Result<Vec<Document<Object>>, Invalid> {
-    parse_with(yaml, file, |ctx, kind, value| parse_object(ctx, kind, value))
+    parse_with(yaml, file, parse_object)
 }
 
 /// Parses the objects a YAML stream names, for delete: only `apiVersion`, `kind`,
