@@ -65,7 +65,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut retry = tokio::time::interval(Duration::from_secs(1));
-    tracing::info!("ready");
+    let mut ready = false;
     loop {
         let mut reply = None;
         tokio::select! {
@@ -94,6 +94,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             // Before the first push the agent knows nothing; reconciling then would unenroll everything.
             reconciler.reconcile(&snapshot, &state, &mut capture);
             identities.want(&reconciler.identities());
+            if !ready {
+                // Serving: the controller's config is in and every enrolled pod has its listeners.
+                ready = true;
+                tracing::info!(revision = state.revision, pods = reconciler.pods.len(), "ready");
+            }
         }
         if let Some((event, reply_tx, saved)) = reply {
             // Answered only now: a pod that must be captured is, before its containers start.
