@@ -31,7 +31,7 @@ impl Capture {
         let _ = std::fs::remove_file(&path);
         let mut child = Command::new("ip")
             .args(["netns", "exec", &format!("weft.{}.fabric", c.name), "tcpdump"])
-            .args(["-i", "br0", "-U", "-s", "0", "-w"])
+            .args(["-i", "br0", "--immediate-mode", "-U", "-s", "0", "-w"])
             .arg(&path)
             .arg("tcp")
             .stdout(Stdio::null())
@@ -46,8 +46,15 @@ impl Capture {
         Self { child, path }
     }
 
-    /// Stops the capture and returns the file's bytes.
+    /// Waits until the capture holds pod-to-pod payload both ways, then stops it and returns the
+    /// file's bytes.
     fn stop(mut self) -> Vec<u8> {
+        wait_for("the capture to hold both directions", Duration::from_secs(5), || {
+            let pcap = std::fs::read(&self.path).ok()?;
+            let flows = wire::tcp_flows(&pcap).ok()?;
+            let pods = flows.keys().filter(|(s, d)| is_pod(s) && is_pod(d)).count();
+            (pods >= 2).then_some(())
+        });
         // SAFETY: signalling the tcpdump this test started; SIGINT makes it flush and exit.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let _ = self.child.wait();
@@ -61,6 +68,10 @@ impl Drop for Capture {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+fn is_pod(a: &std::net::SocketAddr) -> bool {
+    a.ip().to_string().starts_with("10.244.")
 }
 
 #[test]
@@ -100,10 +111,7 @@ fn between_nodes_only_tls13_crosses_the_wire_and_the_server_sees_the_client() {
         "the request's marker crossed the wire in the clear"
     );
     let flows = wire::tcp_flows(&pcap).expect("parsing the capture");
-    let between_pods: Vec<_> = flows
-        .iter()
-        .filter(|((s, d), _)| [s, d].iter().all(|a| a.ip().to_string().starts_with("10.244.")))
-        .collect();
+    let between_pods: Vec<_> = flows.iter().filter(|((s, d), _)| is_pod(s) && is_pod(d)).collect();
     assert!(!between_pods.is_empty(), "no pod-to-pod traffic captured");
     let mut saw_tls13 = false;
     for ((src, dst), flow) in &between_pods {
