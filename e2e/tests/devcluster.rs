@@ -1,8 +1,8 @@
 //! The dev cluster as a user drives it: up, status, exec, down, and bad input.
 
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
-use weft_e2e::{Cluster, privileged, text, weftctl};
+use weft_e2e::{Cluster, privileged, text, wait_for, weftctl};
 
 fn leftovers(name: &str) -> Vec<String> {
     let mut found = Vec::new();
@@ -46,6 +46,12 @@ fn up_then_down_leaves_no_netns_cgroup_pin_or_process_behind() {
     // A long-running process in a pod goes down with the cluster.
     let mut sleeper = c.spawn("app-1-1", &["sleep", "600"]);
     let sleeper_pid = sleeper.child.id() as i32;
+    // `weftctl dev exec` joins the pod's cgroup, then becomes `sleep`.
+    wait_for("the pod's process to start", Duration::from_secs(5), || {
+        let cgroup = std::fs::read_to_string(format!("/proc/{sleeper_pid}/cgroup")).ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{sleeper_pid}/comm")).ok()?;
+        (cgroup.contains("/app-1-1") && comm.trim() == "sleep").then_some(())
+    });
     // Reap it as soon as `down` kills it: an unreaped zombie keeps its cgroup busy.
     let reaper = std::thread::spawn(move || sleeper.child.wait());
     drop(c);

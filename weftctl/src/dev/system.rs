@@ -113,6 +113,15 @@ fn rmdir_tree(dir: &Path) -> anyhow::Result<()> {
         match fs::remove_dir(dir) {
             Ok(()) => return Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                // A process that was joining (e.g. a `weftctl dev exec` started just before `down`)
+                // may have entered after the kill: kill again.
+                if !fs::read_to_string(dir.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .trim()
+                    .is_empty()
+                {
+                    let _ = fs::write(dir.join("cgroup.kill"), "1");
+                }
                 std::thread::sleep(Duration::from_millis(20))
             }
             Err(e) => {
