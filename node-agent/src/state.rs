@@ -49,6 +49,8 @@ pub struct State {
     policies: BTreeMap<String, AuthorizationPolicy>,
     by_ip: HashMap<IpAddr, String>,
     by_vip: HashMap<IpAddr, String>,
+    /// Policies by namespace, so that a connection's decision allocates nothing.
+    policies_by_namespace: HashMap<String, Vec<AuthorizationPolicy>>,
     /// Store revision of the last push applied.
     pub revision: u64,
     /// Whether a first (full) push has arrived since the agent started.
@@ -217,6 +219,13 @@ impl State {
             .iter()
             .flat_map(|(k, s)| s.vips.iter().map(move |ip| (*ip, k.clone())))
             .collect();
+        self.policies_by_namespace.clear();
+        for p in self.policies.values() {
+            self.policies_by_namespace
+                .entry(p.metadata.namespace.clone())
+                .or_default()
+                .push(p.clone());
+        }
     }
 
     /// Namespaces and pods, for the enrollment reconciler.
@@ -246,12 +255,8 @@ impl State {
     }
 
     /// Policies of `namespace`; [`policy::decide`] checks which apply to a workload.
-    pub fn policies_in(&self, namespace: &str) -> Vec<AuthorizationPolicy> {
-        self.policies
-            .values()
-            .filter(|p| p.metadata.namespace == namespace)
-            .cloned()
-            .collect()
+    pub fn policies_in(&self, namespace: &str) -> &[AuthorizationPolicy] {
+        self.policies_by_namespace.get(namespace).map_or(&[], Vec::as_slice)
     }
 
     /// Where a connection to `dst` goes. `pick` chooses among a service's endpoints (round robin
@@ -296,9 +301,8 @@ impl State {
 
 /// Decides an inbound connection to `pod` under the state's policies.
 pub fn authorize(state: &State, pod: &Pod, conn: &policy::Connection<'_>) -> policy::Decision {
-    let policies = state.policies_in(&pod.namespace);
     policy::decide(
-        &policies,
+        state.policies_in(&pod.namespace),
         policy::Target {
             namespace: &pod.namespace,
             labels: &pod.labels,

@@ -203,3 +203,33 @@ fn a_rejected_resource_keeps_its_previous_version() {
     assert!(rejected[0].error.contains("identity"), "{}", rejected[0].error);
     assert_eq!(next.workload("shop/web-1"), state.workload("shop/web-1"));
 }
+
+#[test]
+fn policies_follow_pushes_and_decide_for_the_pod_s_namespace_only() {
+    let deny_all = res(
+        types::POLICY,
+        "shop/deny",
+        Kind::Policy(v1::Policy {
+            namespace: "shop".into(),
+            name: "deny".into(),
+            selector: None,
+            action: v1::Action::Deny as i32,
+            rules: vec![v1::Rule::default()],
+        }),
+    );
+    let state = mesh();
+    let (with, rejected) = state.apply(&push(false, vec![deny_all], &[]));
+    assert!(rejected.is_empty(), "{rejected:?}");
+    let conn = policy::Connection {
+        source_principal: Some("spiffe://cluster.local/ns/shop/sa/default"),
+        source_ip: "10.244.1.11".parse().unwrap(),
+        destination_port: 8080,
+    };
+    let web = &with.workload("shop/web-2").unwrap().pod;
+    let db = &with.workload("legacy/db").unwrap().pod;
+    assert!(matches!(authorize(&with, web, &conn), policy::Decision::Deny { .. }));
+    assert_eq!(authorize(&with, db, &conn), policy::Decision::Allow);
+
+    let (without, _) = with.apply(&push(false, vec![], &[(types::POLICY, "shop/deny")]));
+    assert_eq!(authorize(&without, web, &conn), policy::Decision::Allow);
+}
