@@ -9,18 +9,7 @@ use crate::support::*;
 async fn setup(config: PoolConfig) -> (TestServer, Client) {
     let ca = Ca::new("root");
     let app = echo_server().await;
-    let server = TestServer::start(
-        &ca.issue("spiffe://cluster.local/ns/server/sa/api"),
-        &ca.bundle(),
-        Mode::Forward(app),
-    )
-    .await;
-    let client = Client::new(
-        ca.issue("spiffe://cluster.local/ns/client/sa/web"),
-        ca.bundle(),
-        Pool::new(config),
-    );
-    (server, client)
+    pair(&ca, Mode::Forward(app), config).await
 }
 
 async fn open_concurrently(client: &Client, server: &TestServer, n: usize) -> Vec<weft_hbone::Tunnel> {

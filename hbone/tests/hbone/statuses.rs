@@ -9,23 +9,13 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
-use weft_hbone::{ConnectError, Pool, PoolConfig, Refusal, client_config};
+use weft_hbone::{ConnectError, PoolConfig, Refusal, client_config};
 
 use crate::support::*;
 
 async fn refused_with(refusal: Refusal) -> (ConnectError, usize) {
     let ca = Ca::new("root");
-    let server = TestServer::start(
-        &ca.issue("spiffe://cluster.local/ns/server/sa/api"),
-        &ca.bundle(),
-        Mode::Refuse(refusal),
-    )
-    .await;
-    let client = Client::new(
-        ca.issue("spiffe://cluster.local/ns/client/sa/web"),
-        ca.bundle(),
-        Pool::new(PoolConfig::default()),
-    );
+    let (server, client) = pair(&ca, Mode::Refuse(refusal), PoolConfig::default()).await;
     let err = client.connect(&server, any_target()).await.unwrap_err();
     // The refused session is still handed back, with the refusal as the error.
     assert!(server.handler.next_closed().await.is_err());
@@ -62,17 +52,7 @@ async fn application_that_refuses_connections_yields_upstream_refused() {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             l.local_addr().unwrap()
         };
-        let server = TestServer::start(
-            &ca.issue("spiffe://cluster.local/ns/server/sa/api"),
-            &ca.bundle(),
-            Mode::Forward(closed),
-        )
-        .await;
-        let client = Client::new(
-            ca.issue("spiffe://cluster.local/ns/client/sa/web"),
-            ca.bundle(),
-            Pool::new(PoolConfig::default()),
-        );
+        let (server, client) = pair(&ca, Mode::Forward(closed), PoolConfig::default()).await;
         let err = client.connect(&server, any_target()).await.unwrap_err();
         assert!(matches!(err, ConnectError::UpstreamRefused), "{err:?}");
     })
@@ -84,17 +64,7 @@ async fn hbone_port_as_target_is_400_without_asking_the_handler() {
     within(async {
         let ca = Ca::new("root");
         let app = echo_server().await;
-        let server = TestServer::start(
-            &ca.issue("spiffe://cluster.local/ns/server/sa/api"),
-            &ca.bundle(),
-            Mode::Forward(app),
-        )
-        .await;
-        let client = Client::new(
-            ca.issue("spiffe://cluster.local/ns/client/sa/web"),
-            ca.bundle(),
-            Pool::new(PoolConfig::default()),
-        );
+        let (server, client) = pair(&ca, Mode::Forward(app), PoolConfig::default()).await;
         for port in [15001, 15006, 15008] {
             let target = SocketAddr::from(([10, 1, 2, 3], port));
             let err = client.connect(&server, target).await.unwrap_err();

@@ -17,8 +17,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use weft_hbone::{
-    ConnectError, Credential, Handler, Identity, Pool, PoolKey, Refusal, Request, ServeError, Transferred, TrustBundle,
-    Tunnel, client_config, serve, server_config,
+    ConnectError, Credential, Handler, Identity, Pool, PoolConfig, PoolKey, Refusal, Request, ServeError, Transferred,
+    TrustBundle, Tunnel, client_config, serve, server_config,
 };
 
 /// Upper bound on any single test.
@@ -290,6 +290,18 @@ impl Client {
     pub async fn connect(&self, server: &TestServer, target: SocketAddr) -> Result<Tunnel, ConnectError> {
         self.connect_expecting(server.addr, &server.identity, target).await
     }
+}
+
+/// The usual pair: a server `server/api` in `mode` and a client `client/web` with a pool of `config`,
+/// both certified by `ca`.
+pub async fn pair(ca: &Ca, mode: Mode, config: PoolConfig) -> (TestServer, Client) {
+    let server = TestServer::start(&ca.issue("spiffe://cluster.local/ns/server/sa/api"), &ca.bundle(), mode).await;
+    let client = Client::new(
+        ca.issue("spiffe://cluster.local/ns/client/sa/web"),
+        ca.bundle(),
+        Pool::new(config),
+    );
+    (server, client)
 }
 
 /// A target the test handler ignores (it always forwards to its configured application).

@@ -1,7 +1,7 @@
 //! The 200 path: bytes both ways, half close, and what the handler is told.
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use weft_hbone::{Pool, PoolConfig, Transferred};
+use weft_hbone::{PoolConfig, Transferred};
 
 use crate::support::*;
 
@@ -9,14 +9,8 @@ use crate::support::*;
 async fn tunnel_round_trips_data_both_ways_through_the_handler() {
     within(async {
         let ca = Ca::new("root");
-        let server_cred = ca.issue("spiffe://cluster.local/ns/server/sa/api");
         let app = echo_server().await;
-        let server = TestServer::start(&server_cred, &ca.bundle(), Mode::Forward(app)).await;
-        let client = Client::new(
-            ca.issue("spiffe://cluster.local/ns/client/sa/web"),
-            ca.bundle(),
-            Pool::new(PoolConfig::default()),
-        );
+        let (server, client) = pair(&ca, Mode::Forward(app), PoolConfig::default()).await;
 
         let target = any_target();
         let mut tunnel = client.connect(&server, target).await.unwrap();
@@ -57,17 +51,7 @@ async fn half_close_from_the_client_reaches_the_application_which_can_still_answ
     within(async {
         let ca = Ca::new("root");
         let app = counting_server().await;
-        let server = TestServer::start(
-            &ca.issue("spiffe://cluster.local/ns/server/sa/api"),
-            &ca.bundle(),
-            Mode::Forward(app),
-        )
-        .await;
-        let client = Client::new(
-            ca.issue("spiffe://cluster.local/ns/client/sa/web"),
-            ca.bundle(),
-            Pool::new(PoolConfig::default()),
-        );
+        let (server, client) = pair(&ca, Mode::Forward(app), PoolConfig::default()).await;
 
         let mut tunnel = client.connect(&server, any_target()).await.unwrap();
         tunnel.write_all(&[7u8; 1000]).await.unwrap();
@@ -101,17 +85,7 @@ async fn ipv6_targets_travel_as_bracketed_authorities() {
     within(async {
         let ca = Ca::new("root");
         let app = echo_server().await;
-        let server = TestServer::start(
-            &ca.issue("spiffe://cluster.local/ns/server/sa/api"),
-            &ca.bundle(),
-            Mode::Forward(app),
-        )
-        .await;
-        let client = Client::new(
-            ca.issue("spiffe://cluster.local/ns/client/sa/web"),
-            ca.bundle(),
-            Pool::new(PoolConfig::default()),
-        );
+        let (server, client) = pair(&ca, Mode::Forward(app), PoolConfig::default()).await;
         let target: std::net::SocketAddr = "[fd00::17]:9090".parse().unwrap();
         let _tunnel = client.connect(&server, target).await.unwrap();
         assert_eq!(server.handler.opened.lock().unwrap()[0].target, target);
