@@ -266,16 +266,7 @@ fn parse_pod(ctx: &Ctx<'_>, raw: RawPod) -> Result<Pod, Invalid> {
     }
     if let Some(single) = &raw.status.pod_ip {
         let ip = parse_ip(single).map_err(|p| ctx.err("status.podIP".to_owned(), p))?;
-        match ips.first() {
-            None => ips.push(ip),
-            Some(first) if *first == ip => {}
-            Some(first) => {
-                return Err(ctx.err(
-                    "status.podIP".to_owned(),
-                    format!("{ip} differs from status.podIPs[0].ip ({first})"),
-                ));
-            }
-        }
+        merge_primary(&mut ips, ip, "status.podIPs[0].ip").map_err(|p| ctx.err("status.podIP".to_owned(), p))?;
     }
     check_families(&ips).map_err(|i| ctx.err(format!("status.podIPs[{i}].ip"), "a second address of one family"))?;
     Ok(Pod {
@@ -287,6 +278,17 @@ fn parse_pod(ctx: &Ctx<'_>, raw: RawPod) -> Result<Pod, Invalid> {
         service_account,
         ips,
     })
+}
+
+/// Kubernetes' singular field (`podIP`, `clusterIP`) is the first of the plural one: it fills an empty
+/// list and must agree with a present one.
+fn merge_primary(ips: &mut Vec<IpAddr>, single: IpAddr, first_field: &str) -> Result<(), String> {
+    match ips.first() {
+        None => ips.push(single),
+        Some(first) if *first == single => {}
+        Some(first) => return Err(format!("{single} differs from {first_field} ({first})")),
+    }
+    Ok(())
 }
 
 fn parse_service(ctx: &Ctx<'_>, raw: RawService) -> Result<Service, Invalid> {
@@ -304,16 +306,8 @@ fn parse_service(ctx: &Ctx<'_>, raw: RawService) -> Result<Service, Invalid> {
     }
     if let Some(s) = spec.cluster_ip.as_deref().filter(|s| *s != "None" && !s.is_empty()) {
         let ip = parse_ip(s).map_err(|p| ctx.err("spec.clusterIP".to_owned(), p))?;
-        match cluster_ips.first() {
-            None => cluster_ips.push(ip),
-            Some(first) if *first == ip => {}
-            Some(first) => {
-                return Err(ctx.err(
-                    "spec.clusterIP".to_owned(),
-                    format!("{ip} differs from spec.clusterIPs[0] ({first})"),
-                ));
-            }
-        }
+        merge_primary(&mut cluster_ips, ip, "spec.clusterIPs[0]")
+            .map_err(|p| ctx.err("spec.clusterIP".to_owned(), p))?;
     }
     check_families(&cluster_ips)
         .map_err(|i| ctx.err(format!("spec.clusterIPs[{i}]"), "a second address of one family"))?;
