@@ -22,6 +22,7 @@ use weft_dataplane::{
     proxy::{Transferred, copy},
     socket::{self, Source},
 };
+use weft_hbone::identity::Identity;
 use weft_model::ports;
 
 use crate::{identity::Identities, inpod::PodContext, state::State};
@@ -119,7 +120,7 @@ struct Record {
     /// The peer's workload (`namespace/name`) when known.
     peer_workload: Option<String>,
     /// The peer's SPIFFE identity: the verified client's inbound, the expected server's outbound.
-    peer_identity: Option<String>,
+    peer_identity: Option<Identity>,
     dst: Option<SocketAddr>,
     policy: Option<String>,
     started: Instant,
@@ -147,14 +148,14 @@ impl Record {
 
 impl Drop for Record {
     fn drop(&mut self) {
-        let dst = self.dst.map(|d| d.to_string()).unwrap_or_default();
-        let own_name = self.ctx.name.as_str();
-        let own_identity = self.ctx.identity.to_string();
-        let peer_name = self.peer_workload.as_deref().unwrap_or("");
-        let peer_identity = self.peer_identity.as_deref().unwrap_or("");
+        // Formatted straight into the record: no strings built per connection.
+        let own_name = Shown(Some(&self.ctx.name));
+        let own_identity = Shown(Some(&self.ctx.identity));
+        let peer_name = Shown(self.peer_workload.as_ref());
+        let peer_identity = Shown(self.peer_identity.as_ref());
         let (direction, src_workload, src_identity, dst_workload, dst_identity) = match self.direction {
-            Direction::Outbound => ("outbound", own_name, own_identity.as_str(), peer_name, peer_identity),
-            Direction::Inbound => ("inbound", peer_name, peer_identity, own_name, own_identity.as_str()),
+            Direction::Outbound => ("outbound", own_name, own_identity, peer_name, peer_identity),
+            Direction::Inbound => ("inbound", peer_name, peer_identity, own_name, own_identity),
         };
         let mode = match self.mode {
             Mode::Hbone => "hbone",
@@ -168,7 +169,7 @@ impl Drop for Record {
             src.addr = %self.src,
             src.workload = %src_workload,
             src.identity = %src_identity,
-            dst.addr = %dst,
+            dst.addr = %Shown(self.dst.as_ref()),
             dst.workload = %dst_workload,
             dst.identity = %dst_identity,
             policy = self.policy.as_deref().unwrap_or(""),
@@ -178,6 +179,18 @@ impl Drop for Record {
             reason = self.reason.as_str(),
             "connection"
         );
+    }
+}
+
+/// An optional value displayed as itself or as nothing.
+struct Shown<'a, T>(Option<&'a T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for Shown<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(v) => v.fmt(f),
+            None => Ok(()),
+        }
     }
 }
 

@@ -70,7 +70,7 @@ impl Handler for Inbound {
         let ctx = &self.0;
         let mut record = Record::new(ctx.clone(), Direction::Inbound, Mode::Hbone, req.peer);
         record.dst = Some(req.target);
-        record.peer_identity = Some(req.identity.to_string());
+        record.peer_identity = Some(req.identity.clone());
         // A tunnel into this pod reaches this pod only: the agent is not an open proxy.
         if !ctx.pod.ips.contains(&req.target.ip()) {
             record.reason = Reason::ForbiddenTarget;

@@ -42,7 +42,7 @@ pub async fn outbound(ctx: Arc<PodContext>, downstream: TcpStream, v6: bool) {
             record.mode = Mode::Hbone;
             record.dst = Some(target);
             record.peer_workload = Some(workload);
-            record.peer_identity = Some(identity.to_string());
+            record.peer_identity = Some(identity.clone());
             hbone(&mut record, downstream, peer, target, identity).await;
         }
         Plan::Passthrough { target, workload } => {
