@@ -95,14 +95,25 @@ impl Cluster {
 
     /// Starts `weft-probe serve` in a pod and waits until it listens.
     pub fn serve(&self, pod: &str, ports: &str) -> Background {
+        self.probe(pod, &["serve", "--ports", ports])
+    }
+
+    /// Starts `weft-probe echo` in a pod and waits until it listens.
+    pub fn echo(&self, pod: &str, port: u16) -> Background {
+        self.probe(pod, &["echo", "--port", &port.to_string()])
+    }
+
+    /// Starts a `weft-probe` server in a pod and waits for its `ready` line.
+    fn probe(&self, pod: &str, args: &[&str]) -> Background {
         let probe = bin("weft-probe");
-        let mut bg = self.spawn(pod, &[probe.to_str().expect("utf-8 path"), "serve", "--ports", ports]);
+        let mut bg = self.spawn(pod, &[&[probe.to_str().expect("utf-8 path")], args].concat());
         let stdout = bg.child.stdout.take().expect("piped stdout");
         let mut line = String::new();
         std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("reading probe");
         assert!(
             line.starts_with("ready"),
-            "weft-probe serve in {pod} did not start: {line:?}"
+            "weft-probe {} in {pod} did not start: {line:?}",
+            args[0]
         );
         bg
     }
@@ -137,11 +148,8 @@ impl Cluster {
 
     /// Access records (one per connection) written by a node's agent so far.
     pub fn access_records(&self, node: &str) -> Vec<Value> {
-        let log = self.node(node)["agent"]["log"].as_str().expect("log path").to_owned();
-        std::fs::read_to_string(log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        self.agent_log(node)
+            .into_iter()
             .filter(|v| v["target"] == "weft::access")
             .collect()
     }
@@ -185,27 +193,9 @@ impl Cluster {
         assert!(out.status.success(), "start-controller: {}", text(&out));
     }
 
-    /// The controller's log lines, parsed.
-    pub fn controller_log(&self) -> Vec<Value> {
-        let log = self.status()["controller"]["log"]
-            .as_str()
-            .expect("log path")
-            .to_owned();
-        std::fs::read_to_string(log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .collect()
-    }
-
     /// An agent's log lines, parsed.
     pub fn agent_log(&self, node: &str) -> Vec<Value> {
-        let log = self.node(node)["agent"]["log"].as_str().expect("log path").to_owned();
-        std::fs::read_to_string(log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .collect()
+        json_lines(self.node(node)["agent"]["log"].as_str().expect("log path"))
     }
 
     pub fn annotate(&self, kind: &str, target: &str, change: &str) {
@@ -240,6 +230,15 @@ pub fn weftctl(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("running weftctl")
+}
+
+/// The JSON lines of a log file (none if it does not exist yet).
+fn json_lines(path: &str) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect()
 }
 
 /// `weftctl ARGS` with `input` on stdin.

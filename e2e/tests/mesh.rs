@@ -239,11 +239,10 @@ fn policies_allow_deny_and_deleting_them_restores_access() {
     // Deleting the policies restores access within 2 s, nothing restarted.
     let out = c.delete(&format!("{allow_a}---\n{deny_a}"));
     assert!(out.status.success(), "delete: {}", text(&out));
-    let deleted = Instant::now();
-    wait_for("access restored", Duration::from_secs(2), || {
+    // wait_for fails the test past its 2 s deadline.
+    wait_for("access restored within 2 s", Duration::from_secs(2), || {
         (curl(&c, "app-1-1", &url).0 == 0 && curl(&c, "app-1-2", &url).0 == 0).then_some(())
     });
-    assert!(deleted.elapsed() < Duration::from_secs(2));
 
     // Bad input is refused whole, with the object and field named, and nothing applied.
     let bad = format!(
@@ -280,7 +279,7 @@ fn many_connections_share_few_tls_connections() {
     let c = Cluster::up("e2e-pool", &["--ambient", "default"]);
     let probe = bin("weft-probe");
     let probe = probe.to_str().expect("utf-8 path");
-    let _echo = echo(&c, "app-2-1", 9000);
+    let _echo = c.echo("app-2-1", 9000);
     let server = c.pod_ip("app-2-1", false);
     let out = c.exec(
         "app-1-1",
@@ -306,22 +305,6 @@ fn many_connections_share_few_tls_connections() {
     );
 }
 
-fn echo(c: &Cluster, pod: &str, port: u16) -> Background {
-    let probe = bin("weft-probe");
-    let mut bg = c.spawn(
-        pod,
-        &[probe.to_str().expect("utf-8 path"), "echo", "--port", &port.to_string()],
-    );
-    let stdout = bg.child.stdout.take().expect("piped stdout");
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("reading probe");
-    assert!(
-        line.starts_with("ready"),
-        "weft-probe echo in {pod} did not start: {line:?}"
-    );
-    bg
-}
-
 #[test]
 fn the_mesh_keeps_working_without_the_controller_and_resyncs_after() {
     if !privileged("the_mesh_keeps_working_without_the_controller") {
@@ -329,7 +312,7 @@ fn the_mesh_keeps_working_without_the_controller_and_resyncs_after() {
     }
     let c = Cluster::up("e2e-outage", &["--ambient", "default"]);
     let _server = c.serve("app-2-1", "8080");
-    let _echo = echo(&c, "app-2-1", 9000);
+    let _echo = c.echo("app-2-1", 9000);
     let url = format!("http://{}:8080/", c.pod_ip("app-2-1", false));
     assert_eq!(curl(&c, "app-1-1", &url).0, 0);
     let root = c.status()["controller"]["root"].as_str().expect("root path").to_owned();
@@ -391,7 +374,7 @@ fn a_streaming_connection_survives_certificate_renewals() {
         return;
     }
     let c = Cluster::up("e2e-renew", &["--ambient", "default", "--cert-lifetime", "60s"]);
-    let _echo = echo(&c, "app-2-1", 9000);
+    let _echo = c.echo("app-2-1", 9000);
     let probe = bin("weft-probe");
     let out = c.exec(
         "app-1-1",
@@ -410,7 +393,7 @@ fn a_streaming_connection_survives_certificate_renewals() {
         let issued = c
             .agent_log(node)
             .into_iter()
-            .filter(|l| l["fields"]["message"] == "certificate issued" || l["message"] == "certificate issued")
+            .filter(|l| l["message"] == "certificate issued")
             .count();
         assert!(issued >= 4, "{node}: {issued} certificates issued in 3 minutes");
     }

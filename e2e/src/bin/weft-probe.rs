@@ -91,17 +91,23 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// A dual-stack listener on `port`, all addresses.
+fn listen(port: u16) -> anyhow::Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+    socket.set_only_v6(false)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket
+        .bind(&SocketAddr::from(([0u16; 8], port)).into())
+        .with_context(|| format!("binding port {port}"))?;
+    socket.listen(1024)?;
+    let listener = TcpListener::from_std(socket.into())?;
+    Ok(listener)
+}
+
 async fn serve((first, last): (u16, u16)) -> anyhow::Result<()> {
     for port in first..=last {
-        let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
-        socket.set_only_v6(false)?;
-        socket.set_reuse_address(true)?;
-        socket.set_nonblocking(true)?;
-        socket
-            .bind(&SocketAddr::from(([0u16; 8], port)).into())
-            .with_context(|| format!("binding port {port}"))?;
-        socket.listen(1024)?;
-        let listener = TcpListener::from_std(socket.into())?;
+        let listener = listen(port)?;
         tokio::spawn(async move {
             loop {
                 if let Ok((stream, peer)) = listener.accept().await {
@@ -211,15 +217,7 @@ async fn request(to: SocketAddr) -> anyhow::Result<String> {
 }
 
 async fn echo(port: u16) -> anyhow::Result<()> {
-    let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
-    socket.set_only_v6(false)?;
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    socket
-        .bind(&SocketAddr::from(([0u16; 8], port)).into())
-        .with_context(|| format!("binding port {port}"))?;
-    socket.listen(1024)?;
-    let listener = TcpListener::from_std(socket.into())?;
+    let listener = listen(port)?;
     println!("ready: echo on port {port}");
     loop {
         let (mut stream, _) = listener.accept().await?;
