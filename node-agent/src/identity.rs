@@ -126,14 +126,6 @@ impl Identities {
         }
     }
 
-    /// Identities held and their certificates' expiry, for the debug view.
-    pub fn list(&self) -> Vec<(Identity, Option<SystemTime>)> {
-        self.lock()
-            .iter()
-            .map(|(id, s)| (id.clone(), s.current.borrow().as_ref().map(|c| c.credential.not_after)))
-            .collect()
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Identity, Slot>> {
         // A panic while holding this lock leaves the map consistent (every mutation is one call).
         self.slots.lock().unwrap_or_else(|e| e.into_inner())

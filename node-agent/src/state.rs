@@ -183,27 +183,16 @@ impl State {
     }
 
     fn copy_into(&self, next: &mut State, kind: &str, name: &str) {
+        fn copy<V: Clone>(from: &BTreeMap<String, V>, to: &mut BTreeMap<String, V>, name: &str) {
+            if let Some(v) = from.get(name) {
+                to.insert(name.to_owned(), v.clone());
+            }
+        }
         match kind {
-            types::NAMESPACE => {
-                if let Some(v) = self.namespaces.get(name) {
-                    next.namespaces.insert(name.to_owned(), v.clone());
-                }
-            }
-            types::WORKLOAD => {
-                if let Some(v) = self.workloads.get(name) {
-                    next.workloads.insert(name.to_owned(), v.clone());
-                }
-            }
-            types::SERVICE => {
-                if let Some(v) = self.services.get(name) {
-                    next.services.insert(name.to_owned(), v.clone());
-                }
-            }
-            types::POLICY => {
-                if let Some(v) = self.policies.get(name) {
-                    next.policies.insert(name.to_owned(), v.clone());
-                }
-            }
+            types::NAMESPACE => copy(&self.namespaces, &mut next.namespaces, name),
+            types::WORKLOAD => copy(&self.workloads, &mut next.workloads, name),
+            types::SERVICE => copy(&self.services, &mut next.services, name),
+            types::POLICY => copy(&self.policies, &mut next.policies, name),
             _ => {}
         }
     }

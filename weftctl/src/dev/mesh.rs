@@ -236,7 +236,7 @@ pub fn pod_object(pod: &Pod) -> serde_json::Value {
     })
 }
 
-/// Applies objects to the cluster's store, retrying briefly while the controller starts listening.
+/// Applies objects to the cluster's store (`start_controller` returned once its socket exists).
 pub fn apply(cluster_name: &str, objects: &[serde_json::Value], source: &str) -> anyhow::Result<()> {
     let yaml = objects
         .iter()
@@ -244,18 +244,7 @@ pub fn apply(cluster_name: &str, objects: &[serde_json::Value], source: &str) ->
         .collect::<Vec<_>>()
         .join("\n---\n");
     let socket = Names(cluster_name).controller_socket();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match crate::store::apply(&socket, &yaml, source) {
-            Ok(_) => return Ok(()),
-            Err(e) => {
-                let text = format!("{e:#}").to_lowercase();
-                let starting = text.contains("connect") || text.contains("not running") || text.contains("transport");
-                if !starting || Instant::now() > deadline {
-                    return Err(e.context(format!("registering objects in the store ({})", socket.display())));
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
+    crate::store::apply(&socket, &yaml, source)
+        .map(drop)
+        .with_context(|| format!("registering objects in the store ({})", socket.display()))
 }
