@@ -39,8 +39,6 @@ pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Largest HTTP/2 frame payload we accept.
 pub const MAX_FRAME_SIZE: u32 = 1024 * 1024;
-/// Copy buffer per direction per tunnel (allocated once per tunnel).
-pub const COPY_BUFFER: usize = 64 * 1024;
 
 /// One validated `CONNECT` request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,14 +65,8 @@ pub enum Refusal {
     Unreachable,
 }
 
-/// Bytes copied through one tunnel.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Transferred {
-    /// From the client to the application.
-    pub sent: u64,
-    /// From the application to the client.
-    pub received: u64,
-}
+/// Bytes copied through one tunnel: `sent` from the client to the application, `received` back.
+pub use weft_dataplane::proxy::Transferred;
 
 /// What the server asks of its embedder for each valid `CONNECT` request.
 pub trait Handler: Send + Sync + 'static {
@@ -259,8 +251,9 @@ impl<H: Handler> Connection<H> {
         );
         tokio::spawn(
             async move {
+                let mut upstream = upstream;
                 let result = match on_upgrade.await {
-                    Ok(upgraded) => copy(TokioIo::new(upgraded), upstream).await,
+                    Ok(upgraded) => weft_dataplane::proxy::copy(&mut TokioIo::new(upgraded), &mut upstream).await,
                     Err(e) => Err(io::Error::other(e)),
                 };
                 handler.closed(session, result);
@@ -269,16 +262,6 @@ impl<H: Handler> Connection<H> {
         );
         status(StatusCode::OK)
     }
-}
-
-/// Copies both ways until both directions reached EOF; EOF on one side shuts down the write half of the other.
-async fn copy(
-    mut downstream: TokioIo<hyper::upgrade::Upgraded>,
-    mut upstream: TcpStream,
-) -> Result<Transferred, io::Error> {
-    let (sent, received) =
-        tokio::io::copy_bidirectional_with_sizes(&mut downstream, &mut upstream, COPY_BUFFER, COPY_BUFFER).await?;
-    Ok(Transferred { sent, received })
 }
 
 fn status(code: StatusCode) -> Response<Empty<Bytes>> {

@@ -23,6 +23,7 @@ use crate::{
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(config: Config) -> anyhow::Result<()> {
     raise_memlock();
+    raise_nofile();
     check_own_cgroup(&config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -243,6 +244,24 @@ fn raise_memlock() {
     };
     // SAFETY: plain syscall; failure only matters on kernels without memcg accounting of BPF memory.
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+}
+
+/// Every proxied connection holds two sockets in the agent (one per side): the soft limit on open
+/// files (often 1,024) would cap a node at a few hundred connections, so it is raised to the hard one.
+fn raise_nofile() {
+    let mut rlim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rlim) == 0 && rlim.rlim_cur < rlim.rlim_max {
+            rlim.rlim_cur = rlim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) != 0 {
+                tracing::warn!(limit = rlim.rlim_max, "could not raise the open-file limit");
+            }
+        }
+    }
 }
 
 /// The getsockopt program only sees sockets whose cgroup is under the attach point.

@@ -10,13 +10,16 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 use clap::Parser;
 
+mod bench;
+
 /// bpf-linker that links LLVM 22 bitcode (the pinned nightly's); newer ones need a newer LLVM.
 const BPF_LINKER_VERSION: &str = "0.10.4";
 /// The eBPF toolchain. Pinned by name: the machine's nightly carries LLVM 22.
 const EBPF_TOOLCHAIN: &str = "nightly";
 /// Debian packages the dev cluster and the tests use.
 // protobuf-compiler: protoc for api/build.rs. tcpdump: the e2e test that inspects what crosses the wire.
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "curl", "bpftool", "protobuf-compiler", "tcpdump"];
+// iperf3: the bench's bulk throughput.
+const DEBIAN_PACKAGES: &[&str] = &["iproute2", "curl", "bpftool", "protobuf-compiler", "tcpdump", "iperf3"];
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -31,6 +34,15 @@ enum Cli {
     Test,
     /// Formatting and clippy only.
     Lint,
+    /// Release build, then what the mesh costs: each scenario direct and through the mesh, side by side.
+    Bench {
+        /// Every scenario briefly, once: proves the harness works (CI runs it), not the numbers.
+        #[arg(long)]
+        quick: bool,
+        /// Where bench.json and bench.md go.
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,6 +55,9 @@ fn main() -> anyhow::Result<()> {
             .and_then(|()| build())
             .and_then(|()| test()),
         Cli::Lint => setup().and_then(|()| lint()),
+        Cli::Bench { quick, out } => setup()
+            .and_then(|()| build_release())
+            .and_then(|()| bench::bench(&root().join("target").join("release"), quick, &root().join(out))),
     }
 }
 
@@ -181,6 +196,11 @@ fn cargo() -> Command {
 fn build() -> anyhow::Result<()> {
     step("building Weft (userspace with stable, eBPF with the pinned nightly)");
     run(cargo().args(["build", "--bins"]))
+}
+
+fn build_release() -> anyhow::Result<()> {
+    step("building Weft in release mode (what the bench measures)");
+    run(cargo().args(["build", "--release", "--bins"]))
 }
 
 fn lint() -> anyhow::Result<()> {

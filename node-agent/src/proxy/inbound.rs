@@ -100,10 +100,7 @@ impl Handler for Inbound {
 
     fn closed(&self, mut record: Record, result: std::io::Result<weft_hbone::server::Transferred>) {
         match result {
-            Ok(t) => {
-                record.transferred.sent = t.sent;
-                record.transferred.received = t.received;
-            }
+            Ok(t) => record.transferred = t,
             Err(_) if record.reason == Reason::Done => record.reason = Reason::Io,
             Err(_) => {}
         }
