@@ -34,21 +34,37 @@ impl NetNs {
 
     /// Runs `f` on the calling thread switched into this namespace, then switches back.
     ///
-    /// `f` must be synchronous and must not yield to an async runtime. Returns an error, without
-    /// running `f`, if the thread cannot enter the namespace.
+    /// `f` must be synchronous and must not yield to an async runtime, and must not itself switch
+    /// namespaces: the thread goes back to its home namespace (where it first called `run`), which
+    /// saves reopening it on every call. Returns an error, without running `f`, if the thread cannot
+    /// enter the namespace.
     ///
     /// # Panics
     /// If the thread cannot return to its original namespace. That would leave a runtime thread
     /// silently in a pod's namespace; setns back to a namespace we hold open cannot fail short of
     /// kernel memory exhaustion, so this is treated as an invariant.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
-        let original = Self::current()?;
-        setns(self.file.as_fd())?;
-        let out = f();
-        #[allow(clippy::expect_used)]
-        setns(original.file.as_fd()).expect("invariant: returning to the original network namespace");
-        Ok(out)
+        HOME.with(|home| {
+            // The thread's own namespace, opened once per thread: `run` always returns the thread
+            // to it, so the namespace a thread first ran in stays its home.
+            let home = match home.get() {
+                Some(h) => h,
+                None => {
+                    let current = Self::current()?;
+                    home.get_or_init(|| current)
+                }
+            };
+            setns(self.file.as_fd())?;
+            let out = f();
+            #[allow(clippy::expect_used)]
+            setns(home.file.as_fd()).expect("invariant: returning to the original network namespace");
+            Ok(out)
+        })
     }
+}
+
+thread_local! {
+    static HOME: std::cell::OnceCell<NetNs> = const { std::cell::OnceCell::new() };
 }
 
 impl AsFd for NetNs {

@@ -51,7 +51,14 @@ pub struct Args {
     pub cgroup: PathBuf,
     #[arg(long, value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
+    /// Threads that run the data path. Default: one per CPU the agent may use, at most 4. Each
+    /// handoff between threads is a wakeup, so a node with few cores is faster with fewer threads.
+    #[arg(long, env = "WEFT_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
 }
+
+/// More data-path threads than this only add contention.
+const MAX_WORKER_THREADS: usize = 64;
 
 /// Validated configuration.
 #[derive(Clone, Debug)]
@@ -68,6 +75,7 @@ pub struct Config {
     pub bpf_pin_dir: PathBuf,
     pub cgroup: PathBuf,
     pub log_format: LogFormat,
+    pub worker_threads: usize,
 }
 
 impl Args {
@@ -96,6 +104,14 @@ impl Args {
                 self.trust_domain
             ));
         }
+        let worker_threads = match self.worker_threads {
+            Some(0) => return Err("--worker-threads must be at least 1".into()),
+            Some(n) if n > MAX_WORKER_THREADS => {
+                return Err(format!("--worker-threads {n}: at most {MAX_WORKER_THREADS}"));
+            }
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+        };
         Ok(Config {
             node: self.node,
             controller: self.controller,
@@ -109,6 +125,7 @@ impl Args {
             bpf_pin_dir: self.bpf_pin_dir,
             cgroup: self.cgroup,
             log_format: self.log_format,
+            worker_threads,
         })
     }
 }

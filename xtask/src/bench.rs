@@ -271,6 +271,7 @@ pub fn bench(bin: &Path, quick: bool, out: &Path) -> anyhow::Result<()> {
             let mut pair: [Sample; 2] = Default::default();
             for side in order {
                 let server_ip = ip(side.server())?;
+                settle(&agents, idle_kib)?;
                 let sample = measure(&agents, || match scenario.load {
                     Load::Bulk(streams) => cluster.iperf(side.client(), &server_ip, streams, plan.seconds),
                     Load::Http { close, concurrency } => {
@@ -335,6 +336,19 @@ pub fn bench(bin: &Path, quick: bool, out: &Path) -> anyhow::Result<()> {
         md_path.display()
     ));
     Ok(())
+}
+
+/// Waits (at most 8 s) until both agents are back near their idle RSS, so that each load's peak is
+/// its own and not what the previous load left for the allocator to return.
+fn settle(agents: &[Agent; 2], idle_kib: [u64; 2]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        let now = agents.each(Agent::rss_kib)?;
+        if (0..2).all(|i| now[i] <= idle_kib[i] + 2048) || Instant::now() > deadline {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Runs `load`, measuring the agents around it.

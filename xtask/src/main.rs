@@ -53,7 +53,8 @@ fn main() -> anyhow::Result<()> {
         Cli::Test => setup()
             .and_then(|()| lint())
             .and_then(|()| build())
-            .and_then(|()| test()),
+            .and_then(|()| test())
+            .and_then(|()| quick_bench()),
         Cli::Lint => setup().and_then(|()| lint()),
         Cli::Bench { quick, out } => setup()
             .and_then(|()| build_release())
@@ -249,6 +250,21 @@ fn test() -> anyhow::Result<()> {
     println!("tests: {passed} passed, {failed} failed");
     ensure!(status.success(), "cargo test failed ({status})");
     Ok(())
+}
+
+/// `cargo xtask bench --quick`: proves the benchmark harness runs end to end; asserts no number.
+fn quick_bench() -> anyhow::Result<()> {
+    if !is_root() {
+        println!("note: not root; skipping the quick bench (it needs network namespaces and eBPF)");
+        return Ok(());
+    }
+    step("the benchmark harness, briefly (cargo xtask bench --quick; no number is asserted)");
+    build_release()?;
+    bench::bench(
+        &root().join("target").join("release"),
+        true,
+        &root().join("target").join("bench-quick"),
+    )
 }
 
 // === demo ===

@@ -102,6 +102,12 @@ pub fn start_controller(cluster: &Cluster, bin: &Path) -> anyhow::Result<u32> {
     Ok(pid)
 }
 
+/// This machine's CPUs divided among the cluster's nodes, at least one each.
+fn node_share_of_cpus(cluster: &Cluster) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cpus / cluster.nodes.len().max(1)).max(1)
+}
+
 /// Starts a node's agent inside the node's network namespace and agent cgroup and waits until it
 /// reports ready.
 pub fn start_agent(cluster: &Cluster, node: &Node, bin: &Path) -> anyhow::Result<u32> {
@@ -120,7 +126,9 @@ pub fn start_agent(cluster: &Cluster, node: &Node, bin: &Path) -> anyhow::Result
         .arg("--bpf-pin-dir")
         .arg(&node.bpf_pin_dir)
         .arg("--cgroup")
-        .arg(&node.cgroup);
+        .arg(&node.cgroup)
+        // The dev nodes share this machine's CPUs: each gets its slice, as a real node has its own.
+        .args(["--worker-threads", &node_share_of_cpus(cluster).to_string()]);
     if cluster.strict_mtls {
         cmd.arg("--strict-mtls");
     }
