@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use crate::identity::Identity;
-use crate::server::{CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
+use crate::server::{CONNECTION_WINDOW, MAX_FRAME_SIZE, SEND_BUFFER, STREAM_WINDOW};
 use crate::tls::{ALPN_H2, TlsError};
 use conn::{Conn, ConnState, Entry, StreamGuard};
 use tls_io::TlsIo;
@@ -253,7 +253,7 @@ impl Pool {
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
-            .max_send_buf_size(MAX_FRAME_SIZE as usize)
+            .max_send_buf_size(SEND_BUFFER)
             .keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .handshake(TokioIo::new(io))

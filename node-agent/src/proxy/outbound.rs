@@ -10,7 +10,11 @@ use weft_dataplane::{
     proxy::copy,
     socket::{self, Source},
 };
-use weft_hbone::{client::PoolKey, identity::Identity, tls};
+use weft_hbone::{
+    client::{PoolKey, Tunnel},
+    identity::Identity,
+    tls,
+};
 
 use super::{Direction, Mode, Reason, Record, connect_in, forward, is_forbidden};
 use crate::{inpod::PodContext, state::Plan};
@@ -65,16 +69,33 @@ async fn hbone(
     target: SocketAddr,
     expected: Identity,
 ) {
-    let ctx = record.ctx.clone();
-    let cert = match ctx.mesh.identities.get(&ctx.identity).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(pod = %ctx.name, error = %e, "outbound refused");
-            record.reason = Reason::NoIdentity;
+    // Boxed: an async fn's state is as large as its largest await point, and the set-up (certificate,
+    // TLS and HTTP/2 handshakes) would otherwise stay in every connection's task for its whole life.
+    let mut tunnel = match Box::pin(open_tunnel(&record.ctx, peer, target, expected)).await {
+        Ok(t) => t,
+        Err(reason) => {
+            record.reason = reason;
             return;
         }
     };
     let _ = downstream.set_nodelay(true);
+    match copy(&mut downstream, &mut tunnel).await {
+        Ok(t) => record.transferred = t,
+        Err(_) => record.reason = Reason::Io,
+    }
+}
+
+/// A tunnel to `target` through the peer agent at `peer`, as the pod's identity.
+async fn open_tunnel(
+    ctx: &Arc<PodContext>,
+    peer: SocketAddr,
+    target: SocketAddr,
+    expected: Identity,
+) -> Result<Tunnel, Reason> {
+    let cert = ctx.mesh.identities.get(&ctx.identity).await.map_err(|e| {
+        tracing::warn!(pod = %ctx.name, error = %e, "outbound refused");
+        Reason::NoIdentity
+    })?;
     let key = PoolKey {
         source: ctx.pod.uid.clone(),
         destination: expected.clone(),
@@ -87,16 +108,8 @@ async fn hbone(
             .map_err(|r| std::io::Error::other(r.as_str()))
     };
     let tls = || tls::client_config(&cert.credential, &cert.bundle, &expected);
-    let mut tunnel = match ctx.mesh.pool.connect(key, tls, dial, target).await {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::debug!(pod = %ctx.name, %target, error = %e, "tunnel");
-            record.reason = Reason::Tunnel(e.reason());
-            return;
-        }
-    };
-    match copy(&mut downstream, &mut tunnel).await {
-        Ok(t) => record.transferred = t,
-        Err(_) => record.reason = Reason::Io,
-    }
+    ctx.mesh.pool.connect(key, tls, dial, target).await.map_err(|e| {
+        tracing::debug!(pod = %ctx.name, %target, error = %e, "tunnel");
+        Reason::Tunnel(e.reason())
+    })
 }
