@@ -14,21 +14,6 @@ use std::time::Duration;
 /// The longest duration any option accepts (a year): keeps every `Instant + Duration` in range.
 const MAX_SECS: f64 = 365.0 * 24.0 * 3600.0;
 
-/// Raises the soft `RLIMIT_NOFILE` to the hard limit, best effort (failure is ignored).
-pub fn raise_nofile_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes only into the rlimit we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 || limit.rlim_cur >= limit.rlim_max {
-        return;
-    }
-    limit.rlim_cur = limit.rlim_max;
-    // SAFETY: setrlimit only reads the rlimit we pass; a failure leaves the limit as it was.
-    let _ = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
-}
-
 /// A current-thread runtime for `threads <= 1`, else a multi-thread runtime with `threads` workers.
 pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     if threads <= 1 {

@@ -166,3 +166,25 @@ pub fn original_dst(socket: &impl AsFd, listener_family_v6: bool) -> io::Result<
         )))
     }
 }
+
+/// Raises the soft limit on open files to the hard one. A proxied connection holds a socket on each
+/// side, and the usual soft limit (1,024) would cap a process at a few hundred connections.
+pub fn raise_open_file_limit() -> io::Result<()> {
+    let mut rlim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only into the rlimit we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rlim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if rlim.rlim_cur >= rlim.rlim_max {
+        return Ok(());
+    }
+    rlim.rlim_cur = rlim.rlim_max;
+    // SAFETY: setrlimit only reads the rlimit we pass; on failure the limit stays as it was.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

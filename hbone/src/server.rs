@@ -235,7 +235,7 @@ impl<H: Handler> Connection<H> {
             target,
         };
         let (session, result) = self.handler.open(&request).await;
-        let upstream = match result {
+        let mut upstream = match result {
             Ok(upstream) => upstream,
             Err(refusal) => {
                 self.handler
@@ -255,7 +255,6 @@ impl<H: Handler> Connection<H> {
         );
         tokio::spawn(
             async move {
-                let mut upstream = upstream;
                 let result = match on_upgrade.await {
                     Ok(upgraded) => weft_dataplane::proxy::copy(&mut TokioIo::new(upgraded), &mut upstream).await,
                     Err(e) => Err(io::Error::other(e)),

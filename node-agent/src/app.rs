@@ -23,7 +23,9 @@ use crate::{
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(config: Config) -> anyhow::Result<()> {
     raise_memlock();
-    raise_nofile();
+    if let Err(e) = weft_dataplane::socket::raise_open_file_limit() {
+        tracing::warn!(error = %e, "could not raise the open-file limit");
+    }
     check_own_cgroup(&config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads)
@@ -257,24 +259,6 @@ async fn return_freed_memory() {
         every.tick().await;
         // SAFETY: malloc_trim only releases memory malloc does not hand out; safe at any time.
         unsafe { libc::malloc_trim(0) };
-    }
-}
-
-/// Every proxied connection holds two sockets in the agent (one per side): the soft limit on open
-/// files (often 1,024) would cap a node at a few hundred connections, so it is raised to the hard one.
-fn raise_nofile() {
-    let mut rlim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rlim) == 0 && rlim.rlim_cur < rlim.rlim_max {
-            rlim.rlim_cur = rlim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) != 0 {
-                tracing::warn!(limit = rlim.rlim_max, "could not raise the open-file limit");
-            }
-        }
     }
 }
 

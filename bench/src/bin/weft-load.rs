@@ -38,7 +38,8 @@ enum Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    weft_bench::raise_nofile_limit();
+    // Best effort: without it, only the connection counts below the soft limit work.
+    let _ = weft_dataplane::socket::raise_open_file_limit();
     match cli {
         Cli::Serve(args) => weft_bench::server::main(&args),
         Cli::Http(args) => weft_bench::http::main(&args),
