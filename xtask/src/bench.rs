@@ -541,9 +541,18 @@ impl Cluster {
         };
         ensure!(ready["event"] == "ready", "weft-load idle said {ready}");
         let seconds = ready["seconds"].as_f64().unwrap_or(f64::NAN);
-        // The agents settle (the last streams' buffers) before the reading.
-        std::thread::sleep(Duration::from_millis(500));
-        let held = both(agents, Agent::rss_kib)?;
+        // Read once the agents' RSS has stopped moving (the last streams are still being set up
+        // when the client reports ready), or after 5 s.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut held = both(agents, Agent::rss_kib)?;
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = both(agents, Agent::rss_kib)?;
+            if now == held || Instant::now() > deadline {
+                break;
+            }
+            held = now;
+        }
         drop(child.0.stdin.take());
         let closed = rx.recv_timeout(Duration::from_secs(60));
         ensure!(
