@@ -19,16 +19,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, StatusCode, Uri};
-use http_body_util::Empty;
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use crate::identity::Identity;
-use crate::server::{CONNECTION_WINDOW, MAX_FRAME_SIZE, SEND_BUFFER, STREAM_WINDOW};
+use crate::server::{
+    CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, SEND_BUFFER, STREAM_WINDOW, TLS_SEND_BUFFER, Transferred,
+};
+use crate::stream::H2Stream;
 use crate::tls::{ALPN_H2, TlsError};
 use conn::{Conn, ConnState, Entry, StreamGuard};
 use tls_io::TlsIo;
@@ -72,7 +72,7 @@ pub struct Pool {
 /// Shutting down the write half sends END_STREAM (the far side sees EOF); dropping the tunnel resets the
 /// stream and frees its slot on the connection.
 pub struct Tunnel {
-    io: TokioIo<Upgraded>,
+    io: H2Stream,
     _stream: StreamGuard,
 }
 
@@ -106,7 +106,7 @@ pub enum ConnectError {
     Timeout,
     /// HTTP/2 failed (handshake, stream reset, connection closed).
     #[error("HTTP/2 with the HBONE peer failed")]
-    Http(#[source] hyper::Error),
+    Http(#[source] h2::Error),
 }
 
 // === impl PoolConfig ===
@@ -240,25 +240,28 @@ impl Pool {
         // Best effort: without TCP_NODELAY the tunnel still works, only with more latency.
         let _ = tcp.set_nodelay(true);
         let server_name = ServerName::IpAddress(key.peer.ip().into());
-        let stream = tokio_rustls::TlsConnector::from(config)
+        let mut stream = tokio_rustls::TlsConnector::from(config)
             .connect(server_name, tcp)
             .await
             .map_err(handshake_error)?;
+        stream.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
         if stream.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
             return Err(ConnectError::Tls(rustls::Error::NoApplicationProtocol));
         }
         let (io, tls_error) = TlsIo::new(stream);
-        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(STREAM_WINDOW)
+        let (sender, connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
-            .max_send_buf_size(SEND_BUFFER)
-            .keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .handshake(TokioIo::new(io))
+            .max_send_buffer_size(SEND_BUFFER)
+            .max_header_list_size(MAX_HEADER_LIST_SIZE)
+            .enable_push(false)
+            .handshake::<_, Bytes>(io)
             .await
-            .map_err(classify)?;
+            .map_err(|e| match tls_error.get() {
+                Some(tls) => ConnectError::Tls(tls.clone()),
+                None => classify(e),
+            })?;
 
         let config = &self.inner.config;
         let (state, guard) = ConnState::new_reserved(config.max_streams_per_connection);
@@ -316,6 +319,19 @@ impl PoolInner {
 }
 
 // === impl Tunnel ===
+
+impl Tunnel {
+    /// Moves bytes both ways between `io` (the application's connection) and the tunnel until both
+    /// directions have finished, propagating half-closes, without copying them through an intermediate
+    /// byte stream. `sent` counts bytes from `io` into the tunnel.
+    pub async fn splice<T>(&mut self, io: &mut T) -> io::Result<Transferred>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    {
+        let (sent, received) = self.io.splice(io).await?;
+        Ok(Transferred { sent, received })
+    }
+}
 
 impl AsyncRead for Tunnel {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
@@ -392,33 +408,37 @@ enum SendError {
 }
 
 /// Sends `CONNECT target` on `conn` and, on 200, takes over the stream.
-async fn send_connect(conn: &Conn, target: SocketAddr) -> Result<TokioIo<Upgraded>, SendError> {
-    let classify = |e: hyper::Error| match conn.tls_error.get() {
+async fn send_connect(conn: &Conn, target: SocketAddr) -> Result<H2Stream, SendError> {
+    let classify = |e: h2::Error| match conn.tls_error.get() {
         Some(tls) => ConnectError::Tls(tls.clone()),
         None => classify(e),
     };
-    let mut sender = conn.sender.clone();
-    let response = sender
-        .try_send_request(connect_request(target))
+    // Until the request is on the wire (the connection takes a new stream, the stream is opened, or the peer
+    // refuses it unprocessed), another connection may be tried.
+    let mut sender = conn
+        .sender
+        .clone()
+        .ready()
         .await
-        .map_err(|mut e| match e.take_message() {
-            Some(_) => SendError::Unsent(classify(e.into_error())),
-            None => SendError::Failed(classify(e.into_error())),
-        })?;
+        .map_err(|e| SendError::Unsent(classify(e)))?;
+    let (response, send) = sender
+        .send_request(connect_request(target), false)
+        .map_err(|e| SendError::Unsent(classify(e)))?;
+    let response = response.await.map_err(|e| match e.reason() {
+        Some(h2::Reason::REFUSED_STREAM) => SendError::Unsent(classify(e)),
+        _ => SendError::Failed(classify(e)),
+    })?;
     if response.status() != StatusCode::OK {
         return Err(SendError::Failed(ConnectError::from_status(response.status())));
     }
-    let upgraded = hyper::upgrade::on(response)
-        .await
-        .map_err(|e| SendError::Failed(classify(e)))?;
-    Ok(TokioIo::new(upgraded))
+    Ok(H2Stream::new(send, response.into_body()))
 }
 
-fn connect_request(target: SocketAddr) -> http::Request<Empty<Bytes>> {
+fn connect_request(target: SocketAddr) -> http::Request<()> {
     // Invariant: a SocketAddr's Display ("ip:port", "[ipv6]:port", "[ipv6%scope]:port") is always a valid
     // URI authority, so neither the URI nor the request can fail to build.
     let uri = Uri::try_from(target.to_string()).expect("ip:port is a valid authority");
-    let mut req = http::Request::new(Empty::new());
+    let mut req = http::Request::new(());
     *req.method_mut() = Method::CONNECT;
     *req.uri_mut() = uri;
     req
@@ -435,7 +455,7 @@ fn handshake_error(e: io::Error) -> ConnectError {
 
 /// An HTTP/2 failure, or the TLS failure underneath it (with TLS 1.3 the server refuses a client certificate
 /// only after the client's handshake finished, so the refusal surfaces on the first request).
-fn classify(e: hyper::Error) -> ConnectError {
+fn classify(e: h2::Error) -> ConnectError {
     match tls_cause(&e) {
         Some(tls) => ConnectError::Tls(tls.clone()),
         None => ConnectError::Http(e),

@@ -11,6 +11,7 @@
 pub mod client;
 pub mod identity;
 pub mod server;
+mod stream;
 pub mod tls;
 
 pub use client::{ConnectError, Pool, PoolConfig, PoolKey, Tunnel};

@@ -9,22 +9,21 @@ mod connect;
 #[cfg(test)]
 mod tests;
 
-use std::convert::Infallible;
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
 use http::{Response, StatusCode};
-use http_body_util::Empty;
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use crate::identity::Identity;
+use crate::stream::H2Stream;
 use crate::tls::{ALPN_H2, peer_identity};
 
 pub use connect::{BadRequest, FORBIDDEN_PORTS, parse_connect};
@@ -43,6 +42,12 @@ pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 pub const MAX_FRAME_SIZE: u32 = 64 * 1024;
 /// Bytes one stream may queue for sending before its writer is pushed back.
 pub const SEND_BUFFER: usize = 256 * 1024;
+/// Encrypted bytes rustls may queue before a write is cut short. Its default (64 KiB) is exactly one
+/// `MAX_FRAME_SIZE` payload, so every DATA frame's last 9 bytes (its header's worth) went out as a
+/// TLS record and a TCP segment of their own; four frames' room lets whole frames through.
+pub const TLS_SEND_BUFFER: usize = 4 * (MAX_FRAME_SIZE as usize + 64);
+/// Largest request or response header block accepted (a `CONNECT` needs a few dozen bytes).
+pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 
 /// One validated `CONNECT` request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -131,9 +136,9 @@ pub enum ServeError {
     /// The HTTP/2 connection failed.
     #[error("HTTP/2 connection failed")]
     Http {
-        /// hyper's error.
+        /// h2's error.
         #[source]
-        source: hyper::Error,
+        source: h2::Error,
     },
 }
 
@@ -152,12 +157,13 @@ pub async fn serve<H: Handler>(
     // Best effort: a socket that refuses TCP_NODELAY still works, only with more latency.
     let _ = tcp.set_nodelay(true);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+    let mut stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
         .await
         .map_err(|_| ServeError::HandshakeTimeout {
             after: HANDSHAKE_TIMEOUT,
         })?
         .map_err(|source| ServeError::Handshake { source })?;
+    stream.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
     let conn = stream.get_ref().1;
     if conn.alpn_protocol() != Some(ALPN_H2) {
         return Err(ServeError::Alpn {
@@ -174,18 +180,26 @@ pub async fn serve<H: Handler>(
         identity,
         handler,
     });
-    let service = hyper::service::service_fn(move |req| {
-        let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(ctx.handle(req).await) }
-    });
-    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let handshake = h2::server::Builder::new()
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
-        .max_send_buf_size(SEND_BUFFER)
-        .auto_date_header(false)
-        .serve_connection(TokioIo::new(stream), service)
+        .max_send_buffer_size(SEND_BUFFER)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .handshake::<_, Bytes>(stream);
+    let mut connection = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| ServeError::HandshakeTimeout {
+            after: HANDSHAKE_TIMEOUT,
+        })?
+        .map_err(|source| ServeError::Http { source })?;
+    // `accept` also drives the connection: tunnels keep moving while we wait for the next request.
+    while let Some(next) = connection.accept().await {
+        let (req, respond) = next.map_err(|source| ServeError::Http { source })?;
+        tokio::spawn(ctx.clone().handle(req, respond));
+    }
+    poll_fn(|cx| connection.poll_closed(cx))
         .await
         .map_err(|source| ServeError::Http { source })
 }
@@ -221,12 +235,14 @@ struct Connection<H> {
 }
 
 impl<H: Handler> Connection<H> {
-    async fn handle(&self, mut req: http::Request<Incoming>) -> Response<Empty<Bytes>> {
-        let target = match parse_connect(req.method(), req.uri()) {
+    async fn handle(self: Arc<Self>, req: http::Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+        let (parts, recv) = req.into_parts();
+        let target = match parse_connect(&parts.method, &parts.uri) {
             Ok(target) => target,
             Err(error) => {
                 tracing::debug!(src.addr = %self.peer, src.identity = %self.identity, %error, "bad HBONE request");
-                return status(StatusCode::BAD_REQUEST);
+                let _ = respond.send_response(status(StatusCode::BAD_REQUEST), true);
+                return;
             }
         };
         let request = Request {
@@ -234,41 +250,43 @@ impl<H: Handler> Connection<H> {
             identity: self.identity.clone(),
             target,
         };
-        let (session, result) = self.handler.open(&request).await;
+        // A client that resets the stream while we authorize and connect is gone: drop the attempt.
+        let (session, result) = tokio::select! {
+            opened = self.handler.open(&request) => opened,
+            _ = poll_fn(|cx| respond.poll_reset(cx)) => return,
+        };
         let mut upstream = match result {
             Ok(upstream) => upstream,
             Err(refusal) => {
                 self.handler
                     .closed(session, Err(io::Error::new(refusal.io_kind(), refusal)));
-                return status(refusal.status());
+                let _ = respond.send_response(status(refusal.status()), true);
+                return;
             }
         };
         // Best effort, as for the client side of the tunnel.
         let _ = upstream.set_nodelay(true);
-        let on_upgrade = hyper::upgrade::on(&mut req);
-        let handler = self.handler.clone();
         let span = tracing::debug_span!(
             "hbone_inbound",
             src.addr = %request.peer,
             src.identity = %request.identity,
             dst.addr = %request.target,
         );
-        tokio::spawn(
-            async move {
-                let result = match on_upgrade.await {
-                    Ok(upgraded) => weft_dataplane::proxy::copy(&mut TokioIo::new(upgraded), &mut upstream).await,
-                    Err(e) => Err(io::Error::other(e)),
-                };
-                handler.closed(session, result);
-            }
-            .instrument(span),
-        );
-        status(StatusCode::OK)
+        let result = async {
+            let send = respond
+                .send_response(status(StatusCode::OK), false)
+                .map_err(io::Error::other)?;
+            let (received, sent) = H2Stream::new(send, recv).splice(&mut upstream).await?;
+            Ok(Transferred { sent, received })
+        }
+        .instrument(span)
+        .await;
+        self.handler.closed(session, result);
     }
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut rsp = Response::new(Empty::new());
+fn status(code: StatusCode) -> Response<()> {
+    let mut rsp = Response::new(());
     *rsp.status_mut() = code;
     rsp
 }

@@ -5,11 +5,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::client::conn::http2::SendRequest;
+use h2::client::SendRequest;
+use h2::{Ping, PingPong};
 use tokio::sync::Notify;
 
-use super::{PoolInner, PoolKey};
+use super::tls_io::TlsIo;
+use super::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, PoolInner, PoolKey};
 
 /// Set in [`ConnState::streams`] once the connection takes no new streams (closed, broken or idle-expired).
 const CLOSED: usize = 1 << (usize::BITS - 1);
@@ -19,7 +20,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// A pooled connection as the pool lists it.
 pub(super) struct Conn {
-    pub(super) sender: SendRequest<Empty<Bytes>>,
+    pub(super) sender: SendRequest<Bytes>,
     pub(super) state: Arc<ConnState>,
     /// The first TLS error on the connection (e.g. the server refusing our certificate).
     pub(super) tls_error: super::tls_io::TlsErrorSlot,
@@ -127,13 +128,11 @@ impl Entry {
 
     /// A stream on the first listed connection that is open and has room.
     pub(super) fn reserve(&self) -> Option<(Arc<Conn>, StreamGuard)> {
-        self.conns().iter().find_map(|conn| {
-            if conn.sender.is_closed() {
-                conn.state.close();
-                return None;
-            }
-            conn.state.try_reserve().map(|guard| (conn.clone(), guard))
-        })
+        // A connection that ended is closed by its driving task; one that broke a moment ago fails the
+        // request unsent, and the caller evicts it and retries.
+        self.conns()
+            .iter()
+            .find_map(|conn| conn.state.try_reserve().map(|guard| (conn.clone(), guard)))
     }
 
     pub(super) fn push(&self, conn: Arc<Conn>) {
@@ -152,18 +151,17 @@ impl Entry {
     }
 }
 
-/// Drives one HTTP/2 connection until it ends or stays idle for `idle_timeout`; then takes it out of the pool.
-pub(super) async fn drive<C>(
-    connection: C,
+/// Drives one HTTP/2 connection until it ends, its peer stops answering PINGs, or it stays idle for
+/// `idle_timeout`; then takes it out of the pool.
+pub(super) async fn drive(
+    mut connection: h2::client::Connection<TlsIo, Bytes>,
     state: Arc<ConnState>,
     entry: Weak<Entry>,
     pool: Weak<PoolInner>,
     key: PoolKey,
     idle_timeout: Duration,
-) where
-    C: Future<Output = Result<(), hyper::Error>>,
-{
-    let mut connection = std::pin::pin!(connection);
+) {
+    let ping = connection.ping_pong();
     let idle = tokio::select! {
         result = &mut connection => {
             if let Err(error) = result {
@@ -171,10 +169,11 @@ pub(super) async fn drive<C>(
             }
             false
         }
+        () = keepalive(ping, &state) => false,
         () = state.idle_expired(idle_timeout) => true,
     };
     state.close();
-    // Dropping the pool's handle (the last `SendRequest` when idle) lets hyper shut the connection down.
+    // Dropping the pool's handle (the last `SendRequest` when idle) lets h2 shut the connection down.
     let emptied = entry.upgrade().is_some_and(|entry| entry.remove(&state));
     if let Some(pool) = pool.upgrade() {
         if emptied {
@@ -185,5 +184,29 @@ pub(super) async fn drive<C>(
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, connection).await;
         }
         pool.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Resolves when the peer leaves a PING unanswered for [`KEEPALIVE_TIMEOUT`]. PINGs go out every
+/// [`KEEPALIVE_INTERVAL`] while the connection carries tunnels, so a dead peer is noticed even when no
+/// tunnel is sending.
+async fn keepalive(ping: Option<PingPong>, state: &ConnState) {
+    let Some(mut ping) = ping else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+        if state.live_streams() == 0 {
+            continue;
+        }
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, ping.ping(Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            // The connection itself failed: its own future reports that.
+            Ok(Err(_)) => return std::future::pending().await,
+            Err(_) => {
+                tracing::debug!(after = ?KEEPALIVE_TIMEOUT, "HBONE peer left a keepalive PING unanswered");
+                return;
+            }
+        }
     }
 }

@@ -6,10 +6,7 @@ use std::{
 };
 
 use tokio::net::TcpStream;
-use weft_dataplane::{
-    proxy::copy,
-    socket::{self, Source},
-};
+use weft_dataplane::socket::{self, Source};
 use weft_hbone::{
     client::{PoolKey, Tunnel},
     identity::Identity,
@@ -79,7 +76,7 @@ async fn hbone(
         }
     };
     let _ = downstream.set_nodelay(true);
-    match copy(&mut downstream, &mut tunnel).await {
+    match tunnel.splice(&mut downstream).await {
         Ok(t) => record.transferred = t,
         Err(_) => record.reason = Reason::Io,
     }
