@@ -27,11 +27,18 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "could not raise the open-file limit");
     }
     check_own_cgroup(&config)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.worker_threads)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    // One worker: a current-thread runtime runs woken tasks in order, so the tunnels' HTTP/2 connection task
+    // runs after every stream that queued data in the same turn and sends their frames in one TLS write.
+    // (The multi-thread scheduler runs a just-woken task next, one frame per write.)
+    let mut builder = match config.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+    };
+    let runtime = builder.enable_all().build().context("starting the async runtime")?;
     runtime.block_on(serve(config))
 }
 
