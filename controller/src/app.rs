@@ -118,6 +118,10 @@ impl Controller {
         let listen_addr = listener.local_addr().context("--listen: no local address")?;
         let (cert, key) = ca.serving_cert(&config.server_name, config.listen.ip())?;
         let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+        // tonic's server builds its TLS configuration from the process-wide provider, which rustls cannot pick
+        // on its own with both ring and aws-lc compiled in (HBONE's record cipher is aws-lc's): name ring.
+        // An error only means a provider is installed already (a second controller in one test process).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let admin = bind_admin_socket(&config.admin_socket).await?;
 
         let (shutdown, shutdown_rx) = watch::channel(false);

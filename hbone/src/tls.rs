@@ -1,8 +1,9 @@
 //! Mutual TLS 1.3 between SPIFFE identities: workload credentials, trust bundles, and the rustls
 //! configurations HBONE clients and servers use.
 //!
-//! Only the ring crypto provider is used, only TLS 1.3 is offered, ALPN is `h2`, and session resumption is
-//! disabled on both sides so that every connection goes through the full certificate checks.
+//! Only TLS 1.3 is offered, ALPN is `h2`, and session resumption is disabled on both sides so that every
+//! connection goes through the full certificate checks. Key exchange, signatures and randomness are ring's;
+//! the record cipher is aws-lc's (see [`provider`]).
 //! Peer names are never checked as DNS names: the verifiers in this module check the chain against the
 //! trust bundle's roots and then the peer's single `spiffe://` URI SAN.
 
@@ -23,6 +24,21 @@ use verifier::{SpiffeClientVerifier, SpiffeServerVerifier};
 
 /// The one ALPN protocol HBONE speaks.
 pub const ALPN_H2: &[u8] = b"h2";
+
+/// The crypto of both configurations: ring's provider with aws-lc's TLS 1.3 cipher suites, AES-128-GCM
+/// first. Every tunnelled byte is encrypted once and decrypted once, and that was a sixth of both agents'
+/// CPU in a bulk flow: aws-lc's AES-GCM uses 512-bit vector AES where the CPU has it (1.6x ring's on the
+/// bench machine), and AES-128 runs 10 rounds to AES-256's 14.
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    use rustls::crypto::aws_lc_rs::cipher_suite;
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = vec![
+        cipher_suite::TLS13_AES_128_GCM_SHA256,
+        cipher_suite::TLS13_AES_256_GCM_SHA384,
+        cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(provider)
+}
 
 /// Errors building credentials, trust bundles and TLS configurations.
 #[derive(Debug, thiserror::Error)]
@@ -123,7 +139,7 @@ pub fn client_config(
     bundle: &TrustBundle,
     expected: &Identity,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = provider();
     let verifier = SpiffeServerVerifier::new(provider.clone(), bundle, expected.clone());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -140,7 +156,7 @@ pub fn client_config(
 /// Server configuration presenting `cred` and requiring a client certificate that chains to `bundle`'s roots
 /// and carries a SPIFFE id in the bundle's trust domain (any workload: authorization comes later).
 pub fn server_config(cred: &Credential, bundle: &TrustBundle) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = provider();
     let verifier = SpiffeClientVerifier::new(provider.clone(), bundle);
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
