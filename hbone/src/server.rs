@@ -36,16 +36,17 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 1000;
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// HTTP/2 flow-control window per connection.
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
-/// Largest HTTP/2 frame payload we accept. A frame is decoded whole, so the connection's read
-/// buffer grows to this size under a bulk flow and keeps it while the pooled connection lives: 64 KiB
-/// frames (four TLS records each) keep that small at no measurable cost in throughput.
-pub const MAX_FRAME_SIZE: u32 = 64 * 1024;
+/// Largest HTTP/2 frame payload we accept. h2 writes one frame per TLS write, so a bulk flow costs one
+/// `writev` (and on the far side one write to the application) per frame: 256 KiB frames (sixteen TLS
+/// records) take four times fewer than 64 KiB ones. A frame is decoded whole, so a pooled connection's read
+/// buffer grows to this size under a bulk flow.
+pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
 /// Bytes one stream may queue for sending before its writer is pushed back.
 pub const SEND_BUFFER: usize = 256 * 1024;
-/// Encrypted bytes rustls may queue before a write is cut short. Its default (64 KiB) is exactly one
-/// `MAX_FRAME_SIZE` payload, so every DATA frame's last 9 bytes (its header's worth) went out as a
-/// TLS record and a TCP segment of their own; four frames' room lets whole frames through.
-pub const TLS_SEND_BUFFER: usize = 4 * (MAX_FRAME_SIZE as usize + 64);
+/// Encrypted bytes rustls may queue before a write is cut short. With its default (64 KiB) a frame's
+/// last bytes went out as a TLS record, a `writev` and a TCP segment of their own; two frames' room lets
+/// whole frames through.
+pub const TLS_SEND_BUFFER: usize = 2 * (MAX_FRAME_SIZE as usize + 1024);
 /// Largest request or response header block accepted (a `CONNECT` needs a few dozen bytes).
 pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 

@@ -19,13 +19,13 @@ use bytes::{Buf, Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// A DATA payload that, with its 9-byte frame header, fills exactly four full TLS records (16 KiB of
-/// plaintext each). h2 writes one frame per TLS write and rustls cuts records per write, so a 64 KiB
-/// payload would make every frame end in a 9-byte record of its own.
-pub(crate) const FRAME_PAYLOAD: usize = 4 * 16 * 1024 - 9;
+/// A DATA payload that, with its 9-byte frame header, fills exactly sixteen full TLS records (16 KiB of
+/// plaintext each). h2 writes one frame per TLS write and rustls cuts records per write, so a payload of
+/// whole records would make every frame end in a 9-byte record of its own.
+pub(crate) const FRAME_PAYLOAD: usize = 16 * 16 * 1024 - 9;
 
-/// The most one read from the TCP side takes.
-const READ_CHUNK: usize = 4 * FRAME_PAYLOAD;
+/// The most one read from the TCP side takes: one frame's worth.
+const READ_CHUNK: usize = FRAME_PAYLOAD;
 
 /// Below this much room left in the thread's read buffer, a fresh one is started.
 const MIN_READ: usize = 16 * 1024;
