@@ -24,6 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
+use crate::batched::BatchedReads;
 use crate::identity::Identity;
 use crate::server::{
     CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, SEND_BUFFER, STREAM_WINDOW, TLS_SEND_BUFFER, Transferred,
@@ -241,7 +242,7 @@ impl Pool {
         let _ = tcp.set_nodelay(true);
         let server_name = ServerName::IpAddress(key.peer.ip().into());
         let mut stream = tokio_rustls::TlsConnector::from(config)
-            .connect(server_name, tcp)
+            .connect(server_name, BatchedReads::new(tcp))
             .await
             .map_err(handshake_error)?;
         stream.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));

@@ -8,6 +8,7 @@
 
 #![warn(missing_docs)]
 
+mod batched;
 pub mod client;
 pub mod identity;
 pub mod server;

@@ -22,6 +22,7 @@ use http::{Response, StatusCode};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
+use crate::batched::BatchedReads;
 use crate::identity::Identity;
 use crate::stream::H2Stream;
 use crate::tls::{ALPN_H2, peer_identity};
@@ -158,7 +159,7 @@ pub async fn serve<H: Handler>(
     // Best effort: a socket that refuses TCP_NODELAY still works, only with more latency.
     let _ = tcp.set_nodelay(true);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let mut stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+    let mut stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(BatchedReads::new(tcp)))
         .await
         .map_err(|_| ServeError::HandshakeTimeout {
             after: HANDSHAKE_TIMEOUT,

@@ -15,7 +15,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -26,9 +26,6 @@ pub(crate) const FRAME_PAYLOAD: usize = 16 * 16 * 1024 - 9;
 
 /// The most one read from the TCP side takes: one frame's worth.
 const READ_CHUNK: usize = FRAME_PAYLOAD;
-
-/// Below this much room left in the thread's read buffer, a fresh one is started.
-const MIN_READ: usize = 16 * 1024;
 
 thread_local! {
     /// Reads land here and leave as frozen [`Bytes`] sharing its allocation; an idle tunnel holds none.
@@ -114,13 +111,7 @@ impl ToStream {
                 self.done = true;
                 continue;
             }
-            let read = READ_BUF.with_borrow_mut(|buf| {
-                if buf.capacity() - buf.len() < MIN_READ {
-                    buf.reserve(READ_CHUNK);
-                }
-                ready!(tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf))?;
-                Poll::Ready(Ok::<_, io::Error>(buf.split().freeze()))
-            });
+            let read = poll_read_shared(cx, &mut *io, READ_CHUNK);
             let read = ready!(read)?;
             if read.is_empty() {
                 self.eof = true;
@@ -183,6 +174,22 @@ impl FromStream {
             }
         }
     }
+}
+
+/// Reads up to `max` bytes from `io` into the worker thread's read buffer and returns them as [`Bytes`]
+/// sharing its allocation (empty at EOF).
+pub(crate) fn poll_read_shared<R>(cx: &mut Context<'_>, io: &mut R, max: usize) -> Poll<io::Result<Bytes>>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    READ_BUF.with_borrow_mut(|buf| {
+        // Reuses the buffer from its start once every earlier read has been sent on (a fresh one
+        // otherwise), so small reads keep landing in the same page instead of walking 256 KiB of it.
+        buf.reserve(READ_CHUNK);
+        let mut limited = (&mut *buf).limit(max);
+        ready!(tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, &mut limited))?;
+        Poll::Ready(Ok(buf.split().freeze()))
+    })
 }
 
 /// Waits until h2 grants send capacity for (up to) `want` bytes, and returns how much it granted.

@@ -11,6 +11,8 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::batched::BatchedReads;
 use tokio_rustls::client::TlsStream;
 
 use super::tls_cause;
@@ -19,12 +21,12 @@ use super::tls_cause;
 pub(super) type TlsErrorSlot = Arc<OnceLock<rustls::Error>>;
 
 pub(super) struct TlsIo {
-    inner: TlsStream<TcpStream>,
+    inner: TlsStream<BatchedReads<TcpStream>>,
     error: TlsErrorSlot,
 }
 
 impl TlsIo {
-    pub(super) fn new(inner: TlsStream<TcpStream>) -> (Self, TlsErrorSlot) {
+    pub(super) fn new(inner: TlsStream<BatchedReads<TcpStream>>) -> (Self, TlsErrorSlot) {
         let error = TlsErrorSlot::default();
         (
             Self {
