@@ -8,10 +8,10 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::stream::poll_read_shared;
+use crate::stream::{advance, poll_read_shared};
 
 /// The most one read takes.
 const BATCH: usize = 256 * 1024;
@@ -44,7 +44,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for BatchedReads<T> {
         }
         let n = this.pending.len().min(dst.remaining());
         dst.put_slice(&this.pending[..n]);
-        this.pending.advance(n);
+        advance(&mut this.pending, n);
         Poll::Ready(Ok(()))
     }
 }

@@ -239,7 +239,10 @@ struct Connection<H> {
 impl<H: Handler> Connection<H> {
     async fn handle(self: Arc<Self>, req: http::Request<RecvStream>, mut respond: SendResponse<Bytes>) {
         let (parts, recv) = req.into_parts();
-        let target = match parse_connect(&parts.method, &parts.uri) {
+        let target = parse_connect(&parts.method, &parts.uri);
+        // Not held for the tunnel's life: a task per tunnel carries only what it uses.
+        drop(parts);
+        let target = match target {
             Ok(target) => target,
             Err(error) => {
                 tracing::debug!(src.addr = %self.peer, src.identity = %self.identity, %error, "bad HBONE request");

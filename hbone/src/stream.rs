@@ -102,6 +102,10 @@ impl ToStream {
                 let want = self.pending.len().min(FRAME_PAYLOAD);
                 let granted = ready!(poll_send_capacity(cx, send, want))?;
                 let chunk = self.pending.split_to(granted.min(want));
+                if self.pending.is_empty() {
+                    // An empty slice still holds its allocation (the worker's 256 KiB read buffer).
+                    self.pending = Bytes::new();
+                }
                 self.moved += chunk.len() as u64;
                 send.send_data(chunk, false).map_err(send_error)?;
                 continue;
@@ -146,7 +150,7 @@ impl FromStream {
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
-                self.pending.advance(n);
+                advance(&mut self.pending, n);
                 self.moved += n as u64;
                 self.unflushed = true;
                 // Only bytes the application side took reopen the window: that is the backpressure.
@@ -188,8 +192,19 @@ where
         buf.reserve(READ_CHUNK);
         let mut limited = (&mut *buf).limit(max);
         ready!(tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, &mut limited))?;
-        Poll::Ready(Ok(buf.split().freeze()))
+        let read = buf.split().freeze();
+        // Nothing read (EOF) must not keep a reference to the buffer either.
+        Poll::Ready(Ok(if read.is_empty() { Bytes::new() } else { read }))
     })
+}
+
+/// Consumes `n` bytes of `bytes`; once it is empty, drops its reference to the allocation it was sliced
+/// from (the worker's read buffer, or h2's receive buffer), so an idle connection holds none.
+pub(crate) fn advance(bytes: &mut Bytes, n: usize) {
+    bytes.advance(n);
+    if bytes.is_empty() {
+        *bytes = Bytes::new();
+    }
 }
 
 /// Waits until h2 grants send capacity for (up to) `want` bytes, and returns how much it granted.
@@ -258,7 +273,7 @@ impl AsyncRead for H2Stream {
         }
         let n = this.buffered.len().min(buf.remaining());
         buf.put_slice(&this.buffered[..n]);
-        this.buffered.advance(n);
+        advance(&mut this.buffered, n);
         Poll::Ready(Ok(()))
     }
 }
