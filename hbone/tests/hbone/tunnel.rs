@@ -92,3 +92,55 @@ async fn ipv6_targets_travel_as_bracketed_authorities() {
     })
     .await;
 }
+
+/// The agent's path: a TCP connection spliced into the tunnel (no byte stream in between). 3 MiB each
+/// way, more than a stream window, with the application on the far side echoing; EOF from the TCP side
+/// ends the stream and the echo's end comes back as EOF; both ends count every byte.
+#[tokio::test]
+async fn a_tcp_connection_spliced_into_a_tunnel_round_trips_every_byte() {
+    within(async {
+        let ca = Ca::new("root");
+        let app = echo_server().await;
+        let (server, client) = pair(&ca, Mode::Forward(app), PoolConfig::default()).await;
+        let mut tunnel = client.connect(&server, any_target()).await.unwrap();
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let payload: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+        let sent = payload.clone();
+        let downstream = tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (mut rd, mut wr) = stream.into_split();
+            let writer = async {
+                wr.write_all(&sent).await.unwrap();
+                wr.shutdown().await.unwrap();
+            };
+            let reader = async {
+                let mut back = Vec::new();
+                rd.read_to_end(&mut back).await.unwrap();
+                back
+            };
+            tokio::join!(writer, reader).1
+        });
+        let (mut accepted, _) = listener.accept().await.unwrap();
+        let moved = tunnel.splice(&mut accepted).await.unwrap();
+        let back = downstream.await.unwrap();
+        assert!(back == payload, "echoed bytes differ");
+        let len = payload.len() as u64;
+        assert_eq!(
+            moved,
+            Transferred {
+                sent: len,
+                received: len
+            }
+        );
+        assert_eq!(
+            server.handler.next_closed().await,
+            Ok(Transferred {
+                sent: len,
+                received: len
+            })
+        );
+    })
+    .await;
+}
