@@ -1,8 +1,9 @@
 //! Socket reads batched under TLS.
 //!
 //! rustls asks its transport for at most one TLS record (about 16 KiB) at a time, so a bulk flow cost the
-//! receiving agent one `recvfrom` per record. [`BatchedReads`] reads up to 256 KiB at once into the worker
-//! thread's read buffer and hands rustls its records from memory. An idle connection holds nothing.
+//! receiving agent one `recvfrom` per record. [`BatchedReads`] reads up to a frame's worth (256 KiB) at once
+//! into the worker thread's read buffer and hands rustls its records from memory. An idle connection holds
+//! nothing.
 
 use std::io;
 use std::pin::Pin;
@@ -11,10 +12,7 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::stream::{advance, poll_read_shared};
-
-/// The most one read takes.
-const BATCH: usize = 256 * 1024;
+use crate::stream::{READ_CHUNK as BATCH, advance, poll_read_shared};
 
 /// A transport whose reads are batched; writes pass straight through.
 pub(crate) struct BatchedReads<T> {

@@ -259,10 +259,7 @@ impl Pool {
             .enable_push(false)
             .handshake::<_, Bytes>(io)
             .await
-            .map_err(|e| match tls_error.get() {
-                Some(tls) => ConnectError::Tls(tls.clone()),
-                None => classify(e),
-            })?;
+            .map_err(|e| classify(e, &tls_error))?;
 
         let config = &self.inner.config;
         let (state, guard) = ConnState::new_reserved(config.max_streams_per_connection);
@@ -410,10 +407,7 @@ enum SendError {
 
 /// Sends `CONNECT target` on `conn` and, on 200, takes over the stream.
 async fn send_connect(conn: &Conn, target: SocketAddr) -> Result<H2Stream, SendError> {
-    let classify = |e: h2::Error| match conn.tls_error.get() {
-        Some(tls) => ConnectError::Tls(tls.clone()),
-        None => classify(e),
-    };
+    let classify = |e| classify(e, &conn.tls_error);
     // Until the request is on the wire (the connection takes a new stream, the stream is opened, or the peer
     // refuses it unprocessed), another connection may be tried.
     let mut sender = conn
@@ -454,10 +448,11 @@ fn handshake_error(e: io::Error) -> ConnectError {
     }
 }
 
-/// An HTTP/2 failure, or the TLS failure underneath it (with TLS 1.3 the server refuses a client certificate
-/// only after the client's handshake finished, so the refusal surfaces on the first request).
-fn classify(e: h2::Error) -> ConnectError {
-    match tls_cause(&e) {
+/// An HTTP/2 failure, or the TLS failure underneath it: the first one the connection's [`TlsIo`] recorded, or
+/// one in `e`'s cause chain (with TLS 1.3 the server refuses a client certificate only after the client's
+/// handshake finished, so the refusal surfaces on the first request).
+fn classify(e: h2::Error, tls_error: &tls_io::TlsErrorSlot) -> ConnectError {
+    match tls_error.get().or_else(|| tls_cause(&e)) {
         Some(tls) => ConnectError::Tls(tls.clone()),
         None => ConnectError::Http(e),
     }

@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub(crate) const FRAME_PAYLOAD: usize = 16 * 16 * 1024 - 9;
 
 /// The most one read from the TCP side takes: one frame's worth.
-const READ_CHUNK: usize = FRAME_PAYLOAD;
+pub(crate) const READ_CHUNK: usize = FRAME_PAYLOAD;
 
 thread_local! {
     /// Reads land here and leave as frozen [`Bytes`] sharing its allocation; an idle tunnel holds none.

@@ -1,9 +1,44 @@
 //! The 200 path: bytes both ways, half close, and what the handler is told.
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use weft_hbone::{PoolConfig, Transferred};
 
 use crate::support::*;
+
+/// 3 MiB: more than one HTTP/2 stream window's worth, so flow control must work both ways.
+fn big_payload() -> Vec<u8> {
+    (0..3 * 1024 * 1024).map(|i| (i % 251) as u8).collect()
+}
+
+/// Writes `payload` and then EOF to `wr` while reading `rd` to its end; returns what was read.
+async fn send_and_read_back(
+    mut rd: impl AsyncRead + Unpin,
+    mut wr: impl AsyncWrite + Unpin,
+    payload: &[u8],
+) -> Vec<u8> {
+    let writer = async {
+        wr.write_all(payload).await.unwrap();
+        wr.shutdown().await.unwrap();
+    };
+    let reader = async {
+        let mut back = Vec::new();
+        rd.read_to_end(&mut back).await.unwrap();
+        back
+    };
+    tokio::join!(writer, reader).1
+}
+
+/// `len` bytes each way, as the server's handler is told when the tunnel closes.
+async fn assert_closed_after_moving(server: &TestServer, len: usize) {
+    let len = len as u64;
+    assert_eq!(
+        server.handler.next_closed().await,
+        Ok(Transferred {
+            sent: len,
+            received: len
+        })
+    );
+}
 
 #[tokio::test]
 async fn tunnel_round_trips_data_both_ways_through_the_handler() {
@@ -14,19 +49,9 @@ async fn tunnel_round_trips_data_both_ways_through_the_handler() {
 
         let target = any_target();
         let mut tunnel = client.connect(&server, target).await.unwrap();
-        // 3 MiB: more than one HTTP/2 stream window's worth, so flow control must work both ways.
-        let payload: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
-        let (mut rd, mut wr) = tokio::io::split(&mut tunnel);
-        let writer = async {
-            wr.write_all(&payload).await.unwrap();
-            wr.shutdown().await.unwrap();
-        };
-        let reader = async {
-            let mut back = Vec::new();
-            rd.read_to_end(&mut back).await.unwrap();
-            back
-        };
-        let ((), back) = tokio::join!(writer, reader);
+        let payload = big_payload();
+        let (rd, wr) = tokio::io::split(&mut tunnel);
+        let back = send_and_read_back(rd, wr, &payload).await;
         assert!(back == payload, "echoed bytes differ");
 
         let opened = server.handler.opened.lock().unwrap().clone();
@@ -34,14 +59,7 @@ async fn tunnel_round_trips_data_both_ways_through_the_handler() {
         assert_eq!(opened[0].target, target);
         assert_eq!(opened[0].identity, client.cred.identity);
         assert_eq!(opened[0].peer.ip(), std::net::Ipv4Addr::LOCALHOST);
-        let len = payload.len() as u64;
-        assert_eq!(
-            server.handler.next_closed().await,
-            Ok(Transferred {
-                sent: len,
-                received: len
-            })
-        );
+        assert_closed_after_moving(&server, payload.len()).await;
     })
     .await;
 }
@@ -106,21 +124,12 @@ async fn a_tcp_connection_spliced_into_a_tunnel_round_trips_every_byte() {
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let payload: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+        let payload = big_payload();
         let sent = payload.clone();
         let downstream = tokio::spawn(async move {
             let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let (mut rd, mut wr) = stream.into_split();
-            let writer = async {
-                wr.write_all(&sent).await.unwrap();
-                wr.shutdown().await.unwrap();
-            };
-            let reader = async {
-                let mut back = Vec::new();
-                rd.read_to_end(&mut back).await.unwrap();
-                back
-            };
-            tokio::join!(writer, reader).1
+            let (rd, wr) = stream.into_split();
+            send_and_read_back(rd, wr, &sent).await
         });
         let (mut accepted, _) = listener.accept().await.unwrap();
         let moved = tunnel.splice(&mut accepted).await.unwrap();
@@ -134,13 +143,7 @@ async fn a_tcp_connection_spliced_into_a_tunnel_round_trips_every_byte() {
                 received: len
             }
         );
-        assert_eq!(
-            server.handler.next_closed().await,
-            Ok(Transferred {
-                sent: len,
-                received: len
-            })
-        );
+        assert_closed_after_moving(&server, payload.len()).await;
     })
     .await;
 }
