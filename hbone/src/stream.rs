@@ -101,11 +101,8 @@ impl ToStream {
             if !self.pending.is_empty() {
                 let want = self.pending.len().min(FRAME_PAYLOAD);
                 let granted = ready!(poll_send_capacity(cx, send, want))?;
-                let chunk = self.pending.split_to(granted.min(want));
-                if self.pending.is_empty() {
-                    // An empty slice still holds its allocation (the worker's 256 KiB read buffer).
-                    self.pending = Bytes::new();
-                }
+                let chunk = self.pending.slice(..granted.min(want));
+                advance(&mut self.pending, chunk.len());
                 self.moved += chunk.len() as u64;
                 send.send_data(chunk, false).map_err(send_error)?;
                 continue;
@@ -115,8 +112,7 @@ impl ToStream {
                 self.done = true;
                 continue;
             }
-            let read = poll_read_shared(cx, &mut *io, READ_CHUNK);
-            let read = ready!(read)?;
+            let read = ready!(poll_read_shared(cx, &mut *io, READ_CHUNK))?;
             if read.is_empty() {
                 self.eof = true;
             }
