@@ -1,9 +1,9 @@
 //! Moving bytes between two connections.
 //!
-//! An idle proxied connection holds no buffer. Each read goes into the worker thread's scratch
-//! buffer (one per thread, not per connection) and is written on at once; only bytes the writer
-//! cannot take yet are copied into a buffer the connection owns, and that buffer is freed as soon
-//! as it has drained. A bulk flow therefore reads in large chunks, while 10,000 idle connections
+//! An idle proxied connection holds no buffer. Each read goes into the worker thread's read buffer
+//! (one per thread, not per connection, shared with the HBONE tunnels through [`poll_read_shared`])
+//! and is written on at once; only bytes the writer cannot take yet are copied into a buffer the
+//! connection owns, and that buffer is freed as soon as it has drained. A bulk flow therefore reads in large chunks, while 10,000 idle connections
 //! cost their sockets and tasks, not 10,000 pairs of buffers.
 
 use std::{
@@ -14,7 +14,8 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Bytes moved by [`copy`], each way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -26,10 +27,38 @@ pub struct Transferred {
 }
 
 /// The most one read takes: large enough for TLS records and HTTP/2 frames of a bulk flow.
-const SCRATCH: usize = 256 * 1024;
+pub const READ_CHUNK: usize = 256 * 1024;
 
 thread_local! {
-    static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH].into_boxed_slice());
+    /// Reads land here and leave as frozen [`Bytes`] sharing its allocation; an idle connection holds none.
+    static READ_BUF: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+}
+
+/// Reads up to `max` bytes from `io` into the worker thread's read buffer and returns them as [`Bytes`]
+/// sharing its allocation (empty at EOF).
+pub fn poll_read_shared<R>(cx: &mut Context<'_>, io: &mut R, max: usize) -> Poll<io::Result<Bytes>>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    READ_BUF.with_borrow_mut(|buf| {
+        // Reuses the buffer from its start once every earlier read has been sent on (a fresh one
+        // otherwise), so small reads keep landing in the same page instead of walking 256 KiB of it.
+        buf.reserve(READ_CHUNK.max(max));
+        let mut limited = (&mut *buf).limit(max);
+        ready!(tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, &mut limited))?;
+        let read = buf.split().freeze();
+        // Nothing read (EOF) must not keep a reference to the buffer either.
+        Poll::Ready(Ok(if read.is_empty() { Bytes::new() } else { read }))
+    })
+}
+
+/// Consumes `n` bytes of `bytes`; once it is empty, drops its reference to the allocation it was sliced
+/// from (the worker's read buffer, or h2's receive buffer), so an idle connection holds none.
+pub fn advance(bytes: &mut Bytes, n: usize) {
+    bytes.advance(n);
+    if bytes.is_empty() {
+        *bytes = Bytes::new();
+    }
 }
 
 /// Copies both ways until both sides have finished, propagating half-closes.
@@ -94,37 +123,30 @@ impl Direction {
                 self.done = true;
                 continue;
             }
-            let read = SCRATCH_BUF.with(|scratch| {
-                let mut scratch = scratch.borrow_mut();
-                let mut buf = ReadBuf::new(&mut scratch[..]);
-                match Pin::new(&mut *reader).poll_read(cx, &mut buf) {
-                    Poll::Pending => Poll::Pending,
-                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                    Poll::Ready(Ok(())) => {
-                        let filled = buf.filled();
-                        if filled.is_empty() {
-                            self.eof = true;
-                            return Poll::Ready(Ok(()));
-                        }
-                        let mut at = 0;
-                        while at < filled.len() {
-                            match Pin::new(&mut *writer).poll_write(cx, &filled[at..]) {
-                                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                                Poll::Ready(Ok(n)) => at += n,
-                                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                                // The writer woke us when it has room; keep the rest till then.
-                                Poll::Pending => break,
-                            }
-                        }
-                        self.moved += at as u64;
-                        self.unflushed = true;
-                        if at < filled.len() {
-                            self.pending = filled[at..].to_vec();
-                            self.written = 0;
-                        }
-                        Poll::Ready(Ok(()))
+            let read = poll_read_shared(cx, &mut *reader, READ_CHUNK).map(|read| {
+                let filled = read?;
+                if filled.is_empty() {
+                    self.eof = true;
+                    return Ok(());
+                }
+                let mut at = 0;
+                while at < filled.len() {
+                    match Pin::new(&mut *writer).poll_write(cx, &filled[at..]) {
+                        Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                        Poll::Ready(Ok(n)) => at += n,
+                        Poll::Ready(Err(e)) => return Err(e),
+                        // The writer woke us when it has room; keep the rest till then.
+                        Poll::Pending => break,
                     }
                 }
+                self.moved += at as u64;
+                self.unflushed = true;
+                if at < filled.len() {
+                    // Copied out, so the thread's read buffer is free again for every other connection.
+                    self.pending = filled[at..].to_vec();
+                    self.written = 0;
+                }
+                Ok(())
             });
             match read {
                 Poll::Ready(result) => result?,

@@ -9,15 +9,15 @@
 //! [`H2Stream`] is also an ordinary byte stream ([`AsyncRead`] + [`AsyncWrite`], copying) for callers that
 //! want one.
 
-use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+pub(crate) use weft_dataplane::proxy::{advance, poll_read_shared};
 
 /// A DATA payload that, with its 9-byte frame header, fills exactly sixteen full TLS records (16 KiB of
 /// plaintext each). h2 writes one frame per TLS write and rustls cuts records per write, so a payload of
@@ -26,11 +26,6 @@ pub(crate) const FRAME_PAYLOAD: usize = 16 * 16 * 1024 - 9;
 
 /// The most one read from the TCP side takes: one frame's worth.
 pub(crate) const READ_CHUNK: usize = FRAME_PAYLOAD;
-
-thread_local! {
-    /// Reads land here and leave as frozen [`Bytes`] sharing its allocation; an idle tunnel holds none.
-    static READ_BUF: RefCell<BytesMut> = RefCell::new(BytesMut::new());
-}
 
 /// The two halves of one HTTP/2 stream carrying a tunnel.
 pub struct H2Stream {
@@ -173,33 +168,6 @@ impl FromStream {
                 },
             }
         }
-    }
-}
-
-/// Reads up to `max` bytes from `io` into the worker thread's read buffer and returns them as [`Bytes`]
-/// sharing its allocation (empty at EOF).
-pub(crate) fn poll_read_shared<R>(cx: &mut Context<'_>, io: &mut R, max: usize) -> Poll<io::Result<Bytes>>
-where
-    R: AsyncRead + Unpin + ?Sized,
-{
-    READ_BUF.with_borrow_mut(|buf| {
-        // Reuses the buffer from its start once every earlier read has been sent on (a fresh one
-        // otherwise), so small reads keep landing in the same page instead of walking 256 KiB of it.
-        buf.reserve(READ_CHUNK);
-        let mut limited = (&mut *buf).limit(max);
-        ready!(tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, &mut limited))?;
-        let read = buf.split().freeze();
-        // Nothing read (EOF) must not keep a reference to the buffer either.
-        Poll::Ready(Ok(if read.is_empty() { Bytes::new() } else { read }))
-    })
-}
-
-/// Consumes `n` bytes of `bytes`; once it is empty, drops its reference to the allocation it was sliced
-/// from (the worker's read buffer, or h2's receive buffer), so an idle connection holds none.
-pub(crate) fn advance(bytes: &mut Bytes, n: usize) {
-    bytes.advance(n);
-    if bytes.is_empty() {
-        *bytes = Bytes::new();
     }
 }
 
