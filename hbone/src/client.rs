@@ -24,8 +24,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use crate::batched::BatchedReads;
 use crate::identity::Identity;
+use crate::record;
 use crate::server::{
     CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, SEND_BUFFER, STREAM_WINDOW, TLS_SEND_BUFFER, Transferred,
 };
@@ -241,12 +241,10 @@ impl Pool {
         // Best effort: without TCP_NODELAY the tunnel still works, only with more latency.
         let _ = tcp.set_nodelay(true);
         let server_name = ServerName::IpAddress(key.peer.ip().into());
-        let mut stream = tokio_rustls::TlsConnector::from(config)
-            .connect(server_name, BatchedReads::new(tcp))
+        let (stream, negotiated) = record::connect(config, server_name, tcp, TLS_SEND_BUFFER)
             .await
             .map_err(handshake_error)?;
-        stream.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
-        if stream.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
+        if negotiated.alpn.as_deref() != Some(ALPN_H2) {
             return Err(ConnectError::Tls(rustls::Error::NoApplicationProtocol));
         }
         let (io, tls_error) = TlsIo::new(stream);

@@ -8,9 +8,9 @@
 
 #![warn(missing_docs)]
 
-mod batched;
 pub mod client;
 pub mod identity;
+mod record;
 pub mod server;
 mod stream;
 pub mod tls;

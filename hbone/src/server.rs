@@ -22,10 +22,10 @@ use http::{Response, StatusCode};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use crate::batched::BatchedReads;
 use crate::identity::Identity;
+use crate::record;
 use crate::stream::H2Stream;
-use crate::tls::{ALPN_H2, peer_identity};
+use crate::tls::ALPN_H2;
 
 pub use connect::{BadRequest, FORBIDDEN_PORTS, parse_connect};
 
@@ -44,9 +44,9 @@ pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
 /// Bytes one stream may queue for sending before its writer is pushed back.
 pub const SEND_BUFFER: usize = 256 * 1024;
-/// Encrypted bytes rustls may queue before a write is cut short. With its default (64 KiB) a frame's
-/// last bytes went out as a TLS record, a `writev` and a TCP segment of their own; two frames' room lets
-/// whole frames through.
+/// Encrypted bytes queued for the socket before a write is cut short: two frames' room lets whole frames
+/// through (with 64 KiB, a frame's last bytes went out as a record, a `writev` and a TCP segment of their
+/// own).
 pub const TLS_SEND_BUFFER: usize = 2 * (MAX_FRAME_SIZE as usize + 1024);
 /// Largest request or response header block accepted (a `CONNECT` needs a few dozen bytes).
 pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
@@ -158,24 +158,21 @@ pub async fn serve<H: Handler>(
     let peer = tcp.peer_addr().map_err(|source| ServeError::PeerAddr { source })?;
     // Best effort: a socket that refuses TCP_NODELAY still works, only with more latency.
     let _ = tcp.set_nodelay(true);
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let mut stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(BatchedReads::new(tcp)))
+    let (stream, negotiated) = tokio::time::timeout(HANDSHAKE_TIMEOUT, record::accept(tls, tcp, TLS_SEND_BUFFER))
         .await
         .map_err(|_| ServeError::HandshakeTimeout {
             after: HANDSHAKE_TIMEOUT,
         })?
         .map_err(|source| ServeError::Handshake { source })?;
-    stream.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
-    let conn = stream.get_ref().1;
-    if conn.alpn_protocol() != Some(ALPN_H2) {
+    if negotiated.alpn.as_deref() != Some(ALPN_H2) {
         return Err(ServeError::Alpn {
-            negotiated: conn.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned()),
+            negotiated: negotiated.alpn.map(|p| String::from_utf8_lossy(&p).into_owned()),
         });
     }
-    if conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
+    if negotiated.version != Some(rustls::ProtocolVersion::TLSv1_3) {
         return Err(ServeError::Version);
     }
-    let identity = peer_identity(conn).ok_or(ServeError::NoIdentity)?;
+    let identity = negotiated.identity.ok_or(ServeError::NoIdentity)?;
 
     let ctx = Arc::new(Connection {
         peer,

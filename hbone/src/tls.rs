@@ -139,7 +139,28 @@ pub fn client_config(
     bundle: &TrustBundle,
     expected: &Identity,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let provider = provider();
+    client_config_with(cred, bundle, expected, provider())
+}
+
+/// [`client_config`] offering only `suite`: tests reach every suite the record layer supports.
+#[cfg(test)]
+pub(crate) fn client_config_for_suite(
+    cred: &Credential,
+    bundle: &TrustBundle,
+    expected: &Identity,
+    suite: rustls::SupportedCipherSuite,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut provider = (*provider()).clone();
+    provider.cipher_suites = vec![suite];
+    client_config_with(cred, bundle, expected, Arc::new(provider))
+}
+
+fn client_config_with(
+    cred: &Credential,
+    bundle: &TrustBundle,
+    expected: &Identity,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let verifier = SpiffeServerVerifier::new(provider.clone(), bundle, expected.clone());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -150,6 +171,8 @@ pub fn client_config(
         .map_err(|source| TlsError::Rustls { source })?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.resumption = rustls::client::Resumption::disabled();
+    // The record layer after the handshake is HBONE's own (see `crate::record`).
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 
@@ -167,6 +190,7 @@ pub fn server_config(cred: &Credential, bundle: &TrustBundle) -> Result<Arc<rust
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.send_tls13_tickets = 0;
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 

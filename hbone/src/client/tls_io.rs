@@ -10,10 +10,8 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
-use crate::batched::BatchedReads;
-use tokio_rustls::client::TlsStream;
+use crate::record::TlsStream;
 
 use super::tls_cause;
 
@@ -21,12 +19,12 @@ use super::tls_cause;
 pub(super) type TlsErrorSlot = Arc<OnceLock<rustls::Error>>;
 
 pub(super) struct TlsIo {
-    inner: TlsStream<BatchedReads<TcpStream>>,
+    inner: TlsStream,
     error: TlsErrorSlot,
 }
 
 impl TlsIo {
-    pub(super) fn new(inner: TlsStream<BatchedReads<TcpStream>>) -> (Self, TlsErrorSlot) {
+    pub(super) fn new(inner: TlsStream) -> (Self, TlsErrorSlot) {
         let error = TlsErrorSlot::default();
         (
             Self {
