@@ -19,10 +19,10 @@ use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub(crate) use weft_dataplane::proxy::{advance, poll_read_shared};
 
-/// A DATA payload that, with its 9-byte frame header, fills exactly sixteen full TLS records (16 KiB of
-/// plaintext each). h2 writes one frame per TLS write and rustls cuts records per write, so a payload of
-/// whole records would make every frame end in a 9-byte record of its own.
-pub(crate) const FRAME_PAYLOAD: usize = 16 * 16 * 1024 - 9;
+/// A DATA payload of exactly sixteen full TLS records (16 KiB of plaintext each). The record layer seals
+/// the payload straight from h2's buffer, record by record, and the 9-byte frame header as a record of its
+/// own (`crate::record`), so a payload of whole records is sixteen full records and one small one.
+pub(crate) const FRAME_PAYLOAD: usize = 16 * 16 * 1024;
 
 /// The most one read from the TCP side takes: one frame's worth.
 pub(crate) const READ_CHUNK: usize = FRAME_PAYLOAD;
