@@ -3,7 +3,8 @@
 //!
 //! Only TLS 1.3 is offered, ALPN is `h2`, and session resumption is disabled on both sides so that every
 //! connection goes through the full certificate checks. Key exchange, signatures and randomness are ring's;
-//! the record cipher is aws-lc's (see [`provider`]).
+//! the record cipher is aws-lc's (see [`provider`]). After the handshake HBONE seals and opens
+//! the records itself (`crate::record`), so both configurations allow rustls to hand over the traffic secrets.
 //! Peer names are never checked as DNS names: the verifiers in this module check the chain against the
 //! trust bundle's roots and then the peer's single `spiffe://` URI SAN.
 
