@@ -353,38 +353,30 @@ impl TlsStream {
     /// the first. Returns the bytes taken.
     fn seal_gathered(&mut self, bufs: &[io::IoSlice<'_>], skip: usize, room: usize) -> Result<usize, rustls::Error> {
         self.maybe_update_tx()?;
-        // Take slices until the record is full, the room is used, or a slice worth sealing directly comes.
+        let nonce = self.tx.next_nonce()?;
+        let cap = MAX_PLAIN.min(room);
+        // Room for a full record; what the slices do not fill is given back before sealing.
+        let record = self.out.grow(HEADER + cap + 1 + TAG);
+        // Take slices until the record is full or a slice worth sealing directly comes.
         let mut len = 0;
-        let mut first = true;
-        for buf in bufs {
-            let buf = if first { &buf[skip..] } else { &buf[..] };
-            if !first && buf.len() >= DIRECT_MIN {
+        for (i, buf) in bufs.iter().enumerate() {
+            let buf = if i == 0 { &buf[skip..] } else { &buf[..] };
+            if i > 0 && buf.len() >= DIRECT_MIN {
                 break;
             }
-            first = false;
-            len += buf.len().min(MAX_PLAIN.min(room) - len);
-            if len == MAX_PLAIN.min(room) {
+            let n = buf.len().min(cap - len);
+            record[HEADER + len..HEADER + len + n].copy_from_slice(&buf[..n]);
+            len += n;
+            if len == cap {
                 break;
             }
         }
         let body = len + 1 + TAG;
-        let nonce = self.tx.next_nonce()?;
-        let record = self.out.grow(HEADER + body);
+        self.out.shrink(cap - len);
+        let record = &mut self.out.buf[self.out.end - HEADER - body..self.out.end];
         let hdr = header(body);
         record[..HEADER].copy_from_slice(&hdr);
         let (plain, tail) = record[HEADER..].split_at_mut(len);
-        let mut at = 0;
-        let mut first = true;
-        for buf in bufs {
-            let buf = if first { &buf[skip..] } else { &buf[..] };
-            first = false;
-            let n = buf.len().min(len - at);
-            plain[at..at + n].copy_from_slice(&buf[..n]);
-            at += n;
-            if at == len {
-                break;
-            }
-        }
         let sealed = self
             .tx
             .key
