@@ -185,6 +185,15 @@ impl From<rustls::Error> for RecordError {
     }
 }
 
+/// Where [`TlsStream::poll_record`] left the next whole record.
+#[derive(Clone, Copy)]
+enum Whole {
+    /// All of `partial` (it arrived in more than one read).
+    Partial,
+    /// The first this many bytes of `pending`.
+    Pending(usize),
+}
+
 /// How the read side ended.
 enum ReadEnd {
     /// The peer sent `close_notify`: reads return end of stream.
@@ -504,13 +513,13 @@ impl TlsStream {
         Ok(Some(HEADER + body))
     }
 
-    /// Makes the next whole record available: `Some(true)` in `partial`, `Some(false)` at the front of
-    /// `pending`, `None` at end of stream on a record boundary.
-    fn poll_record(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<bool>, RecordError>> {
+    /// Makes the next whole record available: `Some(Whole::Partial)` in `partial`, `Some(Whole::Pending(len))`
+    /// as the first `len` bytes of `pending`; `None` at end of stream on a record boundary.
+    fn poll_record(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Whole>, RecordError>> {
         loop {
             if self.partial.is_empty() {
                 match Self::record_len(&self.pending)? {
-                    Some(len) if len <= self.pending.len() => return Poll::Ready(Ok(Some(false))),
+                    Some(len) if len <= self.pending.len() => return Poll::Ready(Ok(Some(Whole::Pending(len)))),
                     _ if self.pending.is_empty() => {}
                     // A record cut by the end of the read: gather it.
                     _ => {
@@ -527,7 +536,7 @@ impl TlsStream {
                 self.partial.extend_from_slice(&self.pending[..n]);
                 advance(&mut self.pending, n);
                 if Self::record_len(&self.partial)? == Some(self.partial.len()) {
-                    return Poll::Ready(Ok(Some(true)));
+                    return Poll::Ready(Ok(Some(Whole::Partial)));
                 }
                 if !self.pending.is_empty() {
                     // The header arrived and told how much more to take.
@@ -609,15 +618,11 @@ impl TlsStream {
 
     /// Opens the next record: application data into `dst` when it fits, otherwise into `plain`; anything
     /// else to [`Self::on_control`].
-    fn open_next(
-        &mut self,
-        cx: &mut Context<'_>,
-        in_partial: bool,
-        dst: &mut ReadBuf<'_>,
-    ) -> Result<(), rustls::Error> {
-        let record: &[u8] = if in_partial { &self.partial } else { &self.pending };
-        // poll_record checked the header.
-        let len = HEADER + usize::from(u16::from_be_bytes([record[3], record[4]]));
+    fn open_next(&mut self, cx: &mut Context<'_>, whole: Whole, dst: &mut ReadBuf<'_>) -> Result<(), rustls::Error> {
+        let (record, len): (&[u8], usize) = match whole {
+            Whole::Partial => (&self.partial, self.partial.len()),
+            Whole::Pending(len) => (&self.pending, len),
+        };
         let (hdr, body) = record[..len].split_at(HEADER);
         let (ciphertext, tag) = body.split_at(body.len() - TAG);
         let nonce = self.rx.next_nonce()?;
@@ -637,11 +642,10 @@ impl TlsStream {
             &mut self.plain
         };
         let opened = self.rx.key.open_separate_gather(nonce, aad, ciphertext, tag, out);
-        let consumed = len;
-        if in_partial {
+        if let Whole::Partial = whole {
             self.partial = Vec::new();
         } else {
-            advance(&mut self.pending, consumed);
+            advance(&mut self.pending, len);
         }
         if opened.is_err() {
             self.plain.clear();
@@ -707,8 +711,8 @@ impl AsyncRead for TlsStream {
             if dst.remaining() == 0 {
                 return Poll::Ready(Ok(()));
             }
-            let in_partial = match this.poll_record(cx) {
-                Poll::Ready(Ok(Some(in_partial))) => in_partial,
+            let whole = match this.poll_record(cx) {
+                Poll::Ready(Ok(Some(whole))) => whole,
                 Poll::Ready(Ok(None)) => {
                     if dst.filled().len() > before {
                         return Poll::Ready(Ok(()));
@@ -724,7 +728,7 @@ impl AsyncRead for TlsStream {
                 Poll::Pending if dst.filled().len() > before => return Poll::Ready(Ok(())),
                 Poll::Pending => return Poll::Pending,
             };
-            if let Err(e) = this.open_next(cx, in_partial, dst) {
+            if let Err(e) = this.open_next(cx, whole, dst) {
                 return this.fail(cx, e);
             }
         }
