@@ -5,9 +5,10 @@ use std::{
     mem::{size_of, zeroed},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     os::fd::{AsFd, AsRawFd},
+    str::FromStr,
 };
 
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 use weft_ebpf_common::marks;
 
 use crate::netns::NetNs;
@@ -167,6 +168,69 @@ pub fn original_dst(socket: &impl AsFd, listener_family_v6: bool) -> io::Result<
     }
 }
 
+/// A TCP congestion control algorithm, by the kernel's name for it (`cubic`, `bbr`, `reno`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CongestionControl(String);
+
+/// The kernel's limit on a congestion control name, without the terminating NUL (`TCP_CA_NAME_MAX` - 1).
+const CONGESTION_NAME_MAX: usize = 15;
+
+impl FromStr for CongestionControl {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        let valid = (1..=CONGESTION_NAME_MAX).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if valid {
+            Ok(Self(name.to_owned()))
+        } else {
+            Err(format!(
+                "{name:?} is not a TCP congestion control name (1 to {CONGESTION_NAME_MAX} characters of a-z, 0-9 and _)"
+            ))
+        }
+    }
+}
+
+impl CongestionControl {
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+
+    /// Sets it on `socket`. Set on a listener, it holds for every connection the listener accepts.
+    pub fn apply(&self, socket: &impl AsFd) -> io::Result<()> {
+        SockRef::from(socket).set_tcp_congestion(self.0.as_bytes())
+    }
+
+    /// Whether this kernel lets the agent use it: set on a socket of its own, which is then closed.
+    pub fn check(&self) -> Result<(), String> {
+        let name = &self.0;
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
+            .map_err(|e| format!("opening a TCP socket to try congestion control {name:?}: {e}"))?;
+        match self.apply(&socket) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Err(format!(
+                "this kernel has no TCP congestion control {name:?} (available: {})",
+                std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+                    .map_or_else(|_| "unknown".to_owned(), |s| s.trim().to_owned())
+            )),
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => Err(format!(
+                "TCP congestion control {name:?} is not in net.ipv4.tcp_allowed_congestion_control, and the agent \
+                 lacks CAP_NET_ADMIN to use it anyway"
+            )),
+            Err(e) => Err(format!("setting TCP congestion control {name:?}: {e}")),
+        }
+    }
+}
+
+/// The congestion control a socket uses.
+pub fn congestion_control(socket: &impl AsFd) -> io::Result<String> {
+    let raw = SockRef::from(socket).tcp_congestion()?;
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    Ok(String::from_utf8_lossy(&raw[..end]).into_owned())
+}
+
 /// Raises the soft limit on open files to the hard one. A proxied connection holds a socket on each
 /// side, and the usual soft limit (1,024) would cap a process at a few hundred connections.
 pub fn raise_open_file_limit() -> io::Result<()> {
@@ -187,4 +251,54 @@ pub fn raise_open_file_limit() -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    #[test]
+    fn congestion_control_names_are_the_kernels_syntax() {
+        for ok in ["cubic", "bbr", "reno", "dctcp", "bbr2", "h_tcp", "abcdefghijklmno"] {
+            assert_eq!(
+                ok.parse::<CongestionControl>().map(|c| c.name().to_owned()),
+                Ok(ok.to_owned())
+            );
+        }
+        for bad in ["", "Cubic", "cu bic", "bbr!", "abcdefghijklmnop", "../cubic"] {
+            let err = bad.parse::<CongestionControl>().expect_err(bad);
+            assert!(err.contains(&format!("{bad:?}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_listener_passes_its_congestion_control_to_the_connections_it_accepts() {
+        let default =
+            congestion_control(&Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket")).expect("read");
+        // Something other than what a socket gets anyway, or the test would prove nothing.
+        let other: CongestionControl = if default == "reno" { "cubic" } else { "reno" }.parse().expect("valid");
+        other.check().expect("reno and cubic are in every kernel Weft supports");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        other.apply(&listener).expect("set on the listener");
+        let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (accepted, _) = listener.accept().expect("accept");
+        assert_eq!(congestion_control(&accepted).expect("read"), other.name());
+
+        // The other end keeps the default; set after connect, it changes.
+        assert_eq!(congestion_control(&client).expect("read"), default);
+        other.apply(&client).expect("set on a connected socket");
+        assert_eq!(congestion_control(&client).expect("read"), other.name());
+    }
+
+    #[test]
+    fn an_algorithm_the_kernel_lacks_is_named_with_what_it_has() {
+        let missing: CongestionControl = "weft_nosuchcc".parse().expect("valid syntax");
+        let err = missing.check().expect_err("no kernel has it");
+        assert!(
+            err.contains("\"weft_nosuchcc\"") && err.contains("available: ") && err.contains("reno"),
+            "{err}"
+        );
+    }
 }

@@ -84,6 +84,21 @@ fn between_nodes_only_tls13_crosses_the_wire_and_the_server_sees_the_client() {
     let (client_ip, server_ip) = (c.pod_ip("app-1-1", false), c.pod_ip("app-2-1", false));
     let marker = format!("weft-marker-{}", std::process::id());
 
+    // A socket that the agent leaves alone gets reno in the client pod: the tunnel must say cubic.
+    let netns = |pod: &str| format!("weft.{}.{pod}", c.name);
+    let sysctl = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &netns("app-1-1"),
+            "sysctl",
+            "-qw",
+            "net.ipv4.tcp_congestion_control=reno",
+        ])
+        .status()
+        .expect("running sysctl");
+    assert!(sysctl.success(), "setting the client pod's default congestion control");
+
     let capture = Capture::start(&c);
     let out = c.exec(
         "app-1-1",
@@ -140,6 +155,28 @@ fn between_nodes_only_tls13_crosses_the_wire_and_the_server_sees_the_client() {
         }
     }
     assert!(saw_tls13, "no ServerHello captured");
+
+    // Both ends of the pooled HBONE connection run the agent's congestion control, not the pod's.
+    for (pod, filter) in [("app-1-1", "( dport = :15008 )"), ("app-2-1", "( sport = :15008 )")] {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &netns(pod),
+                "ss",
+                "-Htin",
+                "state",
+                "established",
+                filter,
+            ])
+            .output()
+            .expect("running ss");
+        let sockets = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            sockets.contains(":15008") && sockets.split_whitespace().any(|w| w == "cubic"),
+            "{pod}'s HBONE connection does not use cubic:\n{sockets}"
+        );
+    }
 
     // The receiving agent names the client's SPIFFE identity; the sender names the server's.
     let inbound = record(&c, "node2", "node2's inbound HBONE record", |r| {

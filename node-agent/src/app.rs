@@ -15,10 +15,47 @@ use weft_model::{
     enrollment,
 };
 
+use weft_dataplane::socket::CongestionControl;
+
 use crate::{
-    capture::Capture, cni, config::Config, controller::Controller, discovery, identity::Identities, inpod::InPod,
-    proxy::Mesh, state::State,
+    capture::Capture,
+    cni,
+    config::{Config, DEFAULT_TUNNEL_CONGESTION, TunnelCongestion},
+    controller::Controller,
+    discovery,
+    identity::Identities,
+    inpod::InPod,
+    proxy::Mesh,
+    state::State,
 };
+
+/// The congestion control HBONE connections get, checked against this kernel before anything is served:
+/// one named explicitly must exist, the default falls back to each pod's own.
+fn tunnel_congestion(asked: &TunnelCongestion) -> anyhow::Result<Option<CongestionControl>> {
+    let chosen = match asked {
+        TunnelCongestion::System => None,
+        TunnelCongestion::Named(cc) => {
+            cc.check()
+                .map_err(|e| anyhow::anyhow!("--tunnel-congestion-control: {e}"))?;
+            Some(cc.clone())
+        }
+        TunnelCongestion::Default => {
+            let cc: CongestionControl = DEFAULT_TUNNEL_CONGESTION
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("{e}"))?;
+            match cc.check() {
+                Ok(()) => Some(cc),
+                Err(e) => {
+                    tracing::warn!(error = %e, "HBONE connections keep each pod's congestion control");
+                    None
+                }
+            }
+        }
+    };
+    let shown = chosen.as_ref().map_or("the pod's default", CongestionControl::name);
+    tracing::info!(congestion_control = shown, "HBONE connections");
+    Ok(chosen)
+}
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(config: Config) -> anyhow::Result<()> {
@@ -27,6 +64,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "could not raise the open-file limit");
     }
     check_own_cgroup(&config)?;
+    let tunnel_congestion = tunnel_congestion(&config.tunnel_congestion)?;
     // One worker: a current-thread runtime runs woken tasks in order, so the tunnels' HTTP/2 connection task
     // runs after every stream that queued data in the same turn and sends their frames in one TLS write.
     // (The multi-thread scheduler runs a just-woken task next, one frame per write.)
@@ -39,10 +77,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     let runtime = builder.enable_all().build().context("starting the async runtime")?;
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, tunnel_congestion))
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, tunnel_congestion: Option<CongestionControl>) -> anyhow::Result<()> {
     let mut capture = Capture::start(&config.bpf_pin_dir, &config.cgroup).context("starting capture")?;
     tracing::info!(node = %config.node, cgroup = %config.cgroup.display(), pins = %config.bpf_pin_dir.display(), "capture ready");
     std::fs::create_dir_all(&config.state_dir)
@@ -66,6 +104,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         pool: Pool::new(PoolConfig::default()),
         strict_mtls: config.strict_mtls,
         next_endpoint: Default::default(),
+        tunnel_congestion,
     });
     let mut reconciler = Reconciler {
         node: config.node.clone(),

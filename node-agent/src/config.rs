@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
+use weft_dataplane::socket::CongestionControl;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -55,7 +56,28 @@ pub struct Args {
     /// handoff between threads is a wakeup, so a node with few cores is faster with fewer threads.
     #[arg(long, env = "WEFT_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
+    /// TCP congestion control of the HBONE connections between agents, both ways; `system` leaves
+    /// each pod's default. Default: `cubic`, or the pod's default on a kernel without it. The
+    /// application's own connections to the agent keep their pod's default.
+    #[arg(long, env = "WEFT_TUNNEL_CONGESTION_CONTROL", value_name = "NAME|system")]
+    pub tunnel_congestion_control: Option<String>,
 }
+
+/// What the HBONE connections' congestion control is asked to be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TunnelCongestion {
+    /// Not configured: [`DEFAULT_TUNNEL_CONGESTION`] if the kernel has it, else the pod's default.
+    Default,
+    /// `system`: each pod's default (`net.ipv4.tcp_congestion_control` in its namespace).
+    System,
+    /// Named: the agent does not start without it.
+    Named(CongestionControl),
+}
+
+/// Tunnels run between nodes of one cluster, where cubic is the kernel's own default. The common
+/// alternative, BBR, paces every burst with a timer unless the interface has the `fq` qdisc, which
+/// cost the agents 9% more CPU per byte on the dev cluster (docs/performance.md).
+pub const DEFAULT_TUNNEL_CONGESTION: &str = "cubic";
 
 /// More data-path threads than this only add contention.
 const MAX_WORKER_THREADS: usize = 64;
@@ -76,6 +98,7 @@ pub struct Config {
     pub cgroup: PathBuf,
     pub log_format: LogFormat,
     pub worker_threads: usize,
+    pub tunnel_congestion: TunnelCongestion,
 }
 
 impl Args {
@@ -112,6 +135,14 @@ impl Args {
             Some(n) => n,
             None => std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
         };
+        let tunnel_congestion = match self.tunnel_congestion_control.as_deref() {
+            None => TunnelCongestion::Default,
+            Some("system") => TunnelCongestion::System,
+            Some(name) => TunnelCongestion::Named(
+                name.parse()
+                    .map_err(|e| format!("--tunnel-congestion-control: {e}, or \"system\""))?,
+            ),
+        };
         Ok(Config {
             node: self.node,
             controller: self.controller,
@@ -126,6 +157,57 @@ impl Args {
             cgroup: self.cgroup,
             log_format: self.log_format,
             worker_threads,
+            tunnel_congestion,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let cgroup = std::env::temp_dir();
+        let cgroup = cgroup.to_str().expect("utf-8 temp dir");
+        let base = [
+            "weft-node",
+            "--node",
+            "node1",
+            "--controller",
+            "https://127.0.0.1:15012",
+            "--controller-ca",
+            "/ca.pem",
+            "--node-token-file",
+            "/token",
+            "--cgroup",
+            cgroup,
+        ];
+        Args::try_parse_from(base.iter().chain(extra)).expect("parses")
+    }
+
+    #[test]
+    fn tunnel_congestion_control_is_cubic_unless_told_otherwise() {
+        assert_eq!(
+            args(&[]).validate().expect("valid").tunnel_congestion,
+            TunnelCongestion::Default
+        );
+        assert_eq!(
+            args(&["--tunnel-congestion-control", "system"])
+                .validate()
+                .expect("valid")
+                .tunnel_congestion,
+            TunnelCongestion::System
+        );
+        assert_eq!(
+            args(&["--tunnel-congestion-control", "bbr"])
+                .validate()
+                .expect("valid")
+                .tunnel_congestion,
+            TunnelCongestion::Named("bbr".parse().expect("valid"))
+        );
+        let err = args(&["--tunnel-congestion-control", "BBR"])
+            .validate()
+            .expect_err("upper case");
+        assert!(err.starts_with("--tunnel-congestion-control: \"BBR\" is not"), "{err}");
     }
 }

@@ -115,6 +115,15 @@ impl InPod {
                 .map_err(setup("binding inbound listener [::]:15006"))?,
             );
         }
+        if let Some(cc) = &mesh.tunnel_congestion {
+            for listener in &hbone {
+                // Accepted connections inherit it. Checked at start, so a failure is unexpected; the
+                // tunnels still work with the pod's default.
+                if let Err(e) = cc.apply(listener) {
+                    tracing::warn!(pod = %name, congestion_control = cc.name(), error = %e, "HBONE listener keeps the pod's congestion control");
+                }
+            }
+        }
         let netns_cookie = socket::netns_cookie(&inbound4).map_err(setup("reading the network namespace cookie"))?;
         let cap = |source: crate::capture::Error| Error::Capture {
             pod: name.clone(),

@@ -44,6 +44,8 @@ pub struct Mesh {
     pub strict_mtls: bool,
     /// Round robin over service endpoints.
     pub next_endpoint: AtomicUsize,
+    /// Congestion control of the HBONE connections, both ways; `None` keeps the pod's default.
+    pub tunnel_congestion: Option<socket::CongestionControl>,
 }
 
 impl Mesh {

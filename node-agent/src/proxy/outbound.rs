@@ -100,9 +100,16 @@ async fn open_tunnel(
     };
     let dial_ctx = ctx.clone();
     let dial = move |peer: SocketAddr| async move {
-        connect_in(&dial_ctx, peer, Source::Pod)
+        let tcp = connect_in(&dial_ctx, peer, Source::Pod)
             .await
-            .map_err(|r| std::io::Error::other(r.as_str()))
+            .map_err(|r| std::io::Error::other(r.as_str()))?;
+        if let Some(cc) = &dial_ctx.mesh.tunnel_congestion
+            && let Err(e) = cc.apply(&tcp)
+        {
+            // Checked at start, so this is unexpected; the tunnel still works with the pod's default.
+            tracing::warn!(pod = %dial_ctx.name, %peer, congestion_control = cc.name(), error = %e, "HBONE connection keeps the pod's congestion control");
+        }
+        Ok(tcp)
     };
     let tls = || tls::client_config(&cert.credential, &cert.bundle, &expected);
     ctx.mesh.pool.connect(key, tls, dial, target).await.map_err(|e| {
