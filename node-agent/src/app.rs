@@ -63,8 +63,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     if let Err(e) = weft_dataplane::socket::raise_open_file_limit() {
         tracing::warn!(error = %e, "could not raise the open-file limit");
     }
-    check_own_cgroup(&config)?;
     let tunnel_congestion = tunnel_congestion(&config.tunnel_congestion)?;
+    check_own_cgroup(&config)?;
     // One worker: a current-thread runtime runs woken tasks in order, so the tunnels' HTTP/2 connection task
     // runs after every stream that queued data in the same turn and sends their frames in one TLS write.
     // (The multi-thread scheduler runs a just-woken task next, one frame per write.)
