@@ -245,7 +245,13 @@ impl Report {
             .iter()
             .map(|&(what, target, value, limit, at_least)| {
                 let ok = if at_least { value >= limit } else { value <= limit };
-                (what.to_owned(), target.to_owned(), format!("{value:.2}"), ok)
+                // Ratios to three places: a median of 0.449 must not read as the 0.45 it misses.
+                let shown = if at_least {
+                    format!("{value:.3}")
+                } else {
+                    format!("{value:.2}")
+                };
+                (what.to_owned(), target.to_owned(), shown, ok)
             })
             .collect();
         let header = format!(
