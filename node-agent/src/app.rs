@@ -8,14 +8,13 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::sync::watch;
+use weft_dataplane::socket::CongestionControl;
 use weft_hbone::client::{Pool, PoolConfig};
 use weft_model::{
     Pod, WorkloadSnapshot,
     cni::{PodEvent, Reply},
     enrollment,
 };
-
-use weft_dataplane::socket::CongestionControl;
 
 use crate::{
     capture::Capture,
