@@ -107,7 +107,18 @@ impl ToStream {
                 self.done = true;
                 continue;
             }
-            let read = ready!(poll_read_shared(cx, &mut *io, READ_CHUNK))?;
+            // Room in the stream first, then the read: what is read goes out (and is sealed) while it is still
+            // in cache, and a stream the tunnel cannot take holds none of the application's bytes. Reading
+            // ahead held a second chunk per stream and sealed it after the next read had evicted it.
+            let room = ready!(poll_send_capacity(cx, send, READ_CHUNK))?;
+            let read = match poll_read_shared(cx, &mut *io, room.min(READ_CHUNK)) {
+                Poll::Ready(read) => read?,
+                Poll::Pending => {
+                    // Idle: the window reserved for this stream goes back to the connection's other streams.
+                    send.reserve_capacity(0);
+                    return Poll::Pending;
+                }
+            };
             if read.is_empty() {
                 self.eof = true;
             }

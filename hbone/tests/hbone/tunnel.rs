@@ -147,3 +147,42 @@ async fn a_tcp_connection_spliced_into_a_tunnel_round_trips_every_byte() {
     })
     .await;
 }
+
+/// A tunnel waits for room in its HTTP/2 stream before it reads from the application, and gives that
+/// room back when the application goes quiet. 70 idle tunnels each keeping a 256 KiB reservation
+/// would hold more than the connection's 16 MiB window, and a new tunnel on the same connection
+/// would have nothing to send with.
+#[tokio::test]
+async fn idle_tunnels_leave_the_connection_window_to_the_others() {
+    within(async {
+        let ca = Ca::new("root");
+        let app = echo_server().await;
+        let (server, client) = pair(&ca, Mode::Forward(app), PoolConfig::default()).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // A tunnel spliced to a TCP connection, as the agent has it; returns the application's end.
+        let open = || async {
+            let mut tunnel = client.connect(&server, any_target()).await.unwrap();
+            let app_end = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (mut accepted, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move { tunnel.splice(&mut accepted).await });
+            app_end
+        };
+        let mut quiet = Vec::new();
+        for _ in 0..70 {
+            let mut app_end = open().await;
+            let chunk = vec![7u8; 300 * 1024];
+            app_end.write_all(&chunk).await.unwrap();
+            let mut back = vec![0u8; chunk.len()];
+            app_end.read_exact(&mut back).await.unwrap();
+            quiet.push(app_end);
+        }
+        assert_eq!(server.handler.opened.lock().unwrap().len(), 70);
+
+        let (rd, wr) = open().await.into_split();
+        let payload = big_payload();
+        let back = send_and_read_back(rd, wr, &payload).await;
+        assert!(back == payload, "echoed bytes differ");
+    })
+    .await;
+}
