@@ -77,8 +77,6 @@ impl H2Stream {
 /// `io` to the HTTP/2 stream.
 #[derive(Default)]
 struct ToStream {
-    /// Read from `io`, not yet given to h2 (no send capacity yet).
-    pending: Bytes,
     moved: u64,
     eof: bool,
     done: bool,
@@ -93,23 +91,15 @@ impl ToStream {
             if self.done {
                 return Poll::Ready(Ok(self.moved));
             }
-            if !self.pending.is_empty() {
-                let want = self.pending.len().min(FRAME_PAYLOAD);
-                let granted = ready!(poll_send_capacity(cx, send, want))?;
-                let chunk = self.pending.slice(..granted.min(want));
-                advance(&mut self.pending, chunk.len());
-                self.moved += chunk.len() as u64;
-                send.send_data(chunk, false).map_err(send_error)?;
-                continue;
-            }
             if self.eof {
                 send.send_data(Bytes::new(), true).map_err(send_error)?;
                 self.done = true;
                 continue;
             }
-            // Room in the stream first, then the read: what is read goes out (and is sealed) while it is still
-            // in cache, and a stream the tunnel cannot take holds none of the application's bytes. Reading
-            // ahead held a second chunk per stream and sealed it after the next read had evicted it.
+            // Room in the stream first, then the read, no more than the room: what is read goes to h2 at once
+            // (and is sealed) while it is still in cache, and a stream the tunnel cannot take holds none of the
+            // application's bytes. Reading ahead held a second chunk per stream and sealed it after the next
+            // read had evicted it.
             let room = ready!(poll_send_capacity(cx, send, READ_CHUNK))?;
             let read = match poll_read_shared(cx, &mut *io, room.min(READ_CHUNK)) {
                 Poll::Ready(read) => read?,
@@ -121,8 +111,10 @@ impl ToStream {
             };
             if read.is_empty() {
                 self.eof = true;
+                continue;
             }
-            self.pending = read;
+            self.moved += read.len() as u64;
+            send.send_data(read, false).map_err(send_error)?;
         }
     }
 }
