@@ -3,8 +3,9 @@
 //! An idle proxied connection holds no buffer. Each read goes into the worker thread's read buffer
 //! (one per thread, not per connection, shared with the HBONE tunnels through [`poll_read_shared`])
 //! and is written on at once; only bytes the writer cannot take yet are copied into a buffer the
-//! connection owns, and that buffer is freed as soon as it has drained. A bulk flow therefore reads in large chunks, while 10,000 idle connections
-//! cost their sockets and tasks, not 10,000 pairs of buffers.
+//! connection owns, and that buffer is freed as soon as it has drained. A bulk flow therefore reads
+//! in large chunks, while 10,000 idle connections cost their sockets and tasks, not 10,000 pairs of
+//! buffers.
 
 use std::{
     cell::RefCell,
