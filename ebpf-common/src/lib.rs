@@ -13,10 +13,19 @@ pub mod ports {
     pub const INBOUND_PLAINTEXT: u16 = 15006;
     /// HBONE (mTLS tunnel) listener; never steered.
     pub const HBONE: u16 = 15008;
+
+    /// The agent's own ports in a pod. A connection to one of them on the pod's loopback or
+    /// unspecified address, or in plaintext from outside, would make the agent its own upstream: it is
+    /// refused.
+    pub const fn is_agent_port(port: u16) -> bool {
+        matches!(port, OUTBOUND | INBOUND_PLAINTEXT | HBONE)
+    }
 }
 
-/// Socket marks. The agent marks every socket it opens with [`marks::AGENT`] (in the low 12 bits), so
-/// capture never applies to the agent's own connections, whatever network namespace they are in.
+/// Socket marks. The agent marks every socket it opens with [`marks::AGENT`] (in the low 12 bits), which
+/// tells its sockets apart in `ss` and packet captures. It exempts nothing from capture: any container
+/// with `CAP_NET_RAW` can set a mark. The agent's own sockets are recognised by its cgroup
+/// ([`names::MAP_AGENT_CGROUP`]), which a pod cannot join.
 pub mod marks {
     /// Bits of `SO_MARK` that Weft owns for the agent-socket tag.
     pub const AGENT_MASK: u32 = 0x0fff;
@@ -36,6 +45,8 @@ pub mod names {
     pub const MAP_ORIG_BY_COOKIE: &str = "WEFT_ORIG_BY_COOKIE";
     pub const MAP_ORIG_BY_TUPLE: &str = "WEFT_ORIG_BY_TUPLE";
     pub const MAP_LISTENERS: &str = "WEFT_LISTENERS";
+    /// One slot: the cgroup v2 id of the running agent. Connects from that cgroup are never captured.
+    pub const MAP_AGENT_CGROUP: &str = "WEFT_AGENT_CGROUP";
 
     pub const PROG_CONNECT4: &str = "weft_connect4";
     pub const PROG_CONNECT6: &str = "weft_connect6";

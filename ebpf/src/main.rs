@@ -25,14 +25,14 @@ use aya_ebpf::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
-    maps::{HashMap, LruHashMap, SockHash},
+    maps::{Array, HashMap, LruHashMap, SockHash},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 use weft_ebpf_common::{
-    ConnKey, Endpoint, Ip, ListenerKey, PodEntry, limits, marks,
-    ports::{HBONE, OUTBOUND},
+    ConnKey, Endpoint, Ip, ListenerKey, PodEntry, limits,
+    ports::{self, HBONE, OUTBOUND},
 };
 
 /// Reads a `[u32; 4]` context field word by word at constant offsets: the verifier rejects loads
@@ -78,6 +78,10 @@ const LOOPBACK6: Ip = Ip {
     words: [0, 0, 0, u32::from_be(1)],
 };
 
+/// The running agent's cgroup v2 id (slot 0), written by the agent before it enrolls any pod.
+#[map(name = "WEFT_AGENT_CGROUP")]
+static AGENT_CGROUP: Array<u64> = Array::pinned(1, 0);
+
 /// Enrolled pods, by network-namespace cookie. Written by the agent.
 #[map(name = "WEFT_ENROLLED")]
 static ENROLLED: HashMap<u64, PodEntry> = HashMap::pinned(limits::MAX_ENROLLED_PODS, 0);
@@ -110,10 +114,10 @@ pub fn weft_connect4(ctx: SockAddrContext) -> i32 {
             return ALLOW;
         }
         let ip4 = read_volatile(addr_of!((*sa).user_ip4));
-        if ip4 & u32::from_be(0xff00_0000) == u32::from_be(0x7f00_0000) {
-            return ALLOW; // loopback stays inside the pod
-        }
         let port = read_volatile(addr_of!((*sa).user_port)) as u16;
+        if is_local_v4(ip4) {
+            return local_connect(&ctx, port);
+        }
         if !captured(&ctx) {
             return ALLOW;
         }
@@ -143,15 +147,14 @@ pub fn weft_connect6(ctx: SockAddrContext) -> i32 {
         let ip = Ip {
             words: read_ip6!(sa, user_ip6),
         };
-        if ip == LOOPBACK6 {
-            return ALLOW;
-        }
-        if let Some(v4) = ip.v4_be()
-            && v4 & u32::from_be(0xff00_0000) == u32::from_be(0x7f00_0000)
-        {
-            return ALLOW;
-        }
         let port = read_volatile(addr_of!((*sa).user_port)) as u16;
+        let local = match ip.v4_be() {
+            Some(v4) => is_local_v4(v4),
+            None => ip == LOOPBACK6 || ip == Ip::default(),
+        };
+        if local {
+            return local_connect(&ctx, port);
+        }
         if !captured(&ctx) {
             return ALLOW;
         }
@@ -170,17 +173,42 @@ pub fn weft_connect6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// Loopback (`127.0.0.0/8`) or unspecified (`0.0.0.0`): the connect stays inside the pod.
+#[inline(always)]
+fn is_local_v4(ip4_be: u32) -> bool {
+    ip4_be == 0 || ip4_be & u32::from_be(0xff00_0000) == u32::from_be(0x7f00_0000)
+}
+
+/// A connect that stays inside the pod is not captured, but an enrolled pod never reaches the agent's
+/// own listeners this way: the agent would proxy to itself, hop after hop. Rejected (EPERM) at once.
+#[inline(always)]
+unsafe fn local_connect(ctx: &SockAddrContext, port_be: u16) -> i32 {
+    // SAFETY: as in captured.
+    if ports::is_agent_port(u16::from_be(port_be)) && unsafe { captured(ctx) } {
+        REJECT
+    } else {
+        ALLOW
+    }
+}
+
 /// Whether this connect comes from an enrolled pod's network namespace and not from the agent.
+///
+/// The agent is recognised by its cgroup, which the agent records at start and a pod cannot join; a
+/// socket mark would not do, since any container with `CAP_NET_RAW` can set one.
 #[inline(always)]
 unsafe fn captured(ctx: &SockAddrContext) -> bool {
     let sa = ctx.sock_addr;
-    // SAFETY: ctx->sk is a kernel-provided socket pointer, checked for null before use.
+    // SAFETY: ctx->sk is a kernel-provided socket pointer, checked for null before use; the helpers
+    // take the program context.
     unsafe {
         let sk: *mut bpf_sock = read_volatile(addr_of!((*sa).__bindgen_anon_1.sk));
         if sk.is_null() {
             return false;
         }
-        if read_volatile(addr_of!((*sk).mark)) & marks::AGENT_MASK == marks::AGENT {
+        if AGENT_CGROUP
+            .get(0)
+            .is_some_and(|agent| *agent != 0 && *agent == bpf_get_current_cgroup_id())
+        {
             return false;
         }
         let netns = bpf_get_netns_cookie(sa as *mut c_void);
@@ -397,18 +425,26 @@ pub fn weft_getsockopt(ctx: SockoptContext) -> i32 {
 /// Steers TCP arriving from outside an enrolled pod, to any local port but HBONE, to the agent's
 /// inbound listener for that address. Attached only to enrolled pods' network namespaces, so it fails
 /// closed: with no listener (agent down) the connection is dropped, never delivered around the agent.
-/// Traffic on loopback passes: the agent's own connection to the application is bound to `lo`
-/// (a locally delivered packet otherwise reports the device of the local address, `eth0`).
+/// The agent's other ports (15001, 15006) are never a plaintext target: refused, so the agent is not
+/// asked to proxy to itself. Traffic on loopback passes: the agent's own connection to the application
+/// is bound to `lo` (a locally delivered packet otherwise reports the device of the local address,
+/// `eth0`).
+///
+/// A dropped lookup finds no socket, so the kernel answers the SYN with a reset: refused at once.
 #[sk_lookup]
 pub fn weft_sk_lookup(ctx: SkLookupContext) -> u32 {
     let l = ctx.lookup;
     // SAFETY: ctx.lookup is valid for the program's lifetime; fields are read volatile.
     unsafe {
+        let port = read_volatile(addr_of!((*l).local_port));
         if read_volatile(addr_of!((*l).protocol)) != IPPROTO_TCP
             || read_volatile(addr_of!((*l).ingress_ifindex)) == LOOPBACK_IFINDEX
-            || read_volatile(addr_of!((*l).local_port)) == u32::from(HBONE)
+            || port == u32::from(HBONE)
         {
             return SK_PASS;
+        }
+        if port <= u32::from(u16::MAX) && ports::is_agent_port(port as u16) {
+            return SK_DROP;
         }
         let (ip4, ip6) = (read_volatile(addr_of!((*l).local_ip4)), read_ip6!(l, local_ip6));
         let ip = match read_volatile(addr_of!((*l).family)) {

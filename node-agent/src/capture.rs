@@ -18,7 +18,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, SockHash},
+    maps::{Array, HashMap, MapData, SockHash},
     programs::{
         CgroupSockAddr, CgroupSockopt, SkLookup, SockOps,
         links::{FdLink, PinnedLink},
@@ -89,9 +89,10 @@ pub struct Capture {
 }
 
 impl Capture {
-    /// Loads the programs and maps (reusing pinned ones) and makes sure each cgroup program is
-    /// attached to `cgroup` exactly once.
-    pub fn start(pin_dir: &Path, cgroup: &Path) -> Result<Self, Error> {
+    /// Loads the programs and maps (reusing pinned ones), exempts the agent's cgroup (`agent_cgroup`,
+    /// a cgroup v2 id) from capture, and makes sure each cgroup program is attached to `cgroup` exactly
+    /// once.
+    pub fn start(pin_dir: &Path, cgroup: &Path, agent_cgroup: u64) -> Result<Self, Error> {
         ensure_bpffs(pin_dir)?;
         let maps_dir = pin_dir.join("maps");
         for dir in [&maps_dir, &pin_dir.join("links"), &pin_dir.join("pods")] {
@@ -105,6 +106,12 @@ impl Capture {
             .default_map_pin_directory(&maps_dir)
             .load(OBJECT)
             .map_err(Error::Load)?;
+        // Before anything attaches: programs attached with an empty slot would capture the agent itself.
+        let mut agent: Array<MapData, u64> = take_map(&mut ebpf, names::MAP_AGENT_CGROUP)?;
+        agent.set(0, agent_cgroup, 0).map_err(|source| Error::Map {
+            name: names::MAP_AGENT_CGROUP,
+            source,
+        })?;
         let cgroup_file = File::open(cgroup).map_err(|source| Error::Cgroup {
             path: cgroup.to_path_buf(),
             source,

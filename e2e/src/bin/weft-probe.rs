@@ -5,6 +5,8 @@
 //! - `connect --addr IP --ports P[-Q] [--count N] [--concurrency C]`: N connections (bounded), each a
 //!   request to one port in turn; checks every answer names the port it was sent to; prints a JSON
 //!   summary and exits non-zero if any failed.
+//! - `get --addr IP:PORT [--mark N]`: one request, from a socket with `SO_MARK` N if given; prints
+//!   `local_port=<its own port> <the server's answer>`, so a test can tell whether it was captured.
 //! - `echo --port P`: echoes every byte back until the client closes (dual stack).
 //! - `stream --addr IP:PORT --seconds S [--connections N]`: N connections open at once to an echo
 //!   server, each sending a numbered 1 KiB chunk every 100 ms and checking its echo, for S seconds
@@ -41,6 +43,13 @@ enum Cli {
         #[arg(long, default_value_t = 1)]
         concurrency: usize,
     },
+    Get {
+        #[arg(long)]
+        addr: SocketAddr,
+        /// `SO_MARK` of the client socket (decimal or 0x hex).
+        #[arg(long, value_parser = parse_mark)]
+        mark: Option<u32>,
+    },
     Echo {
         #[arg(long)]
         port: u16,
@@ -53,6 +62,14 @@ enum Cli {
         #[arg(long, default_value_t = 1)]
         connections: usize,
     },
+}
+
+fn parse_mark(s: &str) -> Result<u32, String> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("{s}: {e}"))
 }
 
 fn parse_ports(s: &str) -> Result<(u16, u16), String> {
@@ -75,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
             count,
             concurrency,
         } => connect(addr, ports, count, concurrency).await,
+        Cli::Get { addr, mark } => get(addr, mark).await,
         Cli::Echo { port } => echo(port).await,
         Cli::Stream {
             addr,
@@ -202,8 +220,32 @@ async fn connect(addr: IpAddr, (first, last): (u16, u16), count: usize, concurre
     Ok(())
 }
 
+async fn get(to: SocketAddr, mark: Option<u32>) -> anyhow::Result<()> {
+    let socket = match to {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    if let Some(mark) = mark {
+        socket2::SockRef::from(&socket)
+            .set_mark(mark)
+            .context("setting SO_MARK (needs CAP_NET_RAW or CAP_NET_ADMIN)")?;
+    }
+    let s = tokio::time::timeout(Duration::from_secs(5), socket.connect(to))
+        .await
+        .context("connect timed out")??;
+    let local_port = s.local_addr()?.port();
+    let body = tokio::time::timeout(Duration::from_secs(5), exchange(s))
+        .await
+        .context("request timed out")??;
+    println!("local_port={local_port} {}", body.trim());
+    Ok(())
+}
+
 async fn request(to: SocketAddr) -> anyhow::Result<String> {
-    let mut s = TcpStream::connect(to).await?;
+    exchange(TcpStream::connect(to).await?).await
+}
+
+async fn exchange(mut s: TcpStream) -> anyhow::Result<String> {
     s.write_all(b"GET / HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")
         .await?;
     let mut out = Vec::new();
