@@ -24,7 +24,7 @@ use crate::{
     discovery,
     identity::Identities,
     inpod::InPod,
-    proxy::Mesh,
+    mesh::Mesh,
     state::State,
 };
 
@@ -63,7 +63,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "could not raise the open-file limit");
     }
     let tunnel_congestion = tunnel_congestion(&config.tunnel_congestion)?;
-    check_own_cgroup(&config)?;
+    let own_cgroup = own_cgroup(&config)?;
     // One worker: a current-thread runtime runs woken tasks in order, so the tunnels' HTTP/2 connection task
     // runs after every stream that queued data in the same turn and sends their frames in one TLS write.
     // (The multi-thread scheduler runs a just-woken task next, one frame per write.)
@@ -76,11 +76,17 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     let runtime = builder.enable_all().build().context("starting the async runtime")?;
-    runtime.block_on(serve(config, tunnel_congestion))
+    runtime.block_on(serve(config, tunnel_congestion, own_cgroup))
 }
 
-async fn serve(config: Config, tunnel_congestion: Option<CongestionControl>) -> anyhow::Result<()> {
-    let mut capture = Capture::start(&config.bpf_pin_dir, &config.cgroup).context("starting capture")?;
+async fn serve(
+    config: Config,
+    tunnel_congestion: Option<CongestionControl>,
+    own_cgroup: std::path::PathBuf,
+) -> anyhow::Result<()> {
+    let agent_cgroup = weft_dataplane::cgroup::id(&own_cgroup)
+        .with_context(|| format!("reading the id of cgroup {}", own_cgroup.display()))?;
+    let mut capture = Capture::start(&config.bpf_pin_dir, &config.cgroup, agent_cgroup).context("starting capture")?;
     tracing::info!(node = %config.node, cgroup = %config.cgroup.display(), pins = %config.bpf_pin_dir.display(), "capture ready");
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state directory {}", config.state_dir.display()))?;
@@ -224,17 +230,19 @@ struct Reconciler {
 impl Reconciler {
     /// The identities of the enrolled pods: the certificates the node needs.
     fn identities(&self) -> BTreeSet<weft_hbone::identity::Identity> {
-        self.pods.values().map(|p| p.ctx.identity.clone()).collect()
+        self.pods.values().map(|p| p.current().identity.clone()).collect()
     }
 
     fn reconcile(&mut self, snapshot: &WorkloadSnapshot, state: &State, capture: &mut Capture) {
         let desired: BTreeMap<&str, &Pod> = enrollment::enrolled_on(snapshot, &self.node)
             .map(|p| (p.uid.as_str(), p))
             .collect();
+        // Gone, no longer enrolled, or changed in a way its listeners cannot follow (another network
+        // namespace: the pod's sandbox was replaced).
         let stale: Vec<String> = self
             .pods
             .iter()
-            .filter(|(uid, running)| desired.get(uid.as_str()).is_none_or(|p| **p != running.ctx.pod))
+            .filter(|(uid, running)| desired.get(uid.as_str()).is_none_or(|p| !running.can_update_to(p)))
             .map(|(uid, _)| uid.clone())
             .collect();
         for uid in stale {
@@ -243,12 +251,20 @@ impl Reconciler {
             }
         }
         for (uid, pod) in desired {
-            if self.pods.contains_key(uid) {
-                continue;
-            }
             let Some(workload) = state.workload(&pod.qualified_name()) else {
                 continue;
             };
+            if let Some(running) = self.pods.get(uid) {
+                // Labels, service account or addresses changed: applied in place, never by
+                // unenrolling (a moment uncaptured, and listeners to bind again).
+                let current = running.current();
+                if (current.pod != *pod || current.identity != workload.identity)
+                    && let Err(e) = running.update(pod, &workload.identity, capture)
+                {
+                    tracing::error!(error = %display_chain(&e), "updating pod; will retry");
+                }
+                continue;
+            }
             match InPod::enroll(pod, &workload.identity, &self.mesh, capture) {
                 Ok(p) => {
                     self.pods.insert(uid.to_owned(), p);
@@ -307,15 +323,10 @@ async fn return_freed_memory() {
     }
 }
 
-/// The getsockopt program only sees sockets whose cgroup is under the attach point.
-fn check_own_cgroup(config: &Config) -> anyhow::Result<()> {
-    let own = std::fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
-    let own = own
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .unwrap_or("/")
-        .trim()
-        .to_owned();
+/// The agent's own cgroup, checked against the one it captures: the getsockopt program only sees
+/// sockets whose cgroup is under the attach point. Capture exempts exactly this cgroup.
+fn own_cgroup(config: &Config) -> anyhow::Result<std::path::PathBuf> {
+    let own = weft_dataplane::cgroup::own().context("finding the agent's own cgroup v2 directory")?;
     let root = weft_dataplane::cgroup::v2_root().context("finding the cgroup v2 mount")?;
     let target = config.cgroup.strip_prefix(&root).with_context(|| {
         format!(
@@ -324,12 +335,12 @@ fn check_own_cgroup(config: &Config) -> anyhow::Result<()> {
             root.display()
         )
     })?;
-    let own_rel = std::path::Path::new(own.trim_start_matches('/'));
+    let own_rel = own.strip_prefix(&root).unwrap_or(&own);
     anyhow::ensure!(
         own_rel.starts_with(target),
         "weft-node runs in cgroup /{} but captures /{}: it must run inside the cgroup it captures",
         own_rel.display(),
         target.display()
     );
-    Ok(())
+    Ok(own)
 }

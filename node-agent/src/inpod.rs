@@ -3,6 +3,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd as _, OwnedFd},
     process::Command,
     sync::Arc,
 };
@@ -15,7 +16,9 @@ use weft_hbone::identity::Identity;
 
 use crate::{
     capture::Capture,
-    proxy::{self, Mesh},
+    mesh::Mesh,
+    pod::{Current, PodContext},
+    proxy,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -44,21 +47,13 @@ pub enum Error {
     },
 }
 
-/// What the proxy needs to know about the pod a connection belongs to.
-pub struct PodContext {
-    pub pod: Pod,
-    /// `namespace/name`, formatted once for every record and log line.
-    pub name: String,
-    /// The pod's SPIFFE identity (from its service account).
-    pub identity: Identity,
-    pub netns: NetNs,
-    pub mesh: Arc<Mesh>,
-}
-
 /// An enrolled pod. Dropping it stops its listeners; [`InPod::unenroll`] also removes its capture.
 pub struct InPod {
     pub ctx: Arc<PodContext>,
     netns_cookie: u64,
+    /// The inbound plaintext listeners (IPv6 or not), shared with their accept loops: a new address
+    /// of the pod is steered to them.
+    listeners: Vec<(bool, OwnedFd)>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -139,13 +134,15 @@ impl InPod {
         capture.attach_pod(&pod.uid, &netns).map_err(cap)?;
         capture.enroll(netns_cookie).map_err(cap)?;
 
-        let ctx = Arc::new(PodContext {
-            pod: pod.clone(),
-            name: name.clone(),
-            identity: identity.clone(),
-            netns,
-            mesh: mesh.clone(),
-        });
+        let ctx = Arc::new(PodContext::new(pod.clone(), identity.clone(), netns, mesh.clone()));
+        let mut listeners = Vec::new();
+        for (listener, v6) in std::iter::once((&inbound4, false)).chain(inbound6.as_ref().map(|l| (l, true))) {
+            let fd = listener
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(setup("sharing the inbound listener"))?;
+            listeners.push((v6, fd));
+        }
         let mut tasks = Vec::new();
         for (listener, v6) in outbound {
             let handle = move |ctx, stream, _| proxy::outbound(ctx, stream, v6);
@@ -165,6 +162,7 @@ impl InPod {
         Ok(Self {
             ctx,
             netns_cookie,
+            listeners,
             tasks,
         })
     }
@@ -173,11 +171,49 @@ impl InPod {
         self.netns_cookie
     }
 
+    /// The pod as last enrolled or updated.
+    pub fn current(&self) -> Arc<Current> {
+        self.ctx.current()
+    }
+
+    /// Whether `pod` can replace this one's description in place: the same network namespace, and no
+    /// address family the listeners were not opened for.
+    pub fn can_update_to(&self, pod: &Pod) -> bool {
+        let current = self.ctx.current();
+        let has_v6 = |p: &Pod| p.ips.iter().any(IpAddr::is_ipv6);
+        pod.netns == current.pod.netns && (has_v6(pod) == has_v6(&current.pod) || !has_v6(pod))
+    }
+
+    /// Applies a change to the pod (labels, service account, addresses) without unbinding anything:
+    /// inbound steering for new addresses is registered before that of old ones is removed, and new
+    /// connections see the new description at once. Callers check [`InPod::can_update_to`] first.
+    pub fn update(&self, pod: &Pod, identity: &Identity, capture: &mut Capture) -> Result<(), Error> {
+        let old = self.ctx.current();
+        for ip in pod.ips.iter().filter(|ip| !old.pod.ips.contains(ip)) {
+            let listener = self.listeners.iter().find(|(v6, _)| *v6 == ip.is_ipv6());
+            if let Some((_, fd)) = listener {
+                capture.set_listener(*ip, fd).map_err(|source| Error::Capture {
+                    pod: self.ctx.name.clone(),
+                    source: Box::new(source),
+                })?;
+            }
+        }
+        for ip in old.pod.ips.iter().filter(|ip| !pod.ips.contains(ip)) {
+            capture.remove_listener(*ip);
+        }
+        self.ctx.update(Current {
+            pod: pod.clone(),
+            identity: identity.clone(),
+        });
+        tracing::info!(pod = %self.ctx.name, "updated in place");
+        Ok(())
+    }
+
     /// Stops capturing the pod's new connections; connections already proxied run to completion.
     pub fn unenroll(self, capture: &mut Capture) {
         capture.unenroll(self.netns_cookie);
-        capture.detach_pod(&self.ctx.pod.uid);
-        for ip in &self.ctx.pod.ips {
+        capture.detach_pod(&self.ctx.uid);
+        for ip in &self.ctx.current().pod.ips {
             capture.remove_listener(*ip);
         }
         tracing::info!(pod = %self.ctx.name, "unenrolled");
@@ -192,14 +228,22 @@ impl Drop for InPod {
     }
 }
 
-/// Inside the pod: accepted sockets inherit the SYN's mark (`tcp_fwmark_accept`), and packets marked
-/// `LOCAL_REPLY` are delivered locally. The application's replies to a client address the agent
-/// connected from (transparently) thus return to the agent instead of leaving the pod. Idempotent.
+/// Inside the pod: accepted sockets inherit the SYN's mark (`tcp_fwmark_accept`), the kernel's own
+/// replies to a packet that found no socket (the reset answering a SYN to a closed port) carry that
+/// packet's mark (`fwmark_reflect`), and packets marked `LOCAL_REPLY` are delivered locally. The
+/// application's replies to a client address the agent connected from (transparently) thus return to
+/// the agent instead of leaving the pod, and so does the refusal of a port nobody listens on: the
+/// agent learns at once, as the client would without the mesh. Idempotent.
 fn install_reply_routing(netns: &NetNs) -> std::io::Result<()> {
     let mark = format!("{:#x}/{:#x}", marks::LOCAL_REPLY, marks::LOCAL_REPLY);
     let table = marks::LOCAL_REPLY_TABLE.to_string();
     netns.run(|| -> std::io::Result<()> {
         std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")?;
+        std::fs::write("/proc/sys/net/ipv4/fwmark_reflect", "1")?;
+        match std::fs::write("/proc/sys/net/ipv6/fwmark_reflect", "1") {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {} // IPv6 disabled in the pod
+            r => r?,
+        }
         for family in ["-4", "-6"] {
             let default = if family == "-4" { "0.0.0.0/0" } else { "::/0" };
             run_ip(&[

@@ -8,6 +8,8 @@ pub mod controller;
 pub mod discovery;
 pub mod identity;
 pub mod inpod;
+pub mod mesh;
+pub mod pod;
 pub mod proxy;
 pub mod state;
 pub mod telemetry;

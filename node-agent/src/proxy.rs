@@ -10,14 +10,11 @@
 use std::{
     future::Future,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, atomic::AtomicUsize},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::watch,
-};
+use tokio::net::{TcpListener, TcpStream};
 use weft_dataplane::{
     proxy::{Transferred, copy},
     socket::{self, Source},
@@ -25,7 +22,7 @@ use weft_dataplane::{
 use weft_hbone::identity::Identity;
 use weft_model::ports;
 
-use crate::{identity::Identities, inpod::PodContext, state::State};
+use crate::pod::{Current, PodContext};
 
 mod inbound;
 mod outbound;
@@ -34,25 +31,6 @@ pub use inbound::{hbone as inbound_hbone, plaintext as inbound_plaintext};
 pub use outbound::outbound;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What every pod's proxies share on this node.
-pub struct Mesh {
-    pub state: watch::Receiver<Arc<State>>,
-    pub identities: Identities,
-    pub pool: weft_hbone::client::Pool,
-    /// Refuse plaintext inbound connections to enrolled pods.
-    pub strict_mtls: bool,
-    /// Round robin over service endpoints.
-    pub next_endpoint: AtomicUsize,
-    /// Congestion control of the HBONE connections, both ways; `None` keeps the pod's default.
-    pub tunnel_congestion: Option<socket::CongestionControl>,
-}
-
-impl Mesh {
-    pub fn state(&self) -> Arc<State> {
-        self.state.borrow().clone()
-    }
-}
 
 /// Where a connection ended; bounded, so it can label metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,6 +94,8 @@ enum Mode {
 /// One access record per connection, written when the connection ends, on every path.
 struct Record {
     ctx: Arc<PodContext>,
+    /// The pod as it was when the connection started.
+    own: Arc<Current>,
     direction: Direction,
     mode: Mode,
     src: SocketAddr,
@@ -133,6 +113,7 @@ struct Record {
 impl Record {
     fn new(ctx: Arc<PodContext>, direction: Direction, mode: Mode, src: SocketAddr) -> Self {
         Self {
+            own: ctx.current(),
             ctx,
             direction,
             mode,
@@ -152,7 +133,7 @@ impl Drop for Record {
     fn drop(&mut self) {
         // Formatted straight into the record: no strings built per connection.
         let own_name = Shown(Some(&self.ctx.name));
-        let own_identity = Shown(Some(&self.ctx.identity));
+        let own_identity = Shown(Some(&self.own.identity));
         let peer_name = Shown(self.peer_workload.as_ref());
         let peer_identity = Shown(self.peer_identity.as_ref());
         let (direction, src_workload, src_identity, dst_workload, dst_identity) = match self.direction {
@@ -247,8 +228,9 @@ async fn connect_in(ctx: &PodContext, dst: SocketAddr, source: Source) -> Result
     }
 }
 
-/// The agent's own ports on the pod's own addresses: proxying there would loop.
+/// The agent's own ports on the pod's own, loopback or unspecified addresses: proxying there would make
+/// the agent its own upstream, hop after hop.
 fn is_forbidden(dst: SocketAddr, pod_ips: &[IpAddr]) -> bool {
-    matches!(dst.port(), ports::OUTBOUND | ports::INBOUND_PLAINTEXT | ports::HBONE)
-        && (pod_ips.contains(&dst.ip()) || dst.ip().is_loopback())
+    let ip = dst.ip().to_canonical();
+    ports::is_agent_port(dst.port()) && (pod_ips.contains(&ip) || ip.is_loopback() || ip.is_unspecified())
 }

@@ -288,8 +288,15 @@ impl State {
     }
 }
 
-/// Decides an inbound connection to `pod` under the state's policies.
-pub fn authorize(state: &State, pod: &Pod, conn: &policy::Connection<'_>) -> policy::Decision {
+/// Decides an inbound connection to the workload `key` (`namespace/name`, with `uid`) by its labels
+/// in this state and this state's policies: every connection and every tunnel stream is decided on
+/// what the agent knows now, never on what it knew when the pod was enrolled. A workload this state
+/// does not have (or has under another uid) is refused: there is nothing current to decide on.
+pub fn authorize(state: &State, key: &str, uid: &str, conn: &policy::Connection<'_>) -> policy::Decision {
+    let Some(workload) = state.workload(key).filter(|w| w.pod.uid == uid) else {
+        return policy::Decision::Deny { policy: None };
+    };
+    let pod = &workload.pod;
     policy::decide(
         state.policies_in(&pod.namespace),
         policy::Target {

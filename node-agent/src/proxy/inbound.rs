@@ -8,8 +8,8 @@ use weft_dataplane::socket::Source;
 use weft_hbone::server::{Handler, Refusal, Request};
 use weft_model::policy::{Connection, Decision};
 
-use super::{Direction, Mode, Reason, Record, connect_in, forward};
-use crate::{inpod::PodContext, state};
+use super::{Direction, Mode, Reason, Record, connect_in, forward, is_forbidden};
+use crate::{pod::PodContext, state};
 
 /// A connection steered to the plaintext inbound listener.
 pub async fn plaintext(ctx: Arc<PodContext>, downstream: TcpStream, peer: SocketAddr) {
@@ -20,6 +20,11 @@ pub async fn plaintext(ctx: Arc<PodContext>, downstream: TcpStream, peer: Socket
         return;
     };
     record.dst = Some(dst);
+    // The capture programs refuse these first; this holds whatever reached the listener.
+    if is_forbidden(dst, &record.own.pod.ips) {
+        record.reason = Reason::ForbiddenTarget;
+        return;
+    }
     let state = ctx.mesh.state();
     record.peer_workload = state.workload_by_ip(peer.ip()).map(|w| w.pod.qualified_name());
     if ctx.mesh.strict_mtls {
@@ -31,7 +36,7 @@ pub async fn plaintext(ctx: Arc<PodContext>, downstream: TcpStream, peer: Socket
         source_ip: peer.ip(),
         destination_port: dst.port(),
     };
-    if let Decision::Deny { policy } = state::authorize(&state, &ctx.pod, &conn) {
+    if let Decision::Deny { policy } = state::authorize(&state, &ctx.name, &ctx.uid, &conn) {
         record.policy = policy;
         record.reason = Reason::Denied;
         return;
@@ -46,7 +51,7 @@ pub async fn hbone(ctx: Arc<PodContext>, listener: TcpListener) {
         let handler = handler.clone();
         async move {
             // Presented: the pod's current certificate; without one, nothing is served.
-            let cert = match ctx.mesh.identities.get(&ctx.identity).await {
+            let cert = match ctx.mesh.identities.get(&ctx.current().identity).await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(pod = %ctx.name, %peer, error = %e, "HBONE connection refused");
@@ -72,7 +77,7 @@ impl Handler for Inbound {
         record.dst = Some(req.target);
         record.peer_identity = Some(req.identity.clone());
         // A tunnel into this pod reaches this pod only: the agent is not an open proxy.
-        if !ctx.pod.ips.contains(&req.target.ip()) {
+        if !record.own.pod.ips.contains(&req.target.ip()) {
             record.reason = Reason::ForbiddenTarget;
             return (record, Err(Refusal::Forbidden));
         }
@@ -84,7 +89,7 @@ impl Handler for Inbound {
             source_ip: req.peer.ip(),
             destination_port: req.target.port(),
         };
-        if let Decision::Deny { policy } = state::authorize(&state, &ctx.pod, &conn) {
+        if let Decision::Deny { policy } = state::authorize(&state, &ctx.name, &ctx.uid, &conn) {
             record.policy = policy;
             record.reason = Reason::Denied;
             return (record, Err(Refusal::Denied));

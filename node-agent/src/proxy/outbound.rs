@@ -14,21 +14,30 @@ use weft_hbone::{
 };
 
 use super::{Direction, Mode, Reason, Record, connect_in, forward, is_forbidden};
-use crate::{inpod::PodContext, state::Plan};
+use crate::{pod::PodContext, state::Plan};
+
+fn unspecified(v6: bool) -> SocketAddr {
+    let ip = if v6 {
+        IpAddr::from([0u16; 8])
+    } else {
+        IpAddr::from([0u8; 4])
+    };
+    SocketAddr::new(ip, 0)
+}
 
 /// A connect captured on the outbound listener.
 pub async fn outbound(ctx: Arc<PodContext>, downstream: TcpStream, v6: bool) {
     // Until the upstream socket exists, the source is the pod's address (the client socket sits on
     // the pod's loopback).
-    let pod_ip = ctx.pod.ips.iter().find(|ip| ip.is_ipv6() == v6).copied();
-    let src = SocketAddr::new(pod_ip.unwrap_or(IpAddr::from([0, 0, 0, 0])), 0);
-    let mut record = Record::new(ctx.clone(), Direction::Outbound, Mode::Passthrough, src);
+    let mut record = Record::new(ctx.clone(), Direction::Outbound, Mode::Passthrough, unspecified(v6));
+    let pod_ip = record.own.pod.ips.iter().find(|ip| ip.is_ipv6() == v6).copied();
+    record.src = SocketAddr::new(pod_ip.unwrap_or(record.src.ip()), 0);
     let Ok(dst) = socket::original_dst(&downstream, v6) else {
         record.reason = Reason::NoOriginalDst;
         return;
     };
     record.dst = Some(dst);
-    if is_forbidden(dst, &ctx.pod.ips) {
+    if is_forbidden(dst, &record.own.pod.ips) {
         record.reason = Reason::ForbiddenTarget;
         return;
     }
@@ -68,7 +77,7 @@ async fn hbone(
 ) {
     // Boxed: an async fn's state is as large as its largest await point, and the set-up (certificate,
     // TLS and HTTP/2 handshakes) would otherwise stay in every connection's task for its whole life.
-    let mut tunnel = match Box::pin(open_tunnel(&record.ctx, peer, target, expected)).await {
+    let mut tunnel = match Box::pin(open_tunnel(&record.ctx, &record.own.identity, peer, target, expected)).await {
         Ok(t) => t,
         Err(reason) => {
             record.reason = reason;
@@ -85,16 +94,17 @@ async fn hbone(
 /// A tunnel to `target` through the peer agent at `peer`, as the pod's identity.
 async fn open_tunnel(
     ctx: &Arc<PodContext>,
+    own: &Identity,
     peer: SocketAddr,
     target: SocketAddr,
     expected: Identity,
 ) -> Result<Tunnel, Reason> {
-    let cert = ctx.mesh.identities.get(&ctx.identity).await.map_err(|e| {
+    let cert = ctx.mesh.identities.get(own).await.map_err(|e| {
         tracing::warn!(pod = %ctx.name, error = %e, "outbound refused");
         Reason::NoIdentity
     })?;
     let key = PoolKey {
-        source: ctx.pod.uid.clone(),
+        source: ctx.uid.clone(),
         destination: expected.clone(),
         peer,
     };

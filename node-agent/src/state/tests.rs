@@ -225,11 +225,25 @@ fn policies_follow_pushes_and_decide_for_the_pod_s_namespace_only() {
         source_ip: "10.244.1.11".parse().unwrap(),
         destination_port: 8080,
     };
-    let web = &with.workload("shop/web-2").unwrap().pod;
-    let db = &with.workload("legacy/db").unwrap().pod;
-    assert!(matches!(authorize(&with, web, &conn), policy::Decision::Deny { .. }));
-    assert_eq!(authorize(&with, db, &conn), policy::Decision::Allow);
+    let web = with.workload("shop/web-2").unwrap().pod.uid.clone();
+    let db = with.workload("legacy/db").unwrap().pod.uid.clone();
+    assert!(matches!(
+        authorize(&with, "shop/web-2", &web, &conn),
+        policy::Decision::Deny { .. }
+    ));
+    assert_eq!(authorize(&with, "legacy/db", &db, &conn), policy::Decision::Allow);
 
     let (without, _) = with.apply(&push(false, vec![], &[(types::POLICY, "shop/deny")]));
-    assert_eq!(authorize(&without, web, &conn), policy::Decision::Allow);
+    assert_eq!(authorize(&without, "shop/web-2", &web, &conn), policy::Decision::Allow);
+
+    // Nothing current to decide on: a workload the state lost, or one with another uid, is refused.
+    let (gone, _) = without.apply(&push(false, vec![], &[(types::WORKLOAD, "shop/web-2")]));
+    assert!(matches!(
+        authorize(&gone, "shop/web-2", &web, &conn),
+        policy::Decision::Deny { policy: None }
+    ));
+    assert!(matches!(
+        authorize(&without, "shop/web-2", "another-uid", &conn),
+        policy::Decision::Deny { policy: None }
+    ));
 }

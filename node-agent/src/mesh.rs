@@ -1,0 +1,27 @@
+//! What every enrolled pod's proxies share on this node.
+
+use std::sync::{Arc, atomic::AtomicUsize};
+
+use tokio::sync::watch;
+use weft_dataplane::socket;
+
+use crate::{identity::Identities, state::State};
+
+/// What every pod's proxies share on this node.
+pub struct Mesh {
+    pub state: watch::Receiver<Arc<State>>,
+    pub identities: Identities,
+    pub pool: weft_hbone::client::Pool,
+    /// Refuse plaintext inbound connections to enrolled pods.
+    pub strict_mtls: bool,
+    /// Round robin over service endpoints.
+    pub next_endpoint: AtomicUsize,
+    /// Congestion control of the HBONE connections, both ways; `None` keeps the pod's default.
+    pub tunnel_congestion: Option<socket::CongestionControl>,
+}
+
+impl Mesh {
+    pub fn state(&self) -> Arc<State> {
+        self.state.borrow().clone()
+    }
+}
