@@ -22,6 +22,11 @@ enum Cli {
 }
 
 fn main() -> ExitCode {
+    // Output piped into a reader that stops early (`weftctl dev status -o json | head`) ends this
+    // process quietly, as it does `ls` or `cat`; Rust's default (SIGPIPE ignored) made every print a
+    // panic there.
+    // SAFETY: called first in main, before any thread exists; SIG_DFL is a valid disposition.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let result = match Cli::parse() {
         Cli::Dev(cmd) => dev::run(cmd),
         Cli::Apply(args) => store::run_apply(args),

@@ -1,0 +1,248 @@
+//! Fail closed, end to end: what a pod, a peer or a new user can do to an enrolled pod's capture.
+//! Real eBPF, real network namespaces, real agents.
+
+use std::{
+    io::Read as _,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use weft_e2e::{Cluster, bin, privileged, text, wait_for};
+
+/// `curl URL` in a pod: its exit code and how long it took.
+fn timed_curl(c: &Cluster, pod: &str, url: &str) -> (i32, Duration) {
+    let started = Instant::now();
+    let out = c.exec(pod, &["curl", "-sS", "-m", "5", "-o", "/dev/null", url]);
+    (out.status.code().unwrap_or(-1), started.elapsed())
+}
+
+/// File descriptors the agent of `node` holds.
+fn agent_fds(c: &Cluster, node: &str) -> usize {
+    let pid = c.node(node)["agent"]["pid"].as_i64().expect("agent pid");
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// curl's exit code for "could not connect": the kernel refused the connect.
+const CURL_COULDNT_CONNECT: i32 = 7;
+
+#[test]
+fn the_agent_is_never_its_own_upstream() {
+    if !privileged("agent_never_its_own_upstream") {
+        return;
+    }
+    // app-X-1 in the enrolled namespace `default`, app-X-2 in `plain`, outside the mesh.
+    let c = Cluster::up(
+        "e2e-selfloop",
+        &["--namespaces", "default,plain", "--ambient", "default"],
+    );
+    let _server = c.serve("app-2-1", "8080");
+    let fds_before = agent_fds(&c, "node1");
+    let own_ip = c.pod_ip("app-1-1", false);
+
+    // From inside an enrolled pod, the agent's ports on loopback or the unspecified address: refused
+    // by the capture programs at connect, before any agent sees the connection.
+    for url in [
+        "http://127.0.0.1:15006/",
+        "http://127.0.0.1:15001/",
+        "http://127.0.0.1:15008/",
+        "http://0.0.0.0:15006/",
+        "http://[::1]:15006/",
+        "http://[::]:15001/",
+    ] {
+        let (code, took) = timed_curl(&c, "app-1-1", url);
+        assert_eq!(code, CURL_COULDNT_CONNECT, "{url} from an enrolled pod must be refused");
+        assert!(took < Duration::from_secs(2), "{url}: refused only after {took:?}");
+    }
+    // The pod's own address on 15006 goes through the agent, which refuses to proxy to itself.
+    let url = format!("http://{own_ip}:15006/");
+    let (code, took) = timed_curl(&c, "app-1-1", &url);
+    assert_ne!(code, 0, "{url} from the pod itself must not be served");
+    assert!(took < Duration::from_secs(2), "{url}: ended only after {took:?}");
+
+    // From outside the mesh, an enrolled pod's 15006 and 15001 are no plaintext targets.
+    for port in [15006, 15001] {
+        let url = format!("http://{own_ip}:{port}/");
+        let (code, took) = timed_curl(&c, "app-2-2", &url);
+        assert_eq!(
+            code, CURL_COULDNT_CONNECT,
+            "{url} from outside the mesh must be refused"
+        );
+        assert!(took < Duration::from_secs(2), "{url}: refused only after {took:?}");
+    }
+
+    // The agent did not spiral, and keeps serving.
+    let fds_after = agent_fds(&c, "node1");
+    assert!(
+        fds_after < fds_before + 20,
+        "the agent's file descriptors grew from {fds_before} to {fds_after}"
+    );
+    let server = format!("http://{}:8080/", c.pod_ip("app-2-1", false));
+    let (code, _) = timed_curl(&c, "app-1-1", &server);
+    assert_eq!(code, 0, "a normal connection after the refusals");
+
+    // A user piping output into a reader that stops early: no panic, nothing on stderr.
+    let mut child = Command::new(bin("weftctl"))
+        .args(["dev", "status", "--name", &c.name, "-o", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("weftctl");
+    drop(child.stdout.take()); // the reader is gone before weftctl writes
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("reading stderr");
+    let _ = child.wait();
+    assert!(
+        stderr.is_empty(),
+        "weftctl into a closed pipe must end quietly, said: {stderr}"
+    );
+}
+
+#[test]
+fn a_pod_cannot_opt_out_by_setting_the_agents_socket_mark() {
+    if !privileged("socket_mark_opt_out") {
+        return;
+    }
+    let c = Cluster::up("e2e-mark", &["--namespaces", "default,plain", "--ambient", "default"]);
+    // The server is outside the mesh: its agent does not reconnect, so the source port it sees tells
+    // whether the client's agent did (captured) or the client itself (not captured).
+    let _server = c.serve("app-2-2", "8080");
+    let addr = format!("{}:8080", c.pod_ip("app-2-2", false));
+    let probe = bin("weft-probe");
+    let probe = probe.to_str().expect("utf-8 path");
+    let captured = |args: &[&str]| -> bool {
+        let out = c.exec("app-1-1", &[&[probe, "get", "--addr", &addr], args].concat());
+        assert!(out.status.success(), "weft-probe get: {}", text(&out));
+        let line = String::from_utf8_lossy(&out.stdout).into_owned();
+        let local = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("local_port="))
+            .expect("local port");
+        let seen = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("peer="))
+            .and_then(|p| p.rsplit_once(':'))
+            .map(|(_, port)| port.to_owned())
+            .expect("the server names the peer");
+        seen != local
+    };
+    assert!(captured(&[]), "an ordinary connection from an enrolled pod is captured");
+    for mark in ["0x539", "0x1539", "0xfffff539"] {
+        assert!(
+            captured(&["--mark", mark]),
+            "a socket marked {mark} (the agent's tag) must still be captured"
+        );
+    }
+}
+
+#[test]
+fn a_closed_port_on_an_enrolled_pod_is_refused_at_once() {
+    if !privileged("closed_port_refused") {
+        return;
+    }
+    let c = Cluster::up("e2e-closed", &["--ambient", "default"]);
+    let _server = c.serve("app-2-1", "8080");
+    let ip = c.pod_ip("app-2-1", false);
+    let ip6 = c.pod_ip("app-2-1", true);
+    // Nothing listens on 9 in app-2-1: without the mesh curl is refused at once.
+    for url in [format!("http://{ip}:9/"), format!("http://[{ip6}]:9/")] {
+        let (code, took) = timed_curl(&c, "app-1-1", &url);
+        assert_ne!(code, 0, "{url}: nothing listens there");
+        assert!(
+            took < Duration::from_secs(2),
+            "{url}: the refusal must reach the client at once, took {took:?} (curl exit {code})"
+        );
+    }
+    let record = wait_for("node2's record of the refused port", Duration::from_secs(5), || {
+        c.access_records("node2")
+            .into_iter()
+            .find(|r| r["direction"] == "inbound" && r["dst.addr"] == format!("{ip}:9"))
+    });
+    assert_eq!(record["reason"], "upstream_connect", "{record}");
+    assert!(
+        record["duration_ms"].as_u64().unwrap_or(u64::MAX) < 1000,
+        "the destination's agent learned of the refusal at once: {record}"
+    );
+    // The open port still works.
+    let (code, _) = timed_curl(&c, "app-1-1", &format!("http://{ip}:8080/"));
+    assert_eq!(code, 0);
+}
+
+/// The pod `name` as a Kubernetes object, as `weftctl dev status` describes it, with `labels` added.
+fn pod_with_labels(c: &Cluster, name: &str, labels: &[(&str, &str)]) -> String {
+    let status = c.status();
+    let pod = status["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .find(|p| p["name"] == name)
+        .expect("pod")
+        .clone();
+    let mut all = pod["labels"].as_object().cloned().unwrap_or_default();
+    for (k, v) in labels {
+        all.insert((*k).to_owned(), (*v).into());
+    }
+    let ips: Vec<_> = pod["ips"]
+        .as_array()
+        .expect("ips")
+        .iter()
+        .map(|ip| serde_json::json!({ "ip": ip }))
+        .collect();
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod["name"], "namespace": pod["namespace"], "uid": pod["uid"],
+            "labels": all, "annotations": pod["annotations"],
+        },
+        "spec": { "nodeName": pod["node"], "serviceAccountName": pod["serviceAccount"] },
+        "status": { "podIPs": ips },
+    })
+    .to_string()
+}
+
+#[test]
+fn a_label_change_is_applied_in_place_and_decides_the_next_stream_of_a_pooled_tunnel() {
+    if !privileged("label_change_in_place") {
+        return;
+    }
+    let c = Cluster::up("e2e-relabel", &["--ambient", "default"]);
+    let _server = c.serve("app-2-1", "8080");
+    let url = format!("http://{}:8080/", c.pod_ip("app-2-1", false));
+    // Opens the HBONE connection between the two pods' agents; the pool keeps it for the next streams.
+    assert_eq!(timed_curl(&c, "app-1-1", &url).0, 0);
+    let lock = "apiVersion: security.weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: lock\n  namespace: default\nspec:\n  selector:\n    matchLabels:\n      tier: locked\n  action: DENY\n  rules:\n  - from:\n    - source:\n        namespaces: [\"default\"]\n";
+    let out = c.apply(lock);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(timed_curl(&c, "app-1-1", &url).0, 0, "the policy selects no pod yet");
+
+    let out = c.apply(&pod_with_labels(&c, "app-2-1", &[("tier", "locked")]));
+    assert!(out.status.success(), "{}", text(&out));
+    // The next stream on the pooled connection is decided with the pod's new labels.
+    wait_for("the relabelled pod to be locked", Duration::from_secs(10), || {
+        (timed_curl(&c, "app-1-1", &url).0 != 0).then_some(())
+    });
+    let denied = wait_for("node2's denied record", Duration::from_secs(5), || {
+        c.access_records("node2")
+            .into_iter()
+            .find(|r| r["direction"] == "inbound" && r["reason"] == "denied")
+    });
+    assert_eq!(denied["policy"], "default/lock", "{denied}");
+
+    // Applied in place: the pod was never unenrolled (no moment uncaptured, no listener re-bound).
+    let log = c.agent_log("node2");
+    let about_pod = |message: &str| {
+        log.iter()
+            .filter(|l| l["message"] == message && l["pod"] == "default/app-2-1")
+            .count()
+    };
+    assert_eq!(about_pod("unenrolled"), 0, "a label change must not unenroll the pod");
+    assert_eq!(about_pod("enrolled"), 1, "enrolled once, at start");
+    assert!(about_pod("updated in place") >= 1, "the change is applied in place");
+}
