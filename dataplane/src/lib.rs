@@ -3,6 +3,8 @@
 //! proxying bytes.
 
 pub mod cgroup;
+pub mod durable;
+pub mod netlink;
 pub mod netns;
 pub mod proxy;
 pub mod socket;

@@ -246,3 +246,108 @@ fn a_label_change_is_applied_in_place_and_decides_the_next_stream_of_a_pooled_tu
     assert_eq!(about_pod("enrolled"), 1, "enrolled once, at start");
     assert!(about_pod("updated in place") >= 1, "the change is applied in place");
 }
+
+/// Starts a stopped node's agent again and waits until it says it is ready.
+fn start_agent(c: &Cluster, node: &str) {
+    let out = weft_e2e::weftctl(&["dev", "start-agent", "--name", &c.name, node]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// Whether anything from `client_ip` reached node2's agent in plaintext since `since` records.
+fn plaintext_from(c: &Cluster, client_ip: &str, since: usize) -> bool {
+    c.access_records("node2").iter().skip(since).any(|r| {
+        r["mode"] == "plaintext"
+            && r["src.addr"]
+                .as_str()
+                .is_some_and(|a| a.starts_with(&format!("{client_ip}:")))
+    })
+}
+
+#[test]
+fn a_pod_whose_reenrollment_fails_stays_captured_and_is_refused_until_the_agent_can_serve_it() {
+    if !privileged("reenrollment_fails_closed") {
+        return;
+    }
+    let c = Cluster::up("e2e-squat", &["--ambient", "default"]);
+    let _server = c.serve("app-2-1", "8080");
+    let url = format!("http://{}:8080/", c.pod_ip("app-2-1", false));
+    let client_ip = c.pod_ip("app-1-1", false);
+    assert_eq!(timed_curl(&c, "app-1-1", &url).0, 0);
+
+    // While the agent is away, the application takes the agent's HBONE port in its own pod.
+    c.kill_agent("node1");
+    let squatter = c.echo("app-1-1", 15008);
+    start_agent(&c, "node1");
+    let records = c.access_records("node2").len();
+    let (code, _) = timed_curl(&c, "app-1-1", &url);
+    assert_ne!(
+        code, 0,
+        "the pod could not be enrolled again: its connection must be refused"
+    );
+    assert!(
+        !plaintext_from(&c, &client_ip, records),
+        "nothing may leave the pod around the agent"
+    );
+    let said = c.agent_log("node1").iter().any(|l| {
+        l["message"] == "enrolling pod; will retry" && l["error"].as_str().is_some_and(|e| e.contains("15008"))
+    });
+    assert!(said, "the agent says why the pod is not served");
+
+    // The port is free again: the agent enrolls the pod on its next attempt.
+    drop(squatter);
+    wait_for("the pod to be served again", Duration::from_secs(10), || {
+        (timed_curl(&c, "app-1-1", &url).0 == 0).then_some(())
+    });
+    assert!(!plaintext_from(&c, &client_ip, records));
+}
+
+#[test]
+fn capture_survives_a_corrupt_or_missing_pod_network_state() {
+    if !privileged("lost_state_fails_closed") {
+        return;
+    }
+    let c = Cluster::up("e2e-lost", &["--ambient", "default"]);
+    let _server = c.serve("app-2-1", "8080");
+    let url = format!("http://{}:8080/", c.pod_ip("app-2-1", false));
+    let client_ip = c.pod_ip("app-1-1", false);
+    assert_eq!(timed_curl(&c, "app-1-1", &url).0, 0);
+    let state = std::path::PathBuf::from(c.node("node1")["agent"]["stateDir"].as_str().expect("agent state dir"))
+        .join("pod-networks.json");
+    assert!(state.exists(), "{} written", state.display());
+
+    for (what, lose) in [
+        (
+            "corrupt",
+            Box::new(|p: &std::path::Path| std::fs::write(p, b"{\"truncated").unwrap())
+                as Box<dyn Fn(&std::path::Path)>,
+        ),
+        (
+            "missing",
+            Box::new(|p: &std::path::Path| {
+                let _ = std::fs::remove_file(p);
+            }),
+        ),
+    ] {
+        c.kill_agent("node1");
+        lose(&state);
+        let log_before = c.agent_log("node1").len();
+        start_agent(&c, "node1");
+        let records = c.access_records("node2").len();
+        let (code, _) = timed_curl(&c, "app-1-1", &url);
+        assert_ne!(code, 0, "{what} state: the pod stays captured, its connection refused");
+        assert!(
+            !plaintext_from(&c, &client_ip, records),
+            "{what} state: nothing may leave the pod around the agent"
+        );
+        let loud = c
+            .agent_log("node1")
+            .iter()
+            .skip(log_before)
+            .any(|l| l["level"] == "ERROR" && l["message"].as_str().is_some_and(|m| m.contains("stay captured")));
+        assert!(loud, "{what} state: the agent says so loudly");
+    }
+    assert!(
+        state.with_extension("json.unreadable").exists(),
+        "the unreadable file is kept for an operator"
+    );
+}

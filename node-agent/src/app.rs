@@ -25,6 +25,7 @@ use crate::{
     identity::Identities,
     inpod::InPod,
     mesh::Mesh,
+    networks::{Loaded, Networks},
     state::State,
 };
 
@@ -86,12 +87,12 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let agent_cgroup = weft_dataplane::cgroup::id(&own_cgroup)
         .with_context(|| format!("reading the id of cgroup {}", own_cgroup.display()))?;
-    let mut capture = Capture::start(&config.bpf_pin_dir, &config.cgroup, agent_cgroup).context("starting capture")?;
+    let capture = Capture::start(&config.bpf_pin_dir, &config.cgroup, agent_cgroup).context("starting capture")?;
     tracing::info!(node = %config.node, cgroup = %config.cgroup.display(), pins = %config.bpf_pin_dir.display(), "capture ready");
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state directory {}", config.state_dir.display()))?;
     let state_file = config.state_dir.join("pod-networks.json");
-    let mut networks = cni::load(&state_file);
+    let networks = load_networks(&state_file, &capture);
     let mut cni_events = cni::spawn(&config.cni_socket).context("starting the CNI endpoint")?;
     let controller = Controller::new(
         &config.controller,
@@ -111,25 +112,28 @@ async fn serve(
         next_endpoint: Default::default(),
         tunnel_congestion,
     });
-    let mut reconciler = Reconciler {
-        node: config.node.clone(),
-        pods: BTreeMap::new(),
-        first: true,
-        mesh,
+    let mut node = NodeControl {
+        capture,
+        networks,
+        state_file,
+        reconciler: Reconciler {
+            node: config.node.clone(),
+            pods: BTreeMap::new(),
+            unaccounted: 0,
+            mesh,
+        },
     };
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut retry = tokio::time::interval(Duration::from_secs(1));
     let mut ready = false;
     loop {
-        let mut reply = None;
+        let mut pending = None;
         tokio::select! {
             changed = states.changed() => {
                 if changed.is_err() { anyhow::bail!("the discovery client stopped"); }
             }
             Some((event, reply_tx)) = cni_events.recv() => {
-                cni::apply(&mut networks, &event);
-                let saved = cni::save(&state_file, &networks);
                 // The pod's metadata may still be on its way from the workload source.
                 if let PodEvent::Add(n) = &event {
                     let deadline = tokio::time::Instant::now() + POD_METADATA_WAIT;
@@ -137,43 +141,128 @@ async fn serve(
                         && tokio::time::timeout_at(deadline, states.changed()).await.is_ok_and(|r| r.is_ok())
                     {}
                 }
-                reply = Some((event, reply_tx, saved));
+                pending = Some((event, reply_tx));
             }
             _ = retry.tick() => {}
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
         let state = states.borrow_and_update().clone();
-        let snapshot = with_networks(state.snapshot(), &networks);
+        // Entering pods' namespaces, binding, netlink, eBPF maps, fsync: off the proxies' threads.
+        let event = pending.as_ref().map(|(e, _)| e.clone());
+        let step_state = state.clone();
+        let (back, reply) = tokio::task::spawn_blocking(move || {
+            let reply = node.step(&step_state, event.as_ref());
+            (node, reply)
+        })
+        .await
+        .context("the enrollment step stopped")?;
+        node = back;
+        if let (Some((_, reply_tx)), Some(reply)) = (pending, reply) {
+            // Answered only now: a pod that must be captured is, before its containers start.
+            let _ = reply_tx.send(reply);
+        }
         if state.synced {
-            // Before the first push the agent knows nothing; reconciling then would unenroll everything.
-            reconciler.reconcile(&snapshot, &state, &mut capture);
-            identities.want(&reconciler.identities());
+            identities.want(&node.reconciler.identities());
             if !ready {
                 // Serving: the controller's config is in and every enrolled pod has its listeners.
                 ready = true;
-                tracing::info!(revision = state.revision, pods = reconciler.pods.len(), "ready");
+                tracing::info!(revision = state.revision, pods = node.reconciler.pods.len(), "ready");
             }
-        }
-        if let Some((event, reply_tx, saved)) = reply {
-            // Answered only now: a pod that must be captured is, before its containers start.
-            let _ = reply_tx.send(cni_reply(&event, &snapshot, &reconciler, saved));
         }
     }
     tracing::info!("shutting down; capture stays attached and refuses connections until an agent returns");
     Ok(())
 }
 
+/// What enrollment owns on this node: capture, the known pod networks, the enrolled pods. Every step
+/// runs on a blocking thread, never on the proxies' runtime threads.
+struct NodeControl {
+    capture: Capture,
+    networks: Networks,
+    state_file: std::path::PathBuf,
+    reconciler: Reconciler,
+}
+
+impl NodeControl {
+    /// Takes a CNI event if there is one, brings enrollment in line with `state`, and returns the
+    /// answer to the event.
+    fn step(&mut self, state: &State, event: Option<&PodEvent>) -> Option<Reply> {
+        let mut saved = Ok(());
+        if let Some(event) = event {
+            if let PodEvent::Delete { uid } = event
+                && !self.reconciler.pods.contains_key(uid)
+                && let Some(cookie) = self.networks.get(uid).and_then(|k| k.netns_cookie)
+            {
+                // Captured by an earlier agent and never served by this one: released with its pod.
+                self.capture.unenroll(cookie);
+            }
+            self.networks.apply(event);
+            saved = self.networks.save(&self.state_file).map_err(|e| display_chain(&e));
+        }
+        let snapshot = with_networks(state.snapshot(), &self.networks);
+        if state.synced {
+            // Before the first push the agent knows nothing; reconciling then would unenroll everything.
+            self.reconciler.reconcile(&snapshot, state, &mut self.capture);
+            self.reconciler
+                .release_unwanted(&snapshot, &mut self.networks, &mut self.capture);
+            // Each captured pod's cookie is on disk before its CNI ADD is answered.
+            let mut changed = false;
+            for (uid, pod) in &self.reconciler.pods {
+                changed |= self.networks.set_cookie(uid, pod.netns_cookie());
+            }
+            if changed && let Err(e) = self.networks.save(&self.state_file) {
+                let e = display_chain(&e);
+                tracing::error!(error = %e, "persisting pod networks");
+                saved = saved.and(Err(e));
+            }
+        }
+        let served = |uid: &str| self.reconciler.pods.contains_key(uid);
+        event.map(|event| cni_reply(event, &snapshot, &self.reconciler.node, served, saved))
+    }
+}
+
+/// The pod networks the previous agent persisted. Lost or unreadable state is said loudly and never
+/// read as "no pods": what it would have accounted for stays captured (see
+/// [`Reconciler::release_unwanted`]).
+fn load_networks(path: &std::path::Path, capture: &Capture) -> Networks {
+    match Networks::load(path) {
+        Ok(Loaded::Read(networks)) => networks,
+        Ok(Loaded::Missing) => {
+            let captured = capture.enrolled_netns().len();
+            if captured > 0 {
+                tracing::error!(
+                    path = %path.display(),
+                    captured,
+                    "pod-network state is missing although pods are captured: they stay captured, and refused, until the agent can account for them"
+                );
+            }
+            Networks::default()
+        }
+        Err(e) => {
+            tracing::error!(
+                error = %display_chain(&e),
+                "pod-network state lost: pods captured before stay captured, and refused, until the agent can account for them"
+            );
+            Networks::default()
+        }
+    }
+}
+
 /// How long a CNI ADD waits for the pod's metadata (namespace, annotations) to arrive.
 const POD_METADATA_WAIT: Duration = Duration::from_secs(5);
 
 /// The answer to the CNI plugin: failure if the pod should be captured and is not, so the runtime
-/// retries instead of starting the pod outside the mesh.
+/// retries instead of starting the pod outside the mesh. OK only for a pod the agent serves, or one
+/// the workload source says is not enrolled; never for a pod it does not know (yet), one it could not
+/// enroll, one whose network it could not persist, or an enrolled pod the source places on another
+/// node (its sandbox would start here uncaptured).
 fn cni_reply(
     event: &PodEvent,
     snapshot: &WorkloadSnapshot,
-    reconciler: &Reconciler,
-    saved: std::io::Result<()>,
+    node: &str,
+    served: impl Fn(&str) -> bool,
+    saved: Result<(), String>,
 ) -> Reply {
     let fail = |e: String| Reply {
         ok: false,
@@ -191,8 +280,17 @@ fn cni_reply(
             n.namespace, n.name
         ));
     };
-    let wanted = pod.node == reconciler.node && enrollment::is_enrolled(pod, snapshot.namespace(&pod.namespace));
-    if wanted && !reconciler.pods.contains_key(&n.uid) {
+    if !enrollment::is_enrolled(pod, snapshot.namespace(&pod.namespace)) {
+        return Reply { ok: true, error: None };
+    }
+    if pod.node != node {
+        return fail(format!(
+            "pod {} is enrolled and placed on node {:?}, not on this node ({node:?}): it would run uncaptured",
+            pod.qualified_name(),
+            pod.node
+        ));
+    }
+    if !served(&n.uid) {
         return fail(format!(
             "pod {} could not be enrolled; see the agent's log",
             pod.qualified_name()
@@ -204,9 +302,9 @@ fn cni_reply(
 /// Joins what the workload source says about pods with what the CNI plugin reported on this node:
 /// a pod can be captured once its network namespace is known. The CNI's addresses win (they are what
 /// the runtime assigned).
-fn with_networks(mut snapshot: WorkloadSnapshot, networks: &cni::Networks) -> WorkloadSnapshot {
+fn with_networks(mut snapshot: WorkloadSnapshot, networks: &Networks) -> WorkloadSnapshot {
     for pod in &mut snapshot.pods {
-        match networks.get(&pod.uid) {
+        match networks.get(&pod.uid).map(|k| &k.network) {
             Some(n) => {
                 pod.netns = Some(n.netns.clone());
                 if !n.ips.is_empty() {
@@ -223,7 +321,8 @@ fn with_networks(mut snapshot: WorkloadSnapshot, networks: &cni::Networks) -> Wo
 struct Reconciler {
     node: String,
     pods: BTreeMap<String, InPod>,
-    first: bool,
+    /// Captured namespaces of no known pod, as last reported.
+    unaccounted: usize,
     mesh: Arc<Mesh>,
 }
 
@@ -272,19 +371,46 @@ impl Reconciler {
                 Err(e) => tracing::error!(error = %display_chain(&e), "enrolling pod; will retry"),
             }
         }
-        if self.first {
-            // A previous agent may have left pods captured that are gone or no longer enrolled.
-            self.first = false;
-            let live: Vec<u64> = self.pods.values().map(InPod::netns_cookie).collect();
-            for cookie in capture.enrolled_netns() {
-                if !live.contains(&cookie) {
-                    capture.unenroll(cookie);
-                }
+    }
+
+    /// Releases capture that nothing wants any more, and only that: the namespace of a pod the
+    /// workload source deleted or opted out, or one whose namespace vanished. A pod that is wanted
+    /// but not served (its enrollment failing, or its network unknown because the saved state was
+    /// lost) stays captured: its connections are refused until the agent can serve it, never sent
+    /// around the agent. Runs after every reconcile, so it also finishes what an earlier agent left.
+    fn release_unwanted(&mut self, snapshot: &WorkloadSnapshot, networks: &mut Networks, capture: &mut Capture) {
+        for cookie in networks.drop_vanished() {
+            capture.unenroll(cookie);
+        }
+        let wanted: BTreeSet<&str> = snapshot
+            .pods_on(&self.node)
+            .filter(|p| enrollment::is_enrolled(p, snapshot.namespace(&p.namespace)))
+            .map(|p| p.uid.as_str())
+            .collect();
+        let live: BTreeSet<u64> = self.pods.values().map(InPod::netns_cookie).collect();
+        let mut unaccounted = 0;
+        for cookie in capture.enrolled_netns() {
+            if live.contains(&cookie) {
+                continue;
             }
-            for uid in capture.attached_pods() {
-                if !self.pods.contains_key(&uid) {
-                    capture.detach_pod(&uid);
-                }
+            match networks.uid_of_cookie(cookie) {
+                Some(uid) if !wanted.contains(uid) => capture.unenroll(cookie),
+                Some(_) => {}
+                None => unaccounted += 1,
+            }
+        }
+        if unaccounted != self.unaccounted {
+            self.unaccounted = unaccounted;
+            if unaccounted > 0 {
+                tracing::error!(
+                    namespaces = unaccounted,
+                    "captured network namespaces the agent cannot account for (pod-network state lost?): they stay captured and their connections are refused until their pods are re-created"
+                );
+            }
+        }
+        for uid in capture.attached_pods() {
+            if !self.pods.contains_key(&uid) && !wanted.contains(uid.as_str()) {
+                capture.detach_pod(&uid);
             }
         }
     }
@@ -343,4 +469,102 @@ fn own_cgroup(config: &Config) -> anyhow::Result<std::path::PathBuf> {
         target.display()
     );
     Ok(own)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use weft_model::{Namespace, annotations, cni::PodNetwork};
+
+    use super::*;
+
+    fn snapshot() -> WorkloadSnapshot {
+        let ambient = BTreeMap::from([(annotations::DATAPLANE_MODE.to_owned(), "ambient".to_owned())]);
+        let pod = |name: &str, ns: &str, node: &str| Pod {
+            uid: format!("uid-{name}"),
+            namespace: ns.into(),
+            name: name.into(),
+            node: node.into(),
+            service_account: "default".into(),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            ips: vec!["10.244.1.5".parse().unwrap()],
+            netns: None,
+        };
+        WorkloadSnapshot {
+            namespaces: vec![
+                Namespace {
+                    name: "mesh".into(),
+                    annotations: ambient,
+                },
+                Namespace {
+                    name: "plain".into(),
+                    annotations: BTreeMap::new(),
+                },
+            ],
+            pods: vec![
+                pod("web", "mesh", "node1"),
+                pod("legacy", "plain", "node1"),
+                pod("elsewhere", "mesh", "node2"),
+            ],
+        }
+    }
+
+    fn add(name: &str) -> PodEvent {
+        PodEvent::Add(PodNetwork {
+            uid: format!("uid-{name}"),
+            namespace: "mesh".into(),
+            name: name.into(),
+            netns: "/run/netns/x".into(),
+            ips: vec![],
+        })
+    }
+
+    /// One row: the event, which pods the agent serves, whether persisting worked, then the expected
+    /// answer and what its error says.
+    struct Case {
+        event: PodEvent,
+        served: &'static [&'static str],
+        saved: Result<(), &'static str>,
+        ok: bool,
+        says: &'static str,
+    }
+
+    #[test]
+    fn cni_add_is_ok_only_for_a_served_pod_or_one_outside_the_mesh() {
+        let s = snapshot();
+        let case = |event, served, saved, ok, says| Case {
+            event,
+            served,
+            saved,
+            ok,
+            says,
+        };
+        let cases = [
+            case(add("web"), &["uid-web"], Ok(()), true, ""),
+            case(add("web"), &[], Ok(()), false, "could not be enrolled"),
+            case(
+                add("web"),
+                &["uid-web"],
+                Err("disk full"),
+                false,
+                "persisting pod networks: disk full",
+            ),
+            case(add("legacy"), &[], Ok(()), true, ""),
+            case(add("unknown"), &[], Ok(()), false, "not known to the node agent yet"),
+            case(add("elsewhere"), &[], Ok(()), false, "placed on node \"node2\""),
+            case(PodEvent::Delete { uid: "uid-web".into() }, &[], Ok(()), true, ""),
+        ];
+        for (i, c) in cases.into_iter().enumerate() {
+            let served = |uid: &str| c.served.contains(&uid);
+            let r = cni_reply(&c.event, &s, "node1", served, c.saved.map_err(str::to_owned));
+            assert_eq!(r.ok, c.ok, "case {i}: {:?} -> {r:?}", c.event);
+            assert!(
+                r.error.unwrap_or_default().contains(c.says),
+                "case {i}: must say {:?}",
+                c.says
+            );
+        }
+    }
 }

@@ -1,11 +1,8 @@
 //! The node agent's end of the CNI plugin: a unix socket taking pod add/delete events with each pod's
-//! network namespace. What it learns is persisted, so an agent that restarts knows the pods already
-//! running on its node (the reconcile scan at start) and drops those whose namespace is gone.
+//! network namespace. What the agent learns is kept in [`crate::networks`].
 
 use std::{
-    collections::BTreeMap,
     io,
-    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -15,10 +12,7 @@ use tokio::{
     net::{UnixListener, UnixStream},
     sync::{mpsc, oneshot},
 };
-use weft_model::cni::{PodEvent, PodNetwork, Reply};
-
-/// Pod networks on this node, by pod uid.
-pub type Networks = BTreeMap<String, PodNetwork>;
+use weft_model::cni::{PodEvent, Reply};
 
 const MAX_LINE: u64 = 64 * 1024;
 
@@ -30,6 +24,11 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("CNI socket")]
+    Bind {
+        #[source]
+        source: weft_api::unix::Error,
+    },
 }
 
 /// A CNI event and where to send the agent's answer once it acted on it.
@@ -37,8 +36,10 @@ pub type Request = (PodEvent, oneshot::Sender<Reply>);
 
 /// Binds the socket and starts serving. Returns the networks persisted by the previous agent (the
 /// pods already running on this node) and the stream of new events; each caller waits for its reply.
+/// The socket replaces whatever a previous agent left at `socket`, and has mode 0600 from the moment
+/// it exists there ([`weft_api::unix::bind_private`]): only the agent's user and root (as whom the
+/// runtime runs the CNI plugin) can ever connect.
 pub fn spawn(socket: &Path) -> Result<mpsc::Receiver<Request>, Error> {
-    let _ = std::fs::remove_file(socket);
     let err = |source| Error::Socket {
         path: socket.to_path_buf(),
         source,
@@ -46,8 +47,8 @@ pub fn spawn(socket: &Path) -> Result<mpsc::Receiver<Request>, Error> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
-    let listener = UnixListener::bind(socket).map_err(err)?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    let listener = weft_api::unix::bind_private(socket).map_err(|source| Error::Bind { source })?;
+    let listener = UnixListener::from_std(listener).map_err(err)?;
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
@@ -97,33 +98,4 @@ async fn serve(stream: UnixStream, tx: mpsc::Sender<Request>) -> io::Result<()> 
     let mut out = serde_json::to_vec(&reply).map_err(io::Error::other)?;
     out.push(b'\n');
     write.write_all(&out).await
-}
-
-/// Applies an event to the known networks.
-pub fn apply(networks: &mut Networks, event: &PodEvent) {
-    match event {
-        PodEvent::Add(network) => {
-            tracing::info!(pod = %format!("{}/{}", network.namespace, network.name), netns = %network.netns.display(), "CNI add");
-            networks.insert(network.uid.clone(), network.clone());
-        }
-        PodEvent::Delete { uid } => {
-            tracing::info!(uid = %uid, "CNI delete");
-            networks.remove(uid);
-        }
-    }
-}
-
-/// Persisted networks whose namespace still exists.
-pub fn load(path: &Path) -> Networks {
-    let networks: Networks = std::fs::read(path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
-    networks.into_iter().filter(|(_, n)| n.netns.exists()).collect()
-}
-
-pub fn save(path: &Path, networks: &Networks) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec(networks).map_err(io::Error::other)?)?;
-    std::fs::rename(tmp, path)
 }

@@ -4,12 +4,15 @@
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd as _, OwnedFd},
-    process::Command,
     sync::Arc,
 };
 
 use tokio::task::JoinHandle;
-use weft_dataplane::{netns::NetNs, socket};
+use weft_dataplane::{
+    netlink::{self, Family},
+    netns::NetNs,
+    socket,
+};
 use weft_model::{Pod, marks, ports};
 
 use weft_hbone::identity::Identity;
@@ -235,8 +238,6 @@ impl Drop for InPod {
 /// the agent instead of leaving the pod, and so does the refusal of a port nobody listens on: the
 /// agent learns at once, as the client would without the mesh. Idempotent.
 fn install_reply_routing(netns: &NetNs) -> std::io::Result<()> {
-    let mark = format!("{:#x}/{:#x}", marks::LOCAL_REPLY, marks::LOCAL_REPLY);
-    let table = marks::LOCAL_REPLY_TABLE.to_string();
     netns.run(|| -> std::io::Result<()> {
         std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")?;
         std::fs::write("/proc/sys/net/ipv4/fwmark_reflect", "1")?;
@@ -244,31 +245,17 @@ fn install_reply_routing(netns: &NetNs) -> std::io::Result<()> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {} // IPv6 disabled in the pod
             r => r?,
         }
-        for family in ["-4", "-6"] {
-            let default = if family == "-4" { "0.0.0.0/0" } else { "::/0" };
-            run_ip(&[
-                family, "route", "replace", "local", default, "dev", "lo", "table", &table,
-            ])?;
-            let existing = Command::new("ip")
-                .args([family, "rule", "show", "pref", &table])
-                .output()?;
-            if existing.stdout.is_empty() {
-                run_ip(&[family, "rule", "add", "pref", &table, "fwmark", &mark, "lookup", &table])?;
-            }
+        let mut route = netlink::Route::open()?;
+        for family in [Family::V4, Family::V6] {
+            route.replace_local_default(family, marks::LOCAL_REPLY_TABLE)?;
+            route.add_fwmark_rule(
+                family,
+                marks::LOCAL_REPLY_TABLE,
+                marks::LOCAL_REPLY,
+                marks::LOCAL_REPLY,
+                marks::LOCAL_REPLY_TABLE,
+            )?;
         }
         Ok(())
     })?
-}
-
-fn run_ip(args: &[&str]) -> std::io::Result<()> {
-    let out = Command::new("ip").args(args).output()?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(std::io::Error::other(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
-    }
 }

@@ -9,6 +9,7 @@ pub mod discovery;
 pub mod identity;
 pub mod inpod;
 pub mod mesh;
+pub mod networks;
 pub mod pod;
 pub mod proxy;
 pub mod state;

@@ -570,7 +570,10 @@ fn status(name: &str, output: Output) -> anyhow::Result<()> {
                     serde_json::json!({
                         "name": n.name, "netns": n.netns, "ips": n.ips, "podCIDRs": n.pod_cidrs,
                         "cgroup": n.cgroup, "bpfPinDir": n.bpf_pin_dir,
-                        "agent": { "pid": n.agent_pid, "running": n.agent_pid.is_some_and(system::alive), "log": n.agent_log },
+                        "agent": {
+                            "pid": n.agent_pid, "running": n.agent_pid.is_some_and(system::alive), "log": n.agent_log,
+                            "stateDir": Names(name).agent_state_dir(&n.name),
+                        },
                     })
                 })
                 .collect();
