@@ -135,8 +135,9 @@ impl TryFrom<&v1::Policy> for AuthorizationPolicy {
 impl TryFrom<&v1::Workload> for weft_model::Pod {
     type Error = Invalid;
 
-    /// Every address must parse; namespace, name and node must be present. `netns` is left `None`
-    /// (the agent learns it from the CNI plugin).
+    /// Every address must parse; namespace, name and node must be present; the uid must be a UID
+    /// ([`weft_model::workload::validate_uid`]: the agent names paths after it, so a bad one never
+    /// gets that far). `netns` is left `None` (the agent learns it from the CNI plugin).
     fn try_from(w: &v1::Workload) -> Result<Self, Invalid> {
         let invalid = |field: String, problem: String| Invalid {
             resource: format!("workload {}/{}", w.namespace, w.name),
@@ -148,6 +149,7 @@ impl TryFrom<&v1::Workload> for weft_model::Pod {
                 return Err(invalid(field.into(), "required".into()));
             }
         }
+        weft_model::workload::validate_uid(&w.uid).map_err(|problem| invalid("uid".into(), problem))?;
         let ips = w
             .ips
             .iter()
@@ -252,7 +254,7 @@ mod tests {
 
     fn sample_workload() -> v1::Workload {
         v1::Workload {
-            uid: "u1".into(),
+            uid: "0b5e1c2a-7d3f-4a61-9c8e-2f4b6d8a1e03".into(),
             namespace: "default".into(),
             name: "web".into(),
             node: "node1".into(),
@@ -292,6 +294,20 @@ mod tests {
         let mut w = sample_workload();
         w.node.clear();
         assert_eq!(weft_model::Pod::try_from(&w).unwrap_err().field, "node");
+    }
+
+    #[test]
+    fn workload_with_a_uid_that_is_not_a_uuid_is_refused() {
+        for bad in ["", "../x", "a/b", "..", "u1", "0B5E1C2A-7D3F-4A61-9C8E-2F4B6D8A1E03"] {
+            let mut w = sample_workload();
+            w.uid = bad.into();
+            let err = weft_model::Pod::try_from(&w).expect_err(bad);
+            assert_eq!(err.field, "uid");
+            assert_eq!(
+                err.to_string(),
+                format!("workload default/web: uid: {bad:?} is not a UID (8-4-4-4-12 lowercase hex)")
+            );
+        }
     }
 
     #[test]

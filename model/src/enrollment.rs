@@ -8,7 +8,9 @@ use crate::{
 /// Whether `pod` is enrolled in the ambient data plane, given its namespace.
 ///
 /// A pod annotation wins over its namespace's: `none` opts out, `ambient` opts in. Otherwise the pod
-/// is enrolled when its namespace is annotated `ambient`. Any other value enrolls nothing.
+/// is enrolled when its namespace is annotated `ambient`. The store refuses any other value
+/// ([`crate::annotations::validate_value`]); should one arrive anyway, it counts as no annotation on a
+/// pod (the namespace decides) and enrolls nothing on a namespace.
 pub fn is_enrolled(pod: &Pod, namespace: Option<&Namespace>) -> bool {
     match pod.annotations.get(DATAPLANE_MODE).map(String::as_str) {
         Some(DATAPLANE_MODE_NONE) => false,

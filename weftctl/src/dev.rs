@@ -337,7 +337,7 @@ fn build(args: &UpArgs, bins: Option<&MeshBins>) -> anyhow::Result<()> {
             let namespace = args.namespaces[usize::from(k - 1) % args.namespaces.len()].clone();
             cluster.pods.push(PodRecord {
                 pod: Pod {
-                    uid: format!("{}-{pod_name}", args.name),
+                    uid: new_pod_uid()?,
                     namespace,
                     name: pod_name.clone(),
                     node: node.clone(),
@@ -751,7 +751,8 @@ fn annotate(name: &str, kind: Kind, target: &str, change: &str) -> anyhow::Resul
     Ok(())
 }
 
-/// `KEY=VALUE` sets, `KEY-` removes.
+/// `KEY=VALUE` sets, `KEY-` removes. The key, and the value of an annotation Weft reads, are checked
+/// as the store checks them, before anything changes.
 fn parse_change(change: &str) -> anyhow::Result<(String, Option<String>)> {
     let (key, value) = match change.split_once('=') {
         Some((k, v)) => (k, Some(v.to_owned())),
@@ -761,7 +762,20 @@ fn parse_change(change: &str) -> anyhow::Result<(String, Option<String>)> {
         },
     };
     annotations::validate_key(key).map_err(anyhow::Error::msg)?;
+    if let Some(value) = &value {
+        annotations::validate_value(key, value).map_err(|p| anyhow::anyhow!("annotation {key}: {p}"))?;
+    }
     Ok((key.to_owned(), value))
+}
+
+/// A pod uid as Kubernetes makes them (a version 4 UUID) from the OS's random source: the store
+/// and the agents accept nothing else, because agents name paths after it.
+fn new_pod_uid() -> anyhow::Result<String> {
+    let mut random = [0u8; 16];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))
+        .context("reading /dev/urandom")?;
+    Ok(weft_model::workload::uuid_v4(random))
 }
 
 #[cfg(test)]
@@ -785,5 +799,25 @@ mod tests {
                 .to_string()
                 .contains("annotation key")
         );
+    }
+
+    #[test]
+    fn dev_pod_uids_are_fresh_uuids() {
+        let (a, b) = (new_pod_uid().unwrap(), new_pod_uid().unwrap());
+        weft_model::workload::validate_uid(&a).unwrap();
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn dataplane_mode_value_is_checked_before_anything_changes() {
+        let err = parse_change("weft.dev/dataplane-mode=bogus").unwrap_err().to_string();
+        assert!(
+            err.contains("weft.dev/dataplane-mode")
+                && err.contains("\"bogus\"")
+                && err.contains("\"ambient\", \"none\""),
+            "{err}"
+        );
+        assert!(parse_change("weft.dev/dataplane-mode=ambient").is_ok());
+        assert!(parse_change("example.com/anything=bogus").is_ok());
     }
 }
