@@ -4,7 +4,7 @@
 use std::{
     fs, io,
     net::SocketAddr,
-    os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, PermissionsExt as _},
+    os::unix::fs::{DirBuilderExt as _, FileTypeExt as _},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -224,8 +224,9 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| *v).await;
 }
 
-/// Binds the admin socket with mode 0600, replacing a stale socket file but refusing to take over
-/// one that a running controller still answers on.
+/// Binds the admin socket, replacing a stale socket file but refusing to take over one that a
+/// running controller still answers on. The socket has mode 0600 from the moment it exists at
+/// `path` ([`weft_api::unix::bind_private`]): no other local user ever gets to connect.
 async fn bind_admin_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::DirBuilder::new()
@@ -248,9 +249,7 @@ async fn bind_admin_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListen
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("--admin-socket: {}", path.display())),
     }
-    let listener = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("--admin-socket: cannot bind {}", path.display()))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("--admin-socket: cannot make {} private", path.display()))?;
-    Ok(listener)
+    let listener = weft_api::unix::bind_private(path).context("--admin-socket")?;
+    tokio::net::UnixListener::from_std(listener)
+        .with_context(|| format!("--admin-socket: cannot serve on {}", path.display()))
 }
