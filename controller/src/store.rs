@@ -10,8 +10,9 @@ pub mod manifest;
 pub mod objects;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    fs,
+    collections::{BTreeMap, BTreeSet, HashMap, hash_map::Entry},
+    fmt, fs,
+    hash::Hash,
     io::{self, Write as _},
     net::IpAddr,
     os::unix::fs::OpenOptionsExt as _,
@@ -133,7 +134,9 @@ impl Store {
         self.tx.subscribe()
     }
 
-    /// Applies every object of a YAML stream, all or nothing. Blocking (it writes the file).
+    /// Applies every object of a YAML stream, all or nothing. Besides each object being valid on its
+    /// own, the new state must hold no two pods with one uid and no address twice (pod IPs and
+    /// service VIPs share one space); an error names both objects. Blocking (it writes the file).
     pub fn apply(&self, yaml: &str, file: &str) -> Result<Outcome, Error> {
         let docs = manifest::parse(yaml, file)?;
         self.commit(|current| current.plan_apply(docs, file))
@@ -283,14 +286,22 @@ impl State {
         };
         let mut seen: HashMap<ObjectRef, usize> = HashMap::new();
         let mut new_namespaces = BTreeSet::new();
-        // Addresses in use by pods this apply does not replace, then by the pods it applies.
+        // Pod uids, and addresses (pod IPs and service VIPs share one space), held by the objects
+        // this apply does not replace; then by the objects it applies, one by one.
         let replaced: BTreeSet<ObjectRef> = docs.iter().map(|d| d.item.object_ref()).collect();
-        let mut ips: HashMap<IpAddr, (ObjectRef, Option<usize>)> = self
-            .pods()
-            .map(|p| (pod_ref(p), p))
-            .filter(|(r, _)| !replaced.contains(r))
-            .flat_map(|(r, p)| p.ips.iter().map(move |ip| (*ip, (r.clone(), None))))
-            .collect();
+        let mut uids: HashMap<String, Holder> = HashMap::new();
+        let mut addresses: HashMap<IpAddr, Holder> = HashMap::new();
+        for (r, object) in self.objects.iter().filter(|(r, _)| !replaced.contains(r)) {
+            let holder = || (r.clone(), None);
+            match object {
+                Object::Pod(p) => {
+                    uids.insert(p.uid.clone(), holder());
+                    addresses.extend(p.ips.iter().map(|ip| (*ip, holder())));
+                }
+                Object::Service(s) => addresses.extend(s.cluster_ips.iter().map(|ip| (*ip, holder()))),
+                _ => {}
+            }
+        }
 
         let mut next = self.clone();
         let mut results = Vec::with_capacity(docs.len());
@@ -321,25 +332,30 @@ impl State {
             } else {
                 new_namespaces.insert(r.name.clone());
             }
-            if let Object::Pod(pod) = &mut object {
-                if pod.uid.is_empty() {
-                    pod.uid = match self.objects.get(&r) {
-                        Some(Object::Pod(old)) => old.uid.clone(),
-                        _ => random_uid()?,
-                    };
-                }
-                for (i, ip) in pod.ips.iter().enumerate() {
-                    if let Some((other, other_doc)) = ips.insert(*ip, (r.clone(), Some(index))) {
-                        let where_ = other_doc.map(|d| format!(" (document {d})")).unwrap_or_default();
-                        return Err(at(
-                            index,
-                            &r,
-                            Some(format!("status.podIPs[{i}].ip")),
-                            format!("{ip} is already used by {other}{where_}"),
-                        )
-                        .into());
+            if let Object::Pod(pod) = &mut object
+                && pod.uid.is_empty()
+            {
+                pod.uid = match self.objects.get(&r) {
+                    Some(Object::Pod(old)) => old.uid.clone(),
+                    _ => random_uid()?,
+                };
+            }
+            let holder = || (r.clone(), Some(index));
+            let in_use = |field: String, problem: String| Error::from(at(index, &r, Some(field), problem));
+            match &object {
+                Object::Pod(pod) => {
+                    claim(&mut uids, pod.uid.clone(), holder()).map_err(|p| in_use("metadata.uid".into(), p))?;
+                    for (i, ip) in pod.ips.iter().enumerate() {
+                        claim(&mut addresses, *ip, holder())
+                            .map_err(|p| in_use(format!("status.podIPs[{i}].ip"), p))?;
                     }
                 }
+                Object::Service(service) => {
+                    for (i, ip) in service.cluster_ips.iter().enumerate() {
+                        claim(&mut addresses, *ip, holder()).map_err(|p| in_use(format!("spec.clusterIPs[{i}]"), p))?;
+                    }
+                }
+                _ => {}
             }
             let verb = match self.objects.get(&r) {
                 Some(old) if *old == object => "unchanged",
@@ -406,19 +422,30 @@ impl State {
     }
 }
 
+/// Who holds a pod uid or an address: the object, and the document of this apply that set it
+/// (`None`: the stored object).
+type Holder = (ObjectRef, Option<usize>);
+
+/// Records `holder` as the holder of `key`, or says who holds it already.
+fn claim<K: Eq + Hash + fmt::Display>(taken: &mut HashMap<K, Holder>, key: K, holder: Holder) -> Result<(), String> {
+    match taken.entry(key) {
+        Entry::Occupied(e) => {
+            let (other, document) = e.get();
+            let where_ = document.map(|d| format!(" (document {d})")).unwrap_or_default();
+            Err(format!("{} is already used by {other}{where_}", e.key()))
+        }
+        Entry::Vacant(e) => {
+            e.insert(holder);
+            Ok(())
+        }
+    }
+}
+
 fn namespace_ref(name: &str) -> ObjectRef {
     ObjectRef {
         kind: Kind::Namespace,
         namespace: String::new(),
         name: name.to_owned(),
-    }
-}
-
-fn pod_ref(p: &Pod) -> ObjectRef {
-    ObjectRef {
-        kind: Kind::Pod,
-        namespace: p.namespace.clone(),
-        name: p.name.clone(),
     }
 }
 
@@ -429,17 +456,7 @@ fn random_uid() -> Result<String, Error> {
     ring::rand::SystemRandom::new()
         .fill(&mut b)
         .map_err(|_| Error::Random)?;
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    Ok(format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    ))
+    Ok(weft_model::workload::uuid_v4(b))
 }
 
 #[cfg(test)]

@@ -51,7 +51,8 @@ pub struct Document<T> {
 
 /// Parses and validates every document of a YAML stream. Empty documents are skipped (but counted,
 /// so that positions match the file). The first problem is returned. A Pod without `metadata.uid`
-/// comes back with an empty `uid`; the store fills it in.
+/// comes back with an empty `uid`; the store fills it in. A present uid must be a UUID, and
+/// `weft.dev/dataplane-mode` must be `ambient` or `none`.
 pub fn parse(yaml: &str, file: &str) -> Result<Vec<Document<Object>>, Invalid> {
     parse_with(yaml, file, parse_object)
 }
@@ -137,8 +138,9 @@ impl Ctx<'_> {
         let labels = meta.labels.clone().unwrap_or_default();
         check_labels(&labels, "metadata.labels").map_err(|(f, p)| self.err(f, p))?;
         let annotations = meta.annotations.clone().unwrap_or_default();
-        for key in annotations.keys() {
+        for (key, value) in &annotations {
             weft_model::annotations::validate_key(key)
+                .and_then(|()| weft_model::annotations::validate_value(key, value))
                 .map_err(|p| self.err(format!("metadata.annotations[{key:?}]"), p))?;
         }
         Ok(Meta { labels, annotations })
@@ -249,8 +251,12 @@ fn parse_pod(ctx: &Ctx<'_>, raw: RawPod) -> Result<Pod, Invalid> {
     let (namespace, name) = ctx.names(Kind::Pod, &raw.metadata)?;
     let meta = ctx.meta(&raw.metadata)?;
     let uid = raw.metadata.uid.clone().unwrap_or_default();
-    if raw.metadata.uid.is_some() && uid.trim().is_empty() {
-        return Err(ctx.err("metadata.uid".to_owned(), "must not be empty (leave it out to get one)"));
+    if raw.metadata.uid.is_some() {
+        if uid.trim().is_empty() {
+            return Err(ctx.err("metadata.uid".to_owned(), "must not be empty (leave it out to get one)"));
+        }
+        // Node agents name paths after it.
+        weft_model::workload::validate_uid(&uid).map_err(|p| ctx.err("metadata.uid".to_owned(), p))?;
     }
     let node = raw
         .spec

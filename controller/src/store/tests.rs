@@ -309,7 +309,7 @@ prop_compose! {
         Pod {
             namespace: "default".into(),
             name: format!("{name}-{index}"),
-            uid: format!("uid-{index}"),
+            uid: format!("{index:08x}-0000-4000-8000-000000000000"),
             meta: objects::Meta { labels, annotations: BTreeMap::new() },
             node,
             service_account: sa,
@@ -385,5 +385,152 @@ proptest! {
         prop_assert_eq!(&stored, &want);
         let again = store.apply(&store.get(None, None).unwrap(), "get").unwrap();
         prop_assert!(again.results.iter().all(|l| l.ends_with(" unchanged")), "{:?}", again.results);
+    }
+}
+
+// === what a node must never be handed ===
+
+fn pod_with_uid(name: &str, uid: &str, ip: &str) -> String {
+    pod(name, "n1", ip).replacen("  labels:", &format!("  uid: {uid:?}\n  labels:"), 1)
+}
+
+const UID_A: &str = "0b5e1c2a-7d3f-4a61-9c8e-2f4b6d8a1e03";
+const UID_B: &str = "5f0c9d7e-1a2b-4c3d-8e4f-a1b2c3d4e5f6";
+
+#[test]
+fn pod_uid_that_is_not_a_uuid_is_rejected() {
+    let (_dir, store) = store();
+    store.apply(NS, "f").unwrap();
+    for bad in [
+        "../x",
+        "a/b",
+        ".",
+        "..",
+        "u1",
+        "0B5E1C2A-7D3F-4A61-9C8E-2F4B6D8A1E03",
+        "0b5e1c2a7d3f4a619c8e2f4b6d8a1e03",
+        "{0b5e1c2a-7d3f-4a61-9c8e-2f4b6d8a1e03}",
+        "0b5e1c2a-7d3f-4a61-9c8e-2f4b6d8a1e0/",
+        "0b5e1c2a-7d3f-4a61-9c8e-2f4b6d8a1e033",
+    ] {
+        let err = apply_err(&store, &pod_with_uid("web", bad, "10.0.0.1"));
+        assert_eq!(
+            err,
+            format!(
+                "deploy.yaml: document 1: Pod default/web: metadata.uid: {bad:?} is not a UID (8-4-4-4-12 lowercase hex)"
+            )
+        );
+    }
+    assert_eq!(store.snapshot().pods().count(), 0);
+    store.apply(&pod_with_uid("web", UID_A, "10.0.0.1"), "f").unwrap();
+    assert_eq!(store.snapshot().pods().next().unwrap().uid, UID_A);
+}
+
+#[test]
+fn duplicate_pod_uid_is_rejected_naming_both_pods() {
+    let (_dir, store) = store();
+    let both = format!(
+        "{NS}---\n{}---\n{}",
+        pod_with_uid("a", UID_A, "10.0.0.1"),
+        pod_with_uid("b", UID_A, "10.0.0.2")
+    );
+    assert_eq!(
+        apply_err(&store, &both),
+        format!(
+            "deploy.yaml: document 3: Pod default/b: metadata.uid: {UID_A} is already used by Pod default/a (document 2)"
+        )
+    );
+    assert_eq!(store.snapshot().revision, 0, "nothing applied");
+    store
+        .apply(&format!("{NS}---\n{}", pod_with_uid("a", UID_A, "10.0.0.1")), "f")
+        .unwrap();
+    assert_eq!(
+        apply_err(&store, &pod_with_uid("b", UID_A, "10.0.0.2")),
+        format!("deploy.yaml: document 1: Pod default/b: metadata.uid: {UID_A} is already used by Pod default/a")
+    );
+    // A pod keeps its own uid when re-applied, and may hand it over to another in the same apply.
+    store.apply(&pod_with_uid("a", UID_A, "10.0.0.1"), "f").unwrap();
+    store.apply(&pod("a", "n2", "10.0.0.1"), "f").unwrap();
+    assert_eq!(store.snapshot().pods().next().unwrap().uid, UID_A);
+    store
+        .apply(
+            &format!(
+                "{}---\n{}",
+                pod_with_uid("a", UID_B, "10.0.0.1"),
+                pod_with_uid("b", UID_A, "10.0.0.2")
+            ),
+            "f",
+        )
+        .unwrap();
+}
+
+fn service_with_vip(name: &str, vip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  selector:\n    app: web\n  clusterIP: {vip}\n  ports:\n  - port: 80\n"
+    )
+}
+
+#[test]
+fn service_vip_equal_to_a_pod_ip_is_rejected() {
+    let (_dir, store) = store();
+    let both = format!(
+        "{NS}---\n{}---\n{}",
+        pod("web", "n1", "10.0.0.1"),
+        service_with_vip("api", "10.0.0.1")
+    );
+    assert_eq!(
+        apply_err(&store, &both),
+        "deploy.yaml: document 3: Service default/api: spec.clusterIPs[0]: 10.0.0.1 is already used by Pod default/web (document 2)"
+    );
+    store
+        .apply(&format!("{NS}---\n{}", pod("web", "n1", "10.0.0.1")), "f")
+        .unwrap();
+    assert_eq!(
+        apply_err(&store, &service_with_vip("api", "10.0.0.1")),
+        "deploy.yaml: document 1: Service default/api: spec.clusterIPs[0]: 10.0.0.1 is already used by Pod default/web"
+    );
+    store.apply(&service_with_vip("api", "10.96.0.1"), "f").unwrap();
+    assert_eq!(
+        apply_err(&store, &pod("db", "n1", "10.96.0.1")),
+        "deploy.yaml: document 1: Pod default/db: status.podIPs[0].ip: 10.96.0.1 is already used by Service default/api"
+    );
+    // A service keeps its own VIP when re-applied.
+    store.apply(&service_with_vip("api", "10.96.0.1"), "f").unwrap();
+}
+
+#[test]
+fn two_services_with_one_vip_are_rejected() {
+    let (_dir, store) = store();
+    store
+        .apply(&format!("{NS}---\n{}", service_with_vip("api", "10.96.0.1")), "f")
+        .unwrap();
+    assert_eq!(
+        apply_err(&store, &service_with_vip("web", "10.96.0.1")),
+        "deploy.yaml: document 1: Service default/web: spec.clusterIPs[0]: 10.96.0.1 is already used by Service default/api"
+    );
+}
+
+#[test]
+fn dataplane_mode_annotation_must_be_ambient_or_none() {
+    let (_dir, store) = store();
+    let ns = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  annotations:\n    weft.dev/dataplane-mode: bogus\n";
+    assert_eq!(
+        apply_err(&store, ns),
+        "deploy.yaml: document 1: Namespace shop: metadata.annotations[\"weft.dev/dataplane-mode\"]: \"bogus\" is not a dataplane mode (allowed: \"ambient\", \"none\")"
+    );
+    store.apply(NS, "f").unwrap();
+    let pod = pod("web", "n1", "10.0.0.1").replacen(
+        "  labels:",
+        "  annotations:\n    weft.dev/dataplane-mode: Ambient\n  labels:",
+        1,
+    );
+    assert_eq!(
+        apply_err(&store, &pod),
+        "deploy.yaml: document 1: Pod default/web: metadata.annotations[\"weft.dev/dataplane-mode\"]: \"Ambient\" is not a dataplane mode (allowed: \"ambient\", \"none\")"
+    );
+    for ok in ["ambient", "none"] {
+        store
+            .apply(&ns.replace("bogus", ok), "f")
+            .unwrap_or_else(|e| panic!("{ok}: {e}"));
     }
 }
