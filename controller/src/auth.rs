@@ -3,7 +3,8 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    fs, io,
+    fs,
+    io::{self, Read as _},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
 };
@@ -12,14 +13,9 @@ use tonic::{Status, metadata::MetadataMap};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot read {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{path} is readable by group or others (mode {mode:04o}): it holds node credentials, make it 0600")]
-    Exposed { path: PathBuf, mode: u32 },
+    /// Unreadable, or open to group or others.
+    #[error(transparent)]
+    File(#[from] SecretFileError),
     #[error("{path} is not a JSON object of node name to token (like {{\"node1\": \"secret\"}})")]
     Malformed {
         path: PathBuf,
@@ -32,6 +28,59 @@ pub enum Error {
         node: String,
         problem: String,
     },
+}
+
+/// A file holding a secret (node tokens, the CA's private key) that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretFileError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{path} is {access} by group or others (mode {mode:04o}): it holds {holds}; make it private with `chmod 600 {path}`"
+    )]
+    Exposed {
+        path: PathBuf,
+        mode: u32,
+        /// `readable`, `writable` or `executable`, the first that applies.
+        access: &'static str,
+        /// What the file holds: `node credentials`, `the CA's private key`.
+        holds: &'static str,
+    },
+}
+
+/// Reads a file holding a secret (`holds` says which, for the error), refusing one whose mode gives
+/// group or others any access: a secret that others can read is no longer one, and one that others
+/// can write is not ours. The mode is taken from the opened file, so the file checked is the file
+/// read.
+pub fn read_secret_file(path: &Path, holds: &'static str) -> Result<Vec<u8>, SecretFileError> {
+    let read = |source| SecretFileError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = fs::File::open(path).map_err(read)?;
+    let mode = file.metadata().map_err(read)?.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        let access = if mode & 0o044 != 0 {
+            "readable"
+        } else if mode & 0o022 != 0 {
+            "writable"
+        } else {
+            "executable"
+        };
+        return Err(SecretFileError::Exposed {
+            path: path.to_owned(),
+            mode,
+            access,
+            holds,
+        });
+    }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(read)?;
+    Ok(bytes)
 }
 
 /// Which token belongs to which node. Tokens are kept only as SHA-256 digests, so that looking one
@@ -47,22 +96,10 @@ impl NodeTokens {
         Self::default()
     }
 
-    /// Reads `{"<node>": "<token>", ...}` from `path`, refusing a file that group or others can read,
-    /// an empty token, or one token for two nodes.
+    /// Reads `{"<node>": "<token>", ...}` from `path`, refusing a file that group or others can
+    /// access ([`read_secret_file`]), an empty token, or one token for two nodes.
     pub fn load(path: &Path) -> Result<Self, Error> {
-        let read = |source| Error::Read {
-            path: path.to_owned(),
-            source,
-        };
-        let meta = fs::metadata(path).map_err(read)?;
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(Error::Exposed {
-                path: path.to_owned(),
-                mode,
-            });
-        }
-        let bytes = fs::read(path).map_err(read)?;
+        let bytes = read_secret_file(path, "node credentials")?;
         let map: BTreeMap<String, String> = serde_json::from_slice(&bytes).map_err(|source| Error::Malformed {
             path: path.to_owned(),
             source,
@@ -138,6 +175,8 @@ mod tests {
             .open(&path)
             .unwrap();
         f.write_all(text.as_bytes()).unwrap();
+        // Exactly `mode`, whatever the umask.
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
         path
     }
 
@@ -169,6 +208,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("readable by group or others (mode 0640)"), "{err}");
+        assert!(
+            err.contains("holds node credentials") && err.contains("chmod 600"),
+            "{err}"
+        );
+        let err = NodeTokens::load(&write(dir.path(), 0o620, "{}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("writable by group or others (mode 0620)"), "{err}");
         let err = NodeTokens::load(&write(dir.path(), 0o600, "[1]"))
             .unwrap_err()
             .to_string();

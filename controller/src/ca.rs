@@ -20,6 +20,8 @@ use rcgen::{
 use time::OffsetDateTime;
 use x509_parser::{certification_request::X509CertificationRequest, prelude::FromDer as _};
 
+use crate::auth::{SecretFileError, read_secret_file};
+
 /// Where the generated root lives inside the state directory.
 pub const ROOT_CERT: &str = "ca/root.pem";
 pub const ROOT_KEY: &str = "ca/root.key";
@@ -50,6 +52,9 @@ pub enum Error {
     },
     #[error("{path}: {problem}")]
     BadFile { path: PathBuf, problem: String },
+    /// The private key cannot be read, or group or others may access it.
+    #[error(transparent)]
+    Key(#[from] SecretFileError),
     #[error("cannot generate {what}")]
     Generate {
         what: &'static str,
@@ -152,7 +157,8 @@ pub struct Ca {
 
 impl Ca {
     /// Loads the root from `<state_dir>/ca/`, generating it (ECDSA P-256, 10 years) at first start.
-    /// The key file is created with mode 0600. A restart gets the same root.
+    /// The key file is created with mode 0600, and refused if group or others may access it when
+    /// loaded ([`read_secret_file`]). A restart gets the same root.
     pub fn load_or_generate(state_dir: &Path, trust_domain: &str, lifetime: Duration) -> Result<Ca, Error> {
         let cert_path = state_dir.join(ROOT_CERT);
         let key_path = state_dir.join(ROOT_KEY);
@@ -162,7 +168,7 @@ impl Ca {
             tracing::info!(cert = %cert_path.display(), "generated the mesh root");
         }
         let cert_pem = read(&cert_path)?;
-        let key_pem = read(&key_path)?;
+        let key_pem = read_key(&key_path)?;
         let ca = Self::from_pem(&cert_pem, &cert_path, &key_pem, &key_path, trust_domain, lifetime)?;
         Ok(ca)
     }
@@ -170,10 +176,11 @@ impl Ca {
     /// An operator-supplied CA: `cert_path` holds the CA certificate first, optionally followed by
     /// its issuers up to the root; `key_path` the CA's private key (PKCS#8 PEM). With one
     /// certificate it must be self-signed and is the root; with more, the last one is the root
-    /// handed to agents and the others travel in every chain.
+    /// handed to agents and the others travel in every chain. A key file that group or others may
+    /// access is refused ([`read_secret_file`]).
     pub fn from_files(cert_path: &Path, key_path: &Path, trust_domain: &str, lifetime: Duration) -> Result<Ca, Error> {
         let cert_pem = read(cert_path)?;
-        let key_pem = read(key_path)?;
+        let key_pem = read_key(key_path)?;
         Self::from_pem(&cert_pem, cert_path, &key_pem, key_path, trust_domain, lifetime)
     }
 
@@ -402,6 +409,15 @@ fn read(path: &Path) -> Result<String, Error> {
     fs::read_to_string(path).map_err(|source| Error::Read {
         path: path.to_owned(),
         source,
+    })
+}
+
+/// Reads the CA's private key, refusing a file that group or others may access.
+fn read_key(path: &Path) -> Result<String, Error> {
+    let bytes = read_secret_file(path, "the CA's private key")?;
+    String::from_utf8(bytes).map_err(|_| Error::BadFile {
+        path: path.to_owned(),
+        problem: "not a usable private key: not UTF-8 PEM".into(),
     })
 }
 

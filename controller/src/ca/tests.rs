@@ -139,6 +139,7 @@ fn operator_intermediate_travels_in_the_chain() {
     let key_path = dir.path().join("ca.key");
     fs::write(&cert_path, format!("{}{}", int_cert.pem(), root_cert.pem())).unwrap();
     fs::write(&key_path, int_key.serialize_pem()).unwrap();
+    fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600)).unwrap();
     let ca = Ca::from_files(&cert_path, &key_path, "cluster.local", DAY).unwrap();
     assert_eq!(der_of(&ca.roots_pem()[0]), root_cert.der().to_vec());
     let issued = ca.sign(&csr(&PKCS_ECDSA_P256_SHA256, vec![]), &identity()).unwrap();
@@ -189,4 +190,51 @@ fn serving_cert_names_server_and_listen_ip() {
             .len(),
         1
     );
+}
+
+#[test]
+fn generated_ca_key_open_to_group_or_others_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    Ca::load_or_generate(dir.path(), "cluster.local", DAY).unwrap();
+    let key = dir.path().join(ROOT_KEY);
+    for mode in [0o640, 0o604, 0o620] {
+        fs::set_permissions(&key, fs::Permissions::from_mode(mode)).unwrap();
+        let err = Ca::load_or_generate(dir.path(), "cluster.local", DAY)
+            .err()
+            .expect("a key open to others must be refused")
+            .to_string();
+        assert!(
+            err.contains(&key.display().to_string())
+                && err.contains(&format!("(mode {mode:04o})"))
+                && err.contains("chmod 600"),
+            "{err}"
+        );
+    }
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o400)).unwrap();
+    Ca::load_or_generate(dir.path(), "cluster.local", DAY).unwrap();
+}
+
+#[test]
+fn operator_ca_key_open_to_group_or_others_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let cert = params.self_signed(&key).unwrap();
+    let cert_path = dir.path().join("ca.pem");
+    let key_path = dir.path().join("ca.key");
+    fs::write(&cert_path, cert.pem()).unwrap();
+    fs::write(&key_path, key.serialize_pem()).unwrap();
+    fs::set_permissions(&key_path, fs::Permissions::from_mode(0o644)).unwrap();
+    let err = Ca::from_files(&cert_path, &key_path, "cluster.local", DAY)
+        .err()
+        .expect("a key open to others must be refused")
+        .to_string();
+    assert!(
+        err.contains(&key_path.display().to_string()) && err.contains("(mode 0644)") && err.contains("chmod 600"),
+        "{err}"
+    );
+    fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600)).unwrap();
+    Ca::from_files(&cert_path, &key_path, "cluster.local", DAY).unwrap();
 }
