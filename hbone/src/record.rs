@@ -290,6 +290,10 @@ pub(crate) struct TlsStream {
     out_limit: usize,
     /// `close_notify` has been queued: nothing more may be written.
     write_closed: bool,
+    /// The peer asked for a key update that is not answered yet. Requests that arrive while the answer
+    /// cannot be queued (the peer is not reading) share one answer (RFC 8446 4.6.3), so a peer
+    /// flooding KeyUpdates costs at most `out_limit` of queued bytes.
+    owe_key_update: bool,
 }
 
 impl TlsStream {
@@ -321,6 +325,7 @@ impl TlsStream {
             out: Outgoing::default(),
             out_limit: out_limit.max(MAX_PLAIN + HEADER + TAG + 1),
             write_closed: false,
+            owe_key_update: false,
         })
     }
 
@@ -427,8 +432,19 @@ impl TlsStream {
         self.seal_direct(TYPE_ALERT, &[level, u8::from(description)])
     }
 
+    /// Answers an owed key update if the output queue has room for it (or `now`: before application
+    /// data, which must not go out under the old key).
+    fn answer_key_update(&mut self, now: bool) -> Result<(), rustls::Error> {
+        if self.owe_key_update && !self.write_closed && (now || self.out.queued() < self.out_limit) {
+            self.owe_key_update = false;
+            self.send_key_update(false)?;
+        }
+        Ok(())
+    }
+
     /// Seals as much of `bufs` as the output queue has room for.
     fn seal(&mut self, bufs: &[io::IoSlice<'_>]) -> Result<usize, rustls::Error> {
+        self.answer_key_update(true)?;
         let mut room = self.out_limit.saturating_sub(self.out.queued());
         let mut taken = 0;
         let mut index = 0;
@@ -595,8 +611,9 @@ impl TlsStream {
                                 return Err(unexpected("a malformed KeyUpdate"));
                             }
                             self.rx = self.secrets.update_rx()?;
-                            if request == 1 && !self.write_closed {
-                                self.send_key_update(false)?;
+                            if request == 1 {
+                                self.owe_key_update = true;
+                                self.answer_key_update(false)?;
                                 // Best effort now; the next write or flush finishes it.
                                 if let Poll::Ready(Err(e)) = self.poll_drain(cx) {
                                     return Err(rustls::Error::General(format!("sending a KeyUpdate: {e}")));

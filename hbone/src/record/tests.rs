@@ -345,3 +345,53 @@ async fn writes_after_shutdown_fail() {
     })
     .await;
 }
+
+/// A peer that asks for a key update a million times and never reads costs the server a bounded queue:
+/// answers that cannot be queued share one (RFC 8446 4.6.3) instead of piling up without limit.
+#[tokio::test]
+async fn a_key_update_flood_from_a_peer_that_never_reads_leaves_a_bounded_queue() {
+    const UPDATES: usize = 1_000_000;
+    const OUT_LIMIT: usize = 64 * 1024;
+    tokio::time::timeout(Duration::from_secs(300), async {
+        let pki = pki();
+        let (c, s) = pair().await;
+        let connector = tokio_rustls::TlsConnector::from(pki.client_config());
+        let flood = tokio::spawn(async move {
+            let mut tls = connector.connect(server_name(), c).await.unwrap();
+            // The server has finished its handshake; from here on nothing is read.
+            let mut go = [0u8; 2];
+            tls.read_exact(&mut go).await.unwrap();
+            for _ in 0..UPDATES / 1000 {
+                for _ in 0..1000 {
+                    tls.get_mut().1.refresh_traffic_keys().unwrap();
+                }
+                tls.flush().await.unwrap();
+            }
+            tls.write_all(b"done").await.unwrap();
+            tls.flush().await.unwrap();
+            // Held open, never read: everything the server sends piles up on its side.
+            tls
+        });
+        let (mut tls, _) = accept(pki.server_config(), s, OUT_LIMIT).await.unwrap();
+        tls.write_all(b"go").await.unwrap();
+        tls.flush().await.unwrap();
+        let mut buf = [0u8; 4];
+        tls.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"done");
+        let limit = tls.out_limit;
+        assert!(
+            tls.out.queued() <= limit + 64,
+            "{} bytes queued for a peer that does not read (limit {limit})",
+            tls.out.queued()
+        );
+        assert!(
+            tls.out.buf.capacity() <= 2 * limit,
+            "the queue's buffer grew to {} bytes",
+            tls.out.buf.capacity()
+        );
+        // Still a working connection: the owed update goes out before the next data.
+        let _peer = flood.await.unwrap();
+    })
+    .await
+    .expect("test deadline exceeded");
+}
