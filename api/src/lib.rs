@@ -3,6 +3,7 @@
 #![allow(clippy::all, clippy::pedantic, missing_docs)]
 
 pub mod convert;
+pub mod durable;
 pub mod unix;
 
 pub mod v1 {

@@ -5,10 +5,9 @@
 pub mod service;
 
 use std::{
-    fmt, fs,
-    io::{self, Write as _},
+    fmt, fs, io,
     net::IpAddr,
-    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
+    os::unix::fs::DirBuilderExt as _,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -421,28 +420,12 @@ fn read_key(path: &Path) -> Result<String, Error> {
     })
 }
 
-/// Writes `bytes` to a temporary file created with `mode`, syncs it and renames it over `path`.
+/// Replaces `path` with `bytes` durably, created with `mode`.
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
-    let err = |source| Error::Write {
+    weft_api::durable::write(path, bytes, mode).map_err(|source| Error::Write {
         path: path.to_owned(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    match fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
-    }
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(err)?;
-    f.write_all(bytes).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(err)
+    })
 }
 
 #[cfg(test)]

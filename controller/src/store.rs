@@ -13,9 +13,8 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap, hash_map::Entry},
     fmt, fs,
     hash::Hash,
-    io::{self, Write as _},
+    io,
     net::IpAddr,
-    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -192,7 +191,7 @@ impl Store {
         Ok(Outcome { results, revision })
     }
 
-    /// Writes the state next to the store file, syncs it, and renames it over the store file.
+    /// Writes the state durably (write, fsync, rename, fsync of the directory).
     fn persist(&self, state: &State) -> Result<(), Error> {
         let err = |source| Error::Persist {
             path: self.path.clone(),
@@ -204,21 +203,7 @@ impl Store {
             objects: state.objects.values().cloned().collect(),
         };
         let bytes = serde_json::to_vec_pretty(&file).map_err(|e| err(io::Error::other(e)))?;
-        let tmp = self.path.with_extension("json.tmp");
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(err)?;
-        f.write_all(&bytes).map_err(err)?;
-        f.sync_all().map_err(err)?;
-        drop(f);
-        fs::rename(&tmp, &self.path).map_err(err)?;
-        if let Some(dir) = self.path.parent() {
-            fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
-        }
+        weft_api::durable::write(&self.path, &bytes, 0o600).map_err(err)?;
         Ok(())
     }
 }

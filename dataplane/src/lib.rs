@@ -3,7 +3,6 @@
 //! proxying bytes.
 
 pub mod cgroup;
-pub mod durable;
 pub mod netlink;
 pub mod netns;
 pub mod proxy;

@@ -93,7 +93,7 @@ impl Networks {
             source,
         };
         let bytes = serde_json::to_vec(&self.by_uid).map_err(|e| err(io::Error::other(e)))?;
-        weft_dataplane::durable::write(path, &bytes, 0o600).map_err(err)
+        weft_api::durable::write(path, &bytes, 0o600).map_err(err)
     }
 
     /// Applies a CNI event. A pod added again (its sandbox re-created) forgets its old cookie.

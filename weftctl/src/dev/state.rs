@@ -173,9 +173,7 @@ impl Cluster {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    weft_api::durable::write(path, bytes, 0o644).with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]

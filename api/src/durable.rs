@@ -1,5 +1,6 @@
 //! Files that must survive a crash or a power cut whole: the old content or the new, never a torn
-//! or empty file.
+//! or empty file. The one durable-write helper of the controller (its store, its CA), the node agent
+//! (its pod-network state) and `weftctl dev` (a dev cluster's state).
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -24,12 +25,13 @@ pub fn write(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     tmp_name.push(format!(".tmp.{}", std::process::id()));
     let tmp = dir.join(tmp_name);
     let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
+        // A temporary file left by a crash is removed; a new one is created, never opened through
+        // whatever stands at its name.
+        match fs::remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut file = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
         fs::rename(&tmp, path)?;
