@@ -109,7 +109,8 @@ impl Stream {
             if session.ready() {
                 let state = self.states.borrow_and_update().clone();
                 let desired = desired::desired(&state, &self.node, &self.trust_domain, &filter);
-                if let Some(push) = session.next_push(&desired, state.revision) {
+                if let Some(mut push) = session.next_push(&desired, state.revision) {
+                    push.store_id.clone_from(&state.id);
                     tracing::debug!(
                         nonce = push.nonce,
                         full = push.full,

@@ -83,6 +83,9 @@ pub struct Outcome {
 /// One consistent view of the store.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct State {
+    /// The store's identity, a UUID fixed when the store is created and persisted with it: a store
+    /// that was lost and started over has another one (agents then keep their last good state).
+    pub id: String,
     pub revision: u64,
     objects: BTreeMap<ObjectRef, Object>,
 }
@@ -109,6 +112,7 @@ impl Store {
                     source,
                 })?;
                 State {
+                    id: file.id,
                     revision: file.revision,
                     objects: file.objects.into_iter().map(|o| (o.object_ref(), o)).collect(),
                 }
@@ -116,11 +120,20 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => State::default(),
             Err(source) => return Err(Error::Read { path, source }),
         };
-        Ok(Store {
+        let store = Store {
             path,
             write: Mutex::new(()),
             tx: watch::Sender::new(Arc::new(state)),
-        })
+        };
+        if store.snapshot().id.is_empty() {
+            // A new store (or one written before stores had an identity): its identity is fixed now,
+            // on disk before anyone is told it.
+            let mut state = (*store.snapshot()).clone();
+            state.id = random_uid()?;
+            store.persist(&state)?;
+            store.tx.send_replace(Arc::new(state));
+        }
+        Ok(store)
     }
 
     /// The current state.
@@ -199,6 +212,7 @@ impl Store {
         };
         let file = Persisted {
             format: 1,
+            id: state.id.clone(),
             revision: state.revision,
             objects: state.objects.values().cloned().collect(),
         };
@@ -212,6 +226,8 @@ impl Store {
 #[derive(Serialize, Deserialize)]
 struct Persisted {
     format: u32,
+    #[serde(default)]
+    id: String,
     revision: u64,
     objects: Vec<Object>,
 }

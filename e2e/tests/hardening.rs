@@ -351,3 +351,53 @@ fn capture_survives_a_corrupt_or_missing_pod_network_state() {
         "the unreadable file is kept for an operator"
     );
 }
+
+#[test]
+fn agents_keep_their_config_when_the_controller_comes_back_with_a_lost_store() {
+    if !privileged("lost_store_keeps_config") {
+        return;
+    }
+    let c = Cluster::up("e2e-lost-store", &["--ambient", "default"]);
+    let _server = c.serve("app-2-1", "8080");
+    let server_ip = c.pod_ip("app-2-1", false);
+    let url = format!("http://{server_ip}:8080/");
+    assert_eq!(timed_curl(&c, "app-1-1", &url).0, 0);
+
+    // The controller's store is lost (its CA is kept, so agents still trust and reach it).
+    c.kill_controller();
+    let state_dir = std::path::PathBuf::from(c.status()["controller"]["root"].as_str().expect("root path"))
+        .parent()
+        .expect("state dir")
+        .to_path_buf();
+    std::fs::remove_file(state_dir.join("store.json")).expect("removing the store");
+    c.start_controller();
+
+    // Both agents refuse the empty store and say so...
+    for node in ["node1", "node2"] {
+        wait_for(
+            &format!("{node} to refuse the new store"),
+            Duration::from_secs(15),
+            || {
+                c.agent_log(node)
+                    .iter()
+                    .any(|l| {
+                        l["level"] == "ERROR"
+                            && l["error"]
+                                .as_str()
+                                .is_some_and(|e| e.contains("not the one this agent follows"))
+                    })
+                    .then_some(())
+            },
+        );
+    }
+    // ...and the mesh goes on: the pods are still captured, in mutual TLS.
+    let outbound_before = c.access_records("node1").len();
+    assert_eq!(timed_curl(&c, "app-1-1", &url).0, 0);
+    let record = wait_for("node1's outbound record", Duration::from_secs(5), || {
+        c.access_records("node1")
+            .into_iter()
+            .skip(outbound_before)
+            .find(|r| r["direction"] == "outbound" && r["dst.addr"] == format!("{server_ip}:8080"))
+    });
+    assert_eq!(record["mode"], "hbone", "{record}");
+}

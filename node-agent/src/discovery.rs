@@ -1,6 +1,12 @@
 //! The discovery client: subscribes to the controller's config stream, applies every push to the
 //! [`State`], and ACKs or NACKs it. While the controller is away the agent keeps serving on the last
 //! good state; it reconnects with backoff and the controller resyncs it in full.
+//!
+//! The agent follows one store: the one its first push came from. A controller that comes back with
+//! another store (its store was lost and started over, or replaced) or with an older revision of the
+//! same one (restored from a backup) is not followed: an empty store would unenroll every pod of the
+//! node. The agent keeps its last good state, says why at error level on every attempt, and follows
+//! again when its store is back (same identity, revision not behind) or when an operator restarts it.
 
 use std::{sync::Arc, time::Duration};
 
@@ -13,11 +19,37 @@ use crate::{controller::Controller, state::State};
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// The store the agent follows, and the last revision of it the agent took.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Followed {
+    pub store_id: String,
+    pub revision: u64,
+}
+
+/// Why a push is not taken: it comes from another store, or from an older revision of this one.
+pub fn refuse(followed: Option<&Followed>, store_id: &str, revision: u64, full: bool) -> Option<String> {
+    let followed = followed?;
+    if store_id != followed.store_id {
+        return Some(format!(
+            "the controller's store is not the one this agent follows (store {:?} at revision {}; the controller now serves store {store_id:?} at revision {revision}): keeping the last good config until that store is back or this agent is restarted",
+            followed.store_id, followed.revision
+        ));
+    }
+    if full && revision < followed.revision {
+        return Some(format!(
+            "the controller's store went back from revision {} to {revision} (store {store_id:?}): keeping the last good config until it catches up or this agent is restarted",
+            followed.revision
+        ));
+    }
+    None
+}
+
 /// Follows the controller forever, publishing each new state on `tx`.
 pub async fn run(controller: Controller, node: String, tx: watch::Sender<Arc<State>>) {
     let mut backoff = BACKOFF_MIN;
+    let mut followed = None;
     loop {
-        match follow(&controller, &node, &tx).await {
+        match follow(&controller, &node, &tx, &mut followed).await {
             Ok(pushes) => tracing::warn!(pushes, "the controller closed the config stream; reconnecting"),
             Err((pushes, status)) => {
                 tracing::warn!(pushes, code = ?status.code(), error = %status.message(), "config stream; reconnecting")
@@ -37,6 +69,7 @@ async fn follow(
     controller: &Controller,
     node: &str,
     tx: &watch::Sender<Arc<State>>,
+    followed: &mut Option<Followed>,
 ) -> Result<usize, (usize, tonic::Status)> {
     let (req_tx, req_rx) = mpsc::channel(4);
     let subscribe = StreamRequest {
@@ -61,6 +94,25 @@ async fn follow(
             Err(s) => return Err((pushes, s)),
         };
         pushes += 1;
+        if let Some(why) = refuse(followed.as_ref(), &push.store_id, push.revision, push.full) {
+            tracing::error!(error = %why, "config push refused");
+            let nack = Ack {
+                nonce: push.nonce,
+                error: why.clone(),
+                rejected: Vec::new(),
+            };
+            let _ = req_tx
+                .send(StreamRequest {
+                    kind: Some(Kind::Ack(nack)),
+                })
+                .await;
+            // Off this stream: the next one starts with a full push, checked again.
+            return Err((pushes, tonic::Status::failed_precondition(why)));
+        }
+        *followed = Some(Followed {
+            store_id: push.store_id.clone(),
+            revision: push.revision,
+        });
         let current = tx.borrow().clone();
         let (next, rejected) = current.apply(&push);
         tracing::debug!(
@@ -101,4 +153,33 @@ fn jitter(d: Duration) -> Duration {
         .map(|t| t.subsec_nanos())
         .unwrap_or(0);
     d / 4 * (nanos % 1000) / 1000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pushes_from_another_store_or_an_older_revision_are_refused() {
+        let followed = Followed {
+            store_id: "a".into(),
+            revision: 7,
+        };
+        // Nothing followed yet: the first store is taken.
+        assert_eq!(refuse(None, "a", 0, true), None);
+        // The same store, resyncing at or after the revision the agent has, or changing.
+        assert_eq!(refuse(Some(&followed), "a", 7, true), None);
+        assert_eq!(refuse(Some(&followed), "a", 9, true), None);
+        assert_eq!(refuse(Some(&followed), "a", 8, false), None);
+        // A store started over (another identity), even at a later revision.
+        let why = refuse(Some(&followed), "b", 1, true).expect("refused");
+        assert!(
+            why.contains("not the one this agent follows") && why.contains("\"b\""),
+            "{why}"
+        );
+        assert!(refuse(Some(&followed), "b", 100, true).is_some());
+        // The same store, restored to an older revision.
+        let why = refuse(Some(&followed), "a", 3, true).expect("refused");
+        assert!(why.contains("went back from revision 7 to 3"), "{why}");
+    }
 }

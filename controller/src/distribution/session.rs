@@ -116,6 +116,7 @@ impl Session {
             resources: changed.into_iter().map(|(_, r)| r.clone()).collect(),
             removed: removed.iter().map(Key::to_wire).collect(),
             revision,
+            store_id: String::new(),
         };
         self.pending = Some(Pending {
             nonce,

@@ -534,3 +534,17 @@ fn dataplane_mode_annotation_must_be_ambient_or_none() {
             .unwrap_or_else(|e| panic!("{ok}: {e}"));
     }
 }
+
+#[test]
+fn a_store_keeps_its_identity_across_restarts_and_a_new_store_gets_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Store::open(dir.path()).unwrap().snapshot().id.clone();
+    assert_eq!(first.len(), 36, "a UUID: {first:?}");
+    assert_eq!(
+        Store::open(dir.path()).unwrap().snapshot().id,
+        first,
+        "persisted at creation, before any apply"
+    );
+    let lost = tempfile::tempdir().unwrap();
+    assert_ne!(Store::open(lost.path()).unwrap().snapshot().id, first, "a store started over");
+}

@@ -80,6 +80,7 @@ fn push(full: bool, resources: Vec<v1::Resource>, removed: &[(&str, &str)]) -> v
             })
             .collect(),
         revision: 7,
+        store_id: String::new(),
     }
 }
 
