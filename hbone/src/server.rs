@@ -13,6 +13,7 @@ use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -50,6 +51,40 @@ pub const SEND_BUFFER: usize = 256 * 1024;
 pub const TLS_SEND_BUFFER: usize = 2 * (MAX_FRAME_SIZE as usize + 1024);
 /// Largest request or response header block accepted (a `CONNECT` needs a few dozen bytes).
 pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// Streams the client reset before we accepted them, at once; more is a rapid-reset attack and ends the
+/// connection (h2's default, stated here as a bound we rely on).
+pub const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+/// Streams we reset because the client broke the protocol; past this the connection ends with GOAWAY
+/// `ENHANCE_YOUR_CALM`.
+pub const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+/// Reset streams whose late frames we still recognise; the oldest is forgotten past this.
+pub const MAX_CONCURRENT_RESETS: usize = 50;
+
+/// What one client connection may cost the server in time; every bound has a default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Time to finish the TLS and HTTP/2 handshakes.
+    pub handshake_timeout: Duration,
+    /// A PING goes out this long after the last one was answered...
+    pub keepalive_interval: Duration,
+    /// ...and the connection is dropped, with all its tunnels, if the answer takes longer than this: a
+    /// peer that vanished (no FIN, no RST) costs its connection only that long.
+    pub keepalive_timeout: Duration,
+    /// A connection that carried no tunnel for this long is shut down (GOAWAY).
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            // Longer than the client pool's own idle timeout (60 s): normally the client closes first.
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
 
 /// One validated `CONNECT` request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -98,6 +133,15 @@ pub trait Handler: Send + Sync + 'static {
     /// - after a tunnel ends, with the bytes copied when both directions closed cleanly, or the I/O error that
     ///   ended it (the upgrade failing included).
     fn closed(&self, session: Self::Session, result: Result<Transferred, io::Error>);
+
+    /// Resolves when an open tunnel must be closed because what allowed it no longer does (a policy
+    /// changed). The server then resets the tunnel's stream, closes the upstream connection, and
+    /// calls [`Handler::closed`] with an [`io::ErrorKind::PermissionDenied`] error. Never resolves
+    /// by default.
+    fn revoked(&self, session: &Self::Session) -> impl Future<Output = ()> + Send {
+        let _ = session;
+        std::future::pending()
+    }
 }
 
 /// Why a client connection could not be served.
@@ -109,6 +153,12 @@ pub enum ServeError {
         /// The socket error.
         #[source]
         source: io::Error,
+    },
+    /// The client left a keepalive PING unanswered: it is gone, and so are its tunnels.
+    #[error("client left a keepalive PING unanswered for {after:?}")]
+    KeepaliveTimeout {
+        /// The limit.
+        after: Duration,
     },
     /// The TLS handshake did not finish in time.
     #[error("TLS handshake timed out after {after:?}")]
@@ -155,13 +205,24 @@ pub async fn serve<H: Handler>(
     tls: Arc<rustls::ServerConfig>,
     handler: Arc<H>,
 ) -> Result<(), ServeError> {
+    serve_with_limits(tcp, tls, handler, Limits::default()).await
+}
+
+/// [`serve`] with `limits` instead of the defaults.
+pub async fn serve_with_limits<H: Handler>(
+    tcp: TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    handler: Arc<H>,
+    limits: Limits,
+) -> Result<(), ServeError> {
     let peer = tcp.peer_addr().map_err(|source| ServeError::PeerAddr { source })?;
     // Best effort: a socket that refuses TCP_NODELAY still works, only with more latency.
     let _ = tcp.set_nodelay(true);
-    let (stream, negotiated) = tokio::time::timeout(HANDSHAKE_TIMEOUT, record::accept(tls, tcp, TLS_SEND_BUFFER))
+    let handshake_timeout = limits.handshake_timeout;
+    let (stream, negotiated) = tokio::time::timeout(handshake_timeout, record::accept(tls, tcp, TLS_SEND_BUFFER))
         .await
         .map_err(|_| ServeError::HandshakeTimeout {
-            after: HANDSHAKE_TIMEOUT,
+            after: handshake_timeout,
         })?
         .map_err(|source| ServeError::Handshake { source })?;
     if negotiated.alpn.as_deref() != Some(ALPN_H2) {
@@ -178,6 +239,8 @@ pub async fn serve<H: Handler>(
         peer,
         identity,
         handler,
+        tunnels: AtomicUsize::new(0),
+        opened: AtomicU64::new(0),
     });
     let handshake = h2::server::Builder::new()
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
@@ -186,21 +249,63 @@ pub async fn serve<H: Handler>(
         .max_frame_size(MAX_FRAME_SIZE)
         .max_send_buffer_size(SEND_BUFFER)
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+        .max_concurrent_reset_streams(MAX_CONCURRENT_RESETS)
         .handshake::<_, Bytes>(stream);
-    let mut connection = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+    let mut connection = tokio::time::timeout(handshake_timeout, handshake)
         .await
         .map_err(|_| ServeError::HandshakeTimeout {
-            after: HANDSHAKE_TIMEOUT,
+            after: handshake_timeout,
         })?
         .map_err(|source| ServeError::Http { source })?;
+    let keepalive = keepalive(connection.ping_pong(), limits);
+    let idle = ctx.idle(limits.idle_timeout);
+    tokio::pin!(keepalive, idle);
     // `accept` also drives the connection: tunnels keep moving while we wait for the next request.
-    while let Some(next) = connection.accept().await {
-        let (req, respond) = next.map_err(|source| ServeError::Http { source })?;
-        tokio::spawn(ctx.clone().handle(req, respond));
+    loop {
+        tokio::select! {
+            next = connection.accept() => match next {
+                Some(next) => {
+                    let (req, respond) = next.map_err(|source| ServeError::Http { source })?;
+                    ctx.opened.fetch_add(1, Ordering::AcqRel);
+                    ctx.tunnels.fetch_add(1, Ordering::AcqRel);
+                    tokio::spawn(ctx.clone().handle(req, respond));
+                }
+                None => break,
+            },
+            // Dropping the connection ends its tunnels: their streams fail, their tasks close the
+            // application's side.
+            () = &mut keepalive => {
+                return Err(ServeError::KeepaliveTimeout {
+                    after: limits.keepalive_timeout,
+                })
+            }
+            () = &mut idle => {
+                connection.graceful_shutdown();
+                break;
+            }
+        }
     }
     poll_fn(|cx| connection.poll_closed(cx))
         .await
         .map_err(|source| ServeError::Http { source })
+}
+
+/// Resolves when the client leaves a PING unanswered for `limits.keepalive_timeout`.
+async fn keepalive(ping: Option<h2::PingPong>, limits: Limits) {
+    let Some(mut ping) = ping else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(limits.keepalive_interval).await;
+        match tokio::time::timeout(limits.keepalive_timeout, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            // The connection itself failed: `accept` reports that.
+            Ok(Err(_)) => return std::future::pending().await,
+            Err(_) => return,
+        }
+    }
 }
 
 // === impl Refusal ===
@@ -231,10 +336,34 @@ struct Connection<H> {
     peer: SocketAddr,
     identity: Identity,
     handler: Arc<H>,
+    /// Tunnels open now.
+    tunnels: AtomicUsize,
+    /// Tunnels opened since the connection started: tells the idle timer whether one came and went.
+    opened: AtomicU64,
+}
+
+impl<H> Connection<H> {
+    /// Resolves once a whole `timeout` passed with no tunnel open and none opened.
+    async fn idle(&self, timeout: Duration) {
+        let mut seen = self.opened.load(Ordering::Acquire);
+        loop {
+            tokio::time::sleep(timeout).await;
+            let now = self.opened.load(Ordering::Acquire);
+            if now == seen && self.tunnels.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            seen = now;
+        }
+    }
 }
 
 impl<H: Handler> Connection<H> {
-    async fn handle(self: Arc<Self>, req: http::Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+    async fn handle(self: Arc<Self>, req: http::Request<RecvStream>, respond: SendResponse<Bytes>) {
+        self.tunnel(req, respond).await;
+        self.tunnels.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    async fn tunnel(&self, req: http::Request<RecvStream>, mut respond: SendResponse<Bytes>) {
         let (parts, recv) = req.into_parts();
         let target = parse_connect(&parts.method, &parts.uri);
         // Not held for the tunnel's life: a task per tunnel carries only what it uses.
@@ -274,15 +403,23 @@ impl<H: Handler> Connection<H> {
             src.identity = %request.identity,
             dst.addr = %request.target,
         );
-        let result = async {
+        let tunnel = async {
             let send = respond
                 .send_response(status(StatusCode::OK), false)
                 .map_err(io::Error::other)?;
             let (received, sent) = H2Stream::new(send, recv).splice(&mut upstream).await?;
             Ok(Transferred { sent, received })
         }
-        .instrument(span)
-        .await;
+        .instrument(span);
+        let result = {
+            let revoked = self.handler.revoked(&session);
+            tokio::select! {
+                result = tunnel => result,
+                // Dropping the tunnel resets its stream; the upstream closes below.
+                () = revoked => Err(io::Error::new(io::ErrorKind::PermissionDenied, "tunnel revoked")),
+            }
+        };
+        drop(upstream);
         self.handler.closed(session, result);
     }
 }

@@ -4,6 +4,7 @@
 mod support;
 
 mod fuzz;
+mod limits;
 mod pool;
 mod refusals;
 mod statuses;

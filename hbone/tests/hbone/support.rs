@@ -18,7 +18,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use weft_hbone::{
     ConnectError, Credential, Handler, Identity, Pool, PoolConfig, PoolKey, Refusal, Request, ServeError, Transferred,
-    TrustBundle, Tunnel, client_config, serve, server_config,
+    TrustBundle, Tunnel, client_config,
+    server::{Limits, serve_with_limits},
+    server_config,
 };
 
 /// Upper bound on any single test.
@@ -202,6 +204,11 @@ pub struct TestServer {
 impl TestServer {
     /// An HBONE server on 127.0.0.1 presenting `cred`, trusting `bundle`.
     pub async fn start(cred: &Credential, bundle: &TrustBundle, mode: Mode) -> Self {
+        Self::start_with_limits(cred, bundle, mode, Limits::default()).await
+    }
+
+    /// As [`TestServer::start`], with `limits` for every client connection.
+    pub async fn start_with_limits(cred: &Credential, bundle: &TrustBundle, mode: Mode, limits: Limits) -> Self {
         let tls = server_config(cred, bundle).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -216,7 +223,7 @@ impl TestServer {
                     accepted.fetch_add(1, Ordering::SeqCst);
                     let (tls, handler, tx) = (tls.clone(), handler.clone(), tx.clone());
                     let task = tokio::spawn(async move {
-                        let _ = tx.send(serve(tcp, tls, handler).await);
+                        let _ = tx.send(serve_with_limits(tcp, tls, handler, limits).await);
                     });
                     conns.lock().unwrap().push(task);
                 }
