@@ -28,42 +28,63 @@ impl std::error::Error for Invalid {}
 
 // === policy ===
 
-impl From<&AuthorizationPolicy> for v1::Policy {
-    fn from(p: &AuthorizationPolicy) -> Self {
-        v1::Policy {
-            namespace: p.metadata.namespace.clone(),
-            name: p.metadata.name.clone(),
-            selector: p.spec.selector.as_ref().map(|s| v1::Selector {
-                match_labels: s.match_labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            }),
-            action: match p.spec.action {
-                policy::Action::Allow => v1::Action::Allow,
-                policy::Action::Deny => v1::Action::Deny,
-            } as i32,
-            rules: p
-                .spec
-                .rules
-                .iter()
-                .map(|r| v1::Rule {
-                    from: r
-                        .from
-                        .iter()
-                        .map(|f| v1::PolicySource {
-                            principals: f.source.principals.clone(),
-                            namespaces: f.source.namespaces.clone(),
-                            ip_blocks: f.source.ip_blocks.clone(),
-                        })
-                        .collect(),
-                    to: r
-                        .to
-                        .iter()
-                        .map(|t| v1::Operation {
-                            ports: t.operation.ports.clone(),
-                        })
-                        .collect(),
-                })
-                .collect(),
-        }
+/// The wire form of a validated policy, with the scope the controller gives it.
+pub fn policy_to_wire(p: &AuthorizationPolicy, scope: policy::Scope) -> v1::Policy {
+    v1::Policy {
+        namespace: p.metadata.namespace.clone(),
+        name: p.metadata.name.clone(),
+        selector: p.spec.selector.as_ref().map(|s| v1::Selector {
+            match_labels: s.match_labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        }),
+        action: match p.spec.action {
+            policy::Action::Allow => v1::Action::Allow as i32,
+            policy::Action::Deny => v1::Action::Deny as i32,
+            policy::Action::Audit => v1::Action::Audit as i32,
+            // Refused by validation; should one get here, the agent refuses it (unknown action).
+            policy::Action::Custom => -1,
+        },
+        rules: p
+            .spec
+            .rules
+            .iter()
+            .map(|r| v1::Rule {
+                from: r
+                    .from
+                    .iter()
+                    .map(|f| v1::PolicySource {
+                        principals: f.source.principals.clone(),
+                        namespaces: f.source.namespaces.clone(),
+                        ip_blocks: f.source.ip_blocks.clone(),
+                        not_principals: f.source.not_principals.clone(),
+                        not_namespaces: f.source.not_namespaces.clone(),
+                        not_ip_blocks: f.source.not_ip_blocks.clone(),
+                        service_accounts: f.source.service_accounts.clone(),
+                        not_service_accounts: f.source.not_service_accounts.clone(),
+                    })
+                    .collect(),
+                to: r
+                    .to
+                    .iter()
+                    .map(|t| v1::Operation {
+                        ports: t.operation.ports.clone(),
+                        not_ports: t.operation.not_ports.clone(),
+                    })
+                    .collect(),
+                when: r
+                    .when
+                    .iter()
+                    .map(|c| v1::Condition {
+                        key: c.key.clone(),
+                        values: c.values.clone(),
+                        not_values: c.not_values.clone(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        scope: match scope {
+            policy::Scope::Namespace => v1::Scope::Namespace,
+            policy::Scope::Mesh => v1::Scope::Mesh,
+        } as i32,
     }
 }
 
@@ -71,63 +92,106 @@ impl TryFrom<&v1::Policy> for AuthorizationPolicy {
     type Error = Invalid;
 
     /// Converts and validates ([`AuthorizationPolicy::validate`]): a policy that converts is one the
-    /// evaluator can use.
+    /// evaluator can use. The scope is not part of the model's policy: see [`policy::Compiled`].
     fn try_from(p: &v1::Policy) -> Result<Self, Invalid> {
-        let resource = format!("policy {}/{}", p.namespace, p.name);
-        let action = match v1::Action::try_from(p.action) {
-            Ok(v1::Action::Allow) => policy::Action::Allow,
-            Ok(v1::Action::Deny) => policy::Action::Deny,
-            Err(_) => {
-                return Err(Invalid {
-                    resource,
-                    field: "action".into(),
-                    problem: format!("unknown action {}", p.action),
-                });
-            }
-        };
-        let out = AuthorizationPolicy {
-            metadata: policy::Metadata {
-                name: p.name.clone(),
-                namespace: p.namespace.clone(),
-            },
-            spec: policy::Spec {
-                selector: p.selector.as_ref().map(|s| policy::Selector {
-                    match_labels: s.match_labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                }),
-                action,
-                rules: p
-                    .rules
-                    .iter()
-                    .map(|r| policy::Rule {
-                        from: r
-                            .from
-                            .iter()
-                            .map(|s| policy::From {
-                                source: policy::Source {
-                                    principals: s.principals.clone(),
-                                    namespaces: s.namespaces.clone(),
-                                    ip_blocks: s.ip_blocks.clone(),
-                                },
-                            })
-                            .collect(),
-                        to: r
-                            .to
-                            .iter()
-                            .map(|o| policy::To {
-                                operation: policy::Operation { ports: o.ports.clone() },
-                            })
-                            .collect(),
-                    })
-                    .collect(),
-            },
-        };
-        out.validate().map_err(|e| Invalid {
-            resource,
-            field: e.field,
-            problem: e.problem,
-        })?;
-        Ok(out)
+        let (policy, _) = policy_from_wire(p)?;
+        policy.validate().map_err(|e| invalid_policy(p, e))?;
+        Ok(policy)
     }
+}
+
+impl TryFrom<&v1::Policy> for policy::Compiled {
+    type Error = Invalid;
+
+    /// Converts, validates and compiles the policy for its scope: what the agent decides with.
+    fn try_from(p: &v1::Policy) -> Result<Self, Invalid> {
+        let (policy, scope) = policy_from_wire(p)?;
+        policy.compile(scope).map_err(|e| invalid_policy(p, e))
+    }
+}
+
+fn invalid_policy(p: &v1::Policy, e: policy::Invalid) -> Invalid {
+    Invalid {
+        resource: format!("policy {}/{}", p.namespace, p.name),
+        field: e.field,
+        problem: e.problem,
+    }
+}
+
+fn policy_from_wire(p: &v1::Policy) -> Result<(AuthorizationPolicy, policy::Scope), Invalid> {
+    let invalid = |field: &str, problem: String| Invalid {
+        resource: format!("policy {}/{}", p.namespace, p.name),
+        field: field.into(),
+        problem,
+    };
+    let action = match v1::Action::try_from(p.action) {
+        Ok(v1::Action::Allow) => policy::Action::Allow,
+        Ok(v1::Action::Deny) => policy::Action::Deny,
+        Ok(v1::Action::Audit) => policy::Action::Audit,
+        Err(_) => return Err(invalid("action", format!("unknown action {}", p.action))),
+    };
+    let scope = match v1::Scope::try_from(p.scope) {
+        Ok(v1::Scope::Namespace) => policy::Scope::Namespace,
+        Ok(v1::Scope::Mesh) => policy::Scope::Mesh,
+        Err(_) => return Err(invalid("scope", format!("unknown scope {}", p.scope))),
+    };
+    let policy = AuthorizationPolicy {
+        metadata: policy::Metadata {
+            name: p.name.clone(),
+            namespace: p.namespace.clone(),
+        },
+        spec: policy::Spec {
+            selector: p.selector.as_ref().map(|s| policy::Selector {
+                match_labels: s.match_labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            }),
+            action,
+            rules: p
+                .rules
+                .iter()
+                .map(|r| policy::Rule {
+                    from: r
+                        .from
+                        .iter()
+                        .map(|s| policy::From {
+                            source: policy::Source {
+                                principals: s.principals.clone(),
+                                not_principals: s.not_principals.clone(),
+                                namespaces: s.namespaces.clone(),
+                                not_namespaces: s.not_namespaces.clone(),
+                                service_accounts: s.service_accounts.clone(),
+                                not_service_accounts: s.not_service_accounts.clone(),
+                                ip_blocks: s.ip_blocks.clone(),
+                                not_ip_blocks: s.not_ip_blocks.clone(),
+                                ..policy::Source::default()
+                            },
+                        })
+                        .collect(),
+                    to: r
+                        .to
+                        .iter()
+                        .map(|o| policy::To {
+                            operation: policy::Operation {
+                                ports: o.ports.clone(),
+                                not_ports: o.not_ports.clone(),
+                                ..policy::Operation::default()
+                            },
+                        })
+                        .collect(),
+                    when: r
+                        .when
+                        .iter()
+                        .map(|c| policy::Condition {
+                            key: c.key.clone(),
+                            values: c.values.clone(),
+                            not_values: c.not_values.clone(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+            ..policy::Spec::default()
+        },
+    };
+    Ok((policy, scope))
 }
 
 // === workload ===
@@ -193,7 +257,7 @@ impl From<&v1::Namespace> for weft_model::Namespace {
 mod tests {
     use std::collections::{BTreeMap, HashMap};
 
-    use weft_model::policy::{Action, From, Metadata, Operation, Rule, Selector, Source, Spec, To};
+    use weft_model::policy::{Action, Condition, From, Metadata, Operation, Rule, Scope, Selector, Source, Spec, To};
 
     use super::*;
 
@@ -209,47 +273,92 @@ mod tests {
                 }),
                 action: Action::Deny,
                 rules: vec![Rule {
-                    from: vec![From {
-                        source: Source {
-                            principals: vec!["spiffe://cluster.local/ns/b/*".into()],
-                            namespaces: vec!["b".into()],
-                            ip_blocks: vec!["10.0.0.0/8".into()],
+                    from: vec![
+                        From {
+                            source: Source {
+                                principals: vec!["spiffe://cluster.local/ns/b/*".into()],
+                                not_principals: vec!["cluster.local/ns/b/sa/admin".into()],
+                                namespaces: vec!["b".into()],
+                                not_namespaces: vec!["b-test".into()],
+                                ip_blocks: vec!["10.0.0.0/8".into()],
+                                not_ip_blocks: vec!["10.1.0.0/16".into()],
+                                ..Source::default()
+                            },
                         },
-                    }],
+                        From {
+                            source: Source {
+                                service_accounts: vec!["b/web".into()],
+                                not_service_accounts: vec!["web".into()],
+                                ..Source::default()
+                            },
+                        },
+                    ],
                     to: vec![To {
                         operation: Operation {
                             ports: vec!["8080".into()],
+                            not_ports: vec!["9090".into()],
+                            ..Operation::default()
                         },
                     }],
+                    when: vec![Condition {
+                        key: "destination.ip".into(),
+                        values: vec!["10.244.0.0/16".into()],
+                        not_values: vec!["10.244.1.1".into()],
+                    }],
                 }],
+                ..Spec::default()
             },
         }
     }
 
     #[test]
-    fn policy_round_trips() {
+    fn policy_round_trips_with_every_l4_field() {
         let p = sample_policy();
-        let wire = v1::Policy::from(&p);
+        let wire = policy_to_wire(&p, Scope::Namespace);
         assert_eq!(wire.action, v1::Action::Deny as i32);
+        assert_eq!(wire.scope, v1::Scope::Namespace as i32);
         assert_eq!(AuthorizationPolicy::try_from(&wire).unwrap(), p);
 
-        let mut no_selector = p.clone();
-        no_selector.spec.selector = None;
-        no_selector.spec.action = Action::Allow;
-        let wire = v1::Policy::from(&no_selector);
+        let mut audit = p.clone();
+        audit.spec.selector = None;
+        audit.spec.action = Action::Audit;
+        let wire = policy_to_wire(&audit, Scope::Mesh);
         assert!(wire.selector.is_none());
-        assert_eq!(AuthorizationPolicy::try_from(&wire).unwrap(), no_selector);
+        assert_eq!(wire.scope, v1::Scope::Mesh as i32);
+        assert_eq!(AuthorizationPolicy::try_from(&wire).unwrap(), audit);
+    }
+
+    #[test]
+    fn compiled_policy_keeps_the_wire_scope() {
+        let mut p = sample_policy();
+        p.metadata.namespace = "weft-system".into();
+        for scope in [Scope::Namespace, Scope::Mesh] {
+            let compiled = policy::Compiled::try_from(&policy_to_wire(&p, scope)).unwrap();
+            assert_eq!(compiled, p.compile(scope).unwrap());
+            assert_eq!(compiled.scope(), scope);
+        }
     }
 
     #[test]
     fn invalid_policy_names_the_field() {
-        let mut wire = v1::Policy::from(&sample_policy());
-        wire.rules[0].to[0].ports[0] = "http".into();
-        let err = AuthorizationPolicy::try_from(&wire).unwrap_err();
-        assert_eq!(err.field, "spec.rules[0].to[0].operation.ports[0]");
+        let mut wire = policy_to_wire(&sample_policy(), Scope::Namespace);
+        wire.rules[0].to[0].not_ports[0] = "http".into();
+        let err = policy::Compiled::try_from(&wire).unwrap_err();
+        assert_eq!(err.field, "spec.rules[0].to[0].operation.notPorts[0]");
         assert!(err.to_string().starts_with("policy shop/deny-b: "), "{err}");
+        assert_eq!(AuthorizationPolicy::try_from(&wire).unwrap_err(), err);
         wire.action = 7;
         assert_eq!(AuthorizationPolicy::try_from(&wire).unwrap_err().field, "action");
+        let mut wire = policy_to_wire(&sample_policy(), Scope::Namespace);
+        wire.scope = 9;
+        assert_eq!(policy::Compiled::try_from(&wire).unwrap_err().field, "scope");
+        let mut custom = sample_policy();
+        custom.spec.action = Action::Custom;
+        let err = AuthorizationPolicy::try_from(&policy_to_wire(&custom, Scope::Namespace)).unwrap_err();
+        assert_eq!(
+            (err.resource.as_str(), err.field.as_str()),
+            ("policy shop/deny-b", "action")
+        );
     }
 
     fn sample_workload() -> v1::Workload {

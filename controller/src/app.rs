@@ -39,6 +39,9 @@ pub struct Config {
     /// The admin (Store) unix socket.
     pub admin_socket: PathBuf,
     pub trust_domain: String,
+    /// The namespace whose AuthorizationPolicies apply to workloads of every namespace (Istio's root
+    /// namespace); [`weft_model::policy::DEFAULT_ROOT_NAMESPACE`] unless told otherwise.
+    pub root_namespace: String,
     pub cert_lifetime: Duration,
     /// `{"<node>": "<token>"}`; `None`: no node can authenticate.
     pub node_tokens: Option<PathBuf>,
@@ -129,6 +132,7 @@ impl Controller {
             store.clone(),
             tokens.clone(),
             config.trust_domain.clone(),
+            config.root_namespace.clone(),
             shutdown_rx.clone(),
         );
         let agents = Server::builder()
@@ -149,6 +153,7 @@ impl Controller {
             admin_socket = %config.admin_socket.display(),
             roots = %roots_path.display(),
             trust_domain = config.trust_domain,
+            root_namespace = config.root_namespace,
             revision = store.snapshot().revision,
             nodes = tokens.len(),
             "controller started"

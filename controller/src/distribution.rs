@@ -28,21 +28,25 @@ pub struct ConfigService {
     store: Arc<Store>,
     tokens: Arc<NodeTokens>,
     trust_domain: String,
+    root_namespace: String,
     shutdown: watch::Receiver<bool>,
 }
 
 impl ConfigService {
-    /// `shutdown` turning true ends every stream (cleanly, status OK), so that the server can drain.
+    /// `root_namespace`'s policies go to every node, marked mesh-wide. `shutdown` turning true ends
+    /// every stream (cleanly, status OK), so that the server can drain.
     pub fn new(
         store: Arc<Store>,
         tokens: Arc<NodeTokens>,
         trust_domain: String,
+        root_namespace: String,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Self {
             store,
             tokens,
             trust_domain,
+            root_namespace,
             shutdown,
         }
     }
@@ -60,6 +64,7 @@ impl config_server::Config for ConfigService {
         let stream = Stream {
             node: node.clone(),
             trust_domain: self.trust_domain.clone(),
+            root_namespace: self.root_namespace.clone(),
             inbound: request.into_inner(),
             tx,
             states: self.store.subscribe(),
@@ -75,6 +80,7 @@ impl config_server::Config for ConfigService {
 struct Stream {
     node: String,
     trust_domain: String,
+    root_namespace: String,
     inbound: Streaming<StreamRequest>,
     tx: mpsc::Sender<Result<Push, Status>>,
     states: watch::Receiver<Arc<State>>,
@@ -108,7 +114,11 @@ impl Stream {
         loop {
             if session.ready() {
                 let state = self.states.borrow_and_update().clone();
-                let desired = desired::desired(&state, &self.node, &self.trust_domain, &filter);
+                let mesh = desired::Mesh {
+                    trust_domain: &self.trust_domain,
+                    root_namespace: &self.root_namespace,
+                };
+                let desired = desired::desired(&state, &self.node, mesh, &filter);
                 if let Some(mut push) = session.next_push(&desired, state.revision) {
                     push.store_id.clone_from(&state.id);
                     tracing::debug!(

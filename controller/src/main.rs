@@ -23,6 +23,9 @@ struct Args {
     /// SPIFFE trust domain of the workload identities.
     #[arg(long, default_value = "cluster.local", value_parser = parse_trust_domain)]
     trust_domain: String,
+    /// Namespace whose AuthorizationPolicies apply to workloads of every namespace (Istio's root namespace).
+    #[arg(long, default_value = weft_model::policy::DEFAULT_ROOT_NAMESPACE, value_parser = parse_namespace)]
+    root_namespace: String,
     /// Lifetime of workload certificates (humantime: 24h, 90m, ...).
     #[arg(long, default_value = "24h", value_parser = parse_lifetime)]
     cert_lifetime: Duration,
@@ -54,6 +57,14 @@ fn parse_trust_domain(s: &str) -> Result<String, String> {
         Ok(s.to_owned())
     } else {
         Err("a trust domain is lowercase letters, digits, '.', '-' and '_'".into())
+    }
+}
+
+fn parse_namespace(s: &str) -> Result<String, String> {
+    if weft_model::is_dns_label(s) {
+        Ok(s.to_owned())
+    } else {
+        Err("a namespace name is a lowercase DNS label (a-z, 0-9, '-')".into())
     }
 }
 
@@ -93,6 +104,7 @@ fn main() -> ExitCode {
         state_dir: args.state_dir,
         listen: args.listen,
         trust_domain: args.trust_domain,
+        root_namespace: args.root_namespace,
         cert_lifetime: args.cert_lifetime,
         node_tokens: args.node_tokens,
         ca: args.ca_cert.zip(args.ca_key).map(|(cert, key)| CaFiles { cert, key }),

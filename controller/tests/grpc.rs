@@ -111,6 +111,7 @@ async fn start_in(dir: &Path) -> Controller {
         listen: "127.0.0.1:0".parse().unwrap(),
         admin_socket: dir.join("admin.sock"),
         trust_domain: "cluster.local".into(),
+        root_namespace: "weft-system".into(),
         cert_lifetime: Duration::from_secs(3600),
         node_tokens: Some(tokens),
         ca: None,

@@ -1,24 +1,42 @@
 //! L4 authorization with Istio's `AuthorizationPolicy` shape and semantics
-//! (`security.weft.dev/v1alpha1`), so people who know Istio can write it.
+//! (`security.weft.dev/v1alpha1`), so that a policy written for Istio's ambient mode means the same here.
 //!
-//! Evaluation for one connection to one workload:
-//! 1. policies apply when they are in the workload's namespace and their `selector.matchLabels` is a
-//!    subset of the workload's labels (no selector: every workload of the namespace);
-//! 2. any matching DENY policy denies;
-//! 3. with no applicable ALLOW policy the connection is allowed;
-//! 4. otherwise it is allowed only if some ALLOW policy matches.
+//! A policy is parsed ([`AuthorizationPolicy`], serde), then compiled ([`AuthorizationPolicy::compile`]):
+//! every field is checked as Istio checks it, the fields only a waypoint could enforce are refused by
+//! name, and values are parsed once. Deciding one connection to one workload ([`decide`]) reads
+//! compiled policies only:
+//! 1. a policy applies when it is in the workload's namespace, or in the mesh's root namespace
+//!    ([`Scope::Mesh`]), and its `selector.matchLabels` is a subset of the workload's labels (no
+//!    selector: every workload in its scope);
+//! 2. any applicable DENY policy that matches denies;
+//! 3. with no applicable ALLOW policy the connection is allowed, otherwise only if one of them matches;
+//! 4. AUDIT policies change nothing; the first one that matches an allowed connection is named in the
+//!    decision, for the access log.
 //!
-//! A policy matches when any of its rules matches; a policy with no rules matches nothing, a rule `{}`
-//! matches everything. Within a rule every present field must match (any of its values). Conditions
-//! on the source identity (`principals`, `namespaces`) never match a connection without one
-//! (plaintext), as in Istio: use `notPrincipals`-style ALLOW policies, or strict mode, to refuse it.
+//! A policy matches when any of its rules does: no rules match nothing, a rule `{}` everything. A rule
+//! matches when one of its `from` entries, one of its `to` entries and every `when` condition match (an
+//! absent list matches). Within a `source` or an `operation` every field given must match: a positive
+//! field (`principals`) when the connection's value matches one of its entries, a negative one
+//! (`notPrincipals`) when it matches none. A connection without a client identity (plaintext) has no
+//! principal, namespace or service account: positive fields on them never match it and negative ones
+//! always do (`notPrincipals: ["*"]` is Istio's way of saying "plaintext").
 
-use std::{collections::BTreeMap, net::IpAddr};
+mod compile;
+mod matcher;
 
-use serde::{Deserialize, Serialize};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+pub use matcher::Cidr;
 
 pub const API_VERSION: &str = "security.weft.dev/v1alpha1";
 pub const KIND: &str = "AuthorizationPolicy";
+/// The namespace whose policies apply to workloads of every namespace, unless the controller is told
+/// another (`--root-namespace`). Istio's equivalent is its root namespace, `istio-system` by default.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "weft-system";
+
+// === the resource, as written ===
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -42,11 +60,20 @@ fn default_namespace() -> String {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Spec {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<Selector>,
+    /// Istio's attachment to a Service or Gateway, which a waypoint enforces: refused by validation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<serde_json::Value>,
+    /// As `target_ref`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_refs: Vec<serde_json::Value>,
     #[serde(default)]
     pub action: Action,
-    #[serde(default)]
+    /// Istio's external authorizer for the CUSTOM action: refused by validation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<Rule>,
 }
 
@@ -63,15 +90,23 @@ pub enum Action {
     #[default]
     Allow,
     Deny,
+    /// Changes no decision; a match is reported in [`Decision::Allow`].
+    Audit,
+    /// Istio's external authorization: parsed only to be refused by validation.
+    Custom,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rule {
-    #[serde(default)]
+    /// Absent matches any source; present, it must not be empty (Istio refuses `from: []`).
+    #[serde(default, deserialize_with = "non_empty", skip_serializing_if = "Vec::is_empty")]
     pub from: Vec<From>,
-    #[serde(default)]
+    /// Absent matches any operation; present, it must not be empty (Istio refuses `to: []`).
+    #[serde(default, deserialize_with = "non_empty", skip_serializing_if = "Vec::is_empty")]
     pub to: Vec<To>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<Condition>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,15 +115,36 @@ pub struct From {
     pub source: Source,
 }
 
+/// Istio's `Source`. The request-level fields (`requestPrincipals`, `remoteIpBlocks` and their `not`
+/// forms) are parsed only to be refused by validation: they need a waypoint.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Source {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub principals: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_principals: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_principals: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_request_principals: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub namespaces: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_namespaces: Vec<String>,
+    /// `namespace/name`, or `name` in the policy's own namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_service_accounts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ip_blocks: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_ip_blocks: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remote_ip_blocks: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_remote_ip_blocks: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,11 +153,53 @@ pub struct To {
     pub operation: Operation,
 }
 
+/// Istio's `Operation`. The HTTP fields (`hosts`, `methods`, `paths` and their `not` forms) are parsed
+/// only to be refused by validation: they need a waypoint.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Operation {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_ports: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_paths: Vec<String>,
+}
+
+/// Istio's `Condition`: `key` is one of the L4 attributes `source.ip`, `source.namespace`,
+/// `source.principal`, `destination.ip`, `destination.port`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Condition {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_values: Vec<String>,
+}
+
+fn non_empty<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    let v = Vec::<T>::deserialize(d)?;
+    if v.is_empty() {
+        return Err(serde::de::Error::custom(
+            "must not be empty (leave the field out to match everything)",
+        ));
+    }
+    Ok(v)
 }
 
 /// A validation failure naming the object and the field.
@@ -110,16 +208,106 @@ pub struct Operation {
 pub struct Invalid {
     pub namespace: String,
     pub name: String,
+    /// The path of the field, as written in YAML: `spec.rules[0].from[1].source.ipBlocks[2]`.
     pub field: String,
     pub problem: String,
 }
 
+// === the compiled policy ===
+
+/// Which workloads a policy can apply to (its selector then picks among them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// Workloads of the policy's own namespace.
+    #[default]
+    Namespace,
+    /// Workloads of every namespace: the policy is in the mesh's root namespace.
+    Mesh,
+}
+
+impl Scope {
+    /// The scope of a policy of `namespace` in a mesh whose root namespace is `root_namespace`.
+    pub fn of(namespace: &str, root_namespace: &str) -> Scope {
+        if namespace == root_namespace {
+            Scope::Mesh
+        } else {
+            Scope::Namespace
+        }
+    }
+}
+
+/// A checked policy, ready to decide connections: built by [`AuthorizationPolicy::compile`] only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Compiled {
+    /// `namespace/name`, shared with the decisions that name it.
+    name: Arc<str>,
+    namespace: String,
+    scope: Scope,
+    selector: Option<BTreeMap<String, String>>,
+    effect: Effect,
+    rules: Box<[matcher::Rule]>,
+}
+
+/// [`Action`] without CUSTOM, which does not compile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Effect {
+    Allow,
+    Deny,
+    Audit,
+}
+
+impl Compiled {
+    /// `namespace/name`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    pub fn scope(&self) -> Scope {
+        self.scope
+    }
+
+    pub fn action(&self) -> Action {
+        match self.effect {
+            Effect::Allow => Action::Allow,
+            Effect::Deny => Action::Deny,
+            Effect::Audit => Action::Audit,
+        }
+    }
+
+    /// Whether the policy applies to `target`: in scope, and selected by its labels.
+    pub fn applies_to(&self, target: Target<'_>) -> bool {
+        (self.scope == Scope::Mesh || self.namespace == target.namespace)
+            && self
+                .selector
+                .as_ref()
+                .is_none_or(|s| s.iter().all(|(k, v)| target.labels.get(k) == Some(v)))
+    }
+
+    /// Whether one of the policy's rules matches `conn` (whatever the action).
+    pub fn matches(&self, conn: &Connection<'_>) -> bool {
+        self.matches_facts(&matcher::Facts::of(conn))
+    }
+
+    fn matches_facts(&self, facts: &matcher::Facts<'_>) -> bool {
+        self.rules.iter().any(|r| r.matches(facts))
+    }
+}
+
+// === deciding ===
+
 /// What the policy sees of a connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Connection<'a> {
-    /// SPIFFE identity of the client (`spiffe://<td>/ns/<ns>/sa/<sa>`), if it authenticated.
+    /// SPIFFE identity of the client (`spiffe://<td>/ns/<ns>/sa/<sa>`), if it authenticated. Anything
+    /// else counts as no identity.
     pub source_principal: Option<&'a str>,
     pub source_ip: IpAddr,
+    /// The address the client connected to (the workload's own).
+    pub destination_ip: IpAddr,
     pub destination_port: u16,
 }
 
@@ -132,210 +320,66 @@ pub struct Target<'a> {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
-    Allow,
+    /// Allowed; `audit` names (`namespace/name`) the first AUDIT policy that matched, if any, so that
+    /// the caller can mark the connection's record. AUDIT policies never change the decision.
+    Allow { audit: Option<Arc<str>> },
     /// Denied by the named DENY policy, or (`None`) because ALLOW policies apply and none matched.
-    Deny {
-        policy: Option<String>,
-    },
+    Deny { policy: Option<String> },
 }
 
-// === validation ===
+impl Decision {
+    /// Allowed, with no AUDIT policy matched.
+    pub const ALLOW: Decision = Decision::Allow { audit: None };
 
-impl AuthorizationPolicy {
-    /// Checks every field; the first problem is reported with its path.
-    pub fn validate(&self) -> Result<(), Invalid> {
-        let invalid = |field: String, problem: String| Invalid {
-            namespace: self.metadata.namespace.clone(),
-            name: self.metadata.name.clone(),
-            field,
-            problem,
-        };
-        if !crate::is_dns_label(&self.metadata.name) {
-            return Err(invalid("metadata.name".into(), "must be a lowercase DNS label".into()));
-        }
-        if !crate::is_dns_label(&self.metadata.namespace) {
-            return Err(invalid(
-                "metadata.namespace".into(),
-                "must be a lowercase DNS label".into(),
-            ));
-        }
-        for (r, rule) in self.spec.rules.iter().enumerate() {
-            for (f, from) in rule.from.iter().enumerate() {
-                let at = |field: &str, i: usize| format!("spec.rules[{r}].from[{f}].source.{field}[{i}]");
-                for (i, p) in from.source.principals.iter().enumerate() {
-                    let stars = p.matches('*').count();
-                    let ok = !p.is_empty() && (stars == 0 || (stars == 1 && (p.starts_with('*') || p.ends_with('*'))));
-                    if !ok {
-                        return Err(invalid(
-                            at("principals", i),
-                            format!("{p:?}: '*' only as a whole value, prefix or suffix"),
-                        ));
-                    }
-                }
-                for (i, ns) in from.source.namespaces.iter().enumerate() {
-                    if ns != "*" && !crate::is_dns_label(ns) {
-                        return Err(invalid(at("namespaces", i), format!("{ns:?} is not a namespace name")));
-                    }
-                }
-                for (i, block) in from.source.ip_blocks.iter().enumerate() {
-                    Cidr::parse(block).map_err(|e| invalid(at("ipBlocks", i), e))?;
-                }
-            }
-            for (t, to) in rule.to.iter().enumerate() {
-                for (i, port) in to.operation.ports.iter().enumerate() {
-                    if !port.parse::<u16>().is_ok_and(|p| p != 0) {
-                        return Err(invalid(
-                            format!("spec.rules[{r}].to[{t}].operation.ports[{i}]"),
-                            format!("{port:?} is not a port number (1-65535)"),
-                        ));
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// An IP block: `a.b.c.d/n`, `x::y/n`, or a single address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl Cidr {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let (ip, prefix) = match s.split_once('/') {
-            Some((ip, p)) => (ip, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = ip.parse().map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{s:?}: prefix length must be 0-{max}"))?,
-        };
-        Ok(Self { addr, prefix })
+    pub fn is_allowed(&self) -> bool {
+        matches!(self, Decision::Allow { .. })
     }
 
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
+    /// The AUDIT policy that matched an allowed connection.
+    pub fn audit(&self) -> Option<&str> {
+        match self {
+            Decision::Allow { audit } => audit.as_deref(),
+            Decision::Deny { .. } => None,
         }
     }
 }
 
-// === evaluation ===
-
-/// Decides a connection to `target` under `policies` (all of them; applicability is checked here).
-/// Policies are expected to have passed [`AuthorizationPolicy::validate`]; a malformed value that
-/// slipped through never matches an ALLOW rule and always matches a DENY rule (fail closed).
-pub fn decide(policies: &[AuthorizationPolicy], target: Target<'_>, conn: &Connection<'_>) -> Decision {
-    let applicable = policies.iter().filter(|p| applies(p, target));
+/// Decides a connection to `target` under `policies` (any set: which apply is checked here, so the
+/// caller may pass more than the target's). Allocates only to name a DENY policy that denied.
+pub fn decide<'p>(
+    policies: impl IntoIterator<Item = &'p Compiled>,
+    target: Target<'_>,
+    conn: &Connection<'_>,
+) -> Decision {
+    let facts = matcher::Facts::of(conn);
     let mut any_allow = false;
     let mut allowed = false;
-    for p in applicable {
-        match p.spec.action {
-            Action::Deny => {
-                if policy_matches(p, conn, Action::Deny) {
+    let mut audit: Option<&Arc<str>> = None;
+    for p in policies.into_iter().filter(|p| p.applies_to(target)) {
+        match p.effect {
+            Effect::Deny => {
+                if p.matches_facts(&facts) {
                     return Decision::Deny {
-                        policy: Some(format!("{}/{}", p.metadata.namespace, p.metadata.name)),
+                        policy: Some(p.name.to_string()),
                     };
                 }
             }
-            Action::Allow => {
+            Effect::Allow => {
                 any_allow = true;
-                allowed = allowed || policy_matches(p, conn, Action::Allow);
+                allowed = allowed || p.matches_facts(&facts);
+            }
+            Effect::Audit => {
+                if audit.is_none() && p.matches_facts(&facts) {
+                    audit = Some(&p.name);
+                }
             }
         }
     }
     if !any_allow || allowed {
-        Decision::Allow
+        Decision::Allow { audit: audit.cloned() }
     } else {
         Decision::Deny { policy: None }
     }
-}
-
-fn applies(p: &AuthorizationPolicy, target: Target<'_>) -> bool {
-    p.metadata.namespace == target.namespace
-        && p.spec
-            .selector
-            .as_ref()
-            .is_none_or(|s| s.match_labels.iter().all(|(k, v)| target.labels.get(k) == Some(v)))
-}
-
-fn policy_matches(p: &AuthorizationPolicy, conn: &Connection<'_>, action: Action) -> bool {
-    p.spec.rules.iter().any(|r| rule_matches(r, conn, action))
-}
-
-fn rule_matches(rule: &Rule, conn: &Connection<'_>, action: Action) -> bool {
-    let from_ok = rule.from.is_empty() || rule.from.iter().any(|f| source_matches(&f.source, conn, action));
-    let to_ok = rule.to.is_empty()
-        || rule.to.iter().any(|t| {
-            t.operation.ports.is_empty()
-                || t.operation.ports.iter().any(|p| match p.parse::<u16>() {
-                    Ok(port) => port == conn.destination_port,
-                    Err(_) => action == Action::Deny,
-                })
-        });
-    from_ok && to_ok
-}
-
-fn source_matches(s: &Source, conn: &Connection<'_>, action: Action) -> bool {
-    let principals = s.principals.is_empty()
-        || conn
-            .source_principal
-            .is_some_and(|id| s.principals.iter().any(|p| principal_matches(p, id)));
-    let namespaces = s.namespaces.is_empty()
-        || conn
-            .source_principal
-            .and_then(namespace_of)
-            .is_some_and(|ns| s.namespaces.iter().any(|n| n == "*" || n == ns));
-    let ips = s.ip_blocks.is_empty()
-        || s.ip_blocks.iter().any(|b| match Cidr::parse(b) {
-            Ok(c) => c.contains(conn.source_ip),
-            Err(_) => action == Action::Deny,
-        });
-    principals && namespaces && ips
-}
-
-/// Istio matching: exact, `*` (any), `prefix*`, `*suffix`. The value may omit `spiffe://`.
-fn principal_matches(pattern: &str, id: &str) -> bool {
-    let id = id.strip_prefix("spiffe://").unwrap_or(id);
-    let pattern = pattern.strip_prefix("spiffe://").unwrap_or(pattern);
-    if pattern == "*" {
-        true
-    } else if let Some(prefix) = pattern.strip_suffix('*') {
-        id.starts_with(prefix)
-    } else if let Some(suffix) = pattern.strip_prefix('*') {
-        id.ends_with(suffix)
-    } else {
-        id == pattern
-    }
-}
-
-/// The namespace of `spiffe://<td>/ns/<ns>/sa/<sa>`.
-fn namespace_of(id: &str) -> Option<&str> {
-    let rest = id.strip_prefix("spiffe://")?;
-    let mut parts = rest.split('/');
-    let (_td, ns_key, ns) = (parts.next()?, parts.next()?, parts.next()?);
-    (ns_key == "ns").then_some(ns)
 }
 
 #[cfg(test)]

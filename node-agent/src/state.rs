@@ -12,7 +12,7 @@ use weft_api::{types, v1};
 use weft_hbone::identity::Identity;
 use weft_model::{
     Namespace, Pod, WorkloadSnapshot, enrollment,
-    policy::{self, AuthorizationPolicy},
+    policy::{self, Scope},
 };
 
 /// A pod as the data plane sees it.
@@ -46,11 +46,14 @@ pub struct State {
     namespaces: BTreeMap<String, Namespace>,
     workloads: BTreeMap<String, Arc<Workload>>,
     services: BTreeMap<String, Service>,
-    policies: BTreeMap<String, AuthorizationPolicy>,
+    /// Compiled when received: a connection's decision parses nothing.
+    policies: BTreeMap<String, Arc<policy::Compiled>>,
     by_ip: HashMap<IpAddr, String>,
     by_vip: HashMap<IpAddr, String>,
-    /// Policies by namespace, so that a connection's decision allocates nothing.
-    policies_by_namespace: HashMap<String, Vec<AuthorizationPolicy>>,
+    /// Namespace-scoped policies by namespace, and the mesh-wide ones (the controller's root
+    /// namespace's), so that a connection's decision looks at few policies and allocates nothing.
+    policies_by_namespace: HashMap<String, Vec<Arc<policy::Compiled>>>,
+    mesh_policies: Vec<Arc<policy::Compiled>>,
     /// Store revision of the last push applied.
     pub revision: u64,
     /// Whether a first (full) push has arrived since the agent started.
@@ -155,9 +158,8 @@ impl State {
                 );
             }
             Some(Kind::Policy(p)) => {
-                let policy = AuthorizationPolicy::try_from(p).map_err(|e| e.to_string())?;
-                policy.validate().map_err(|e| e.to_string())?;
-                self.policies.insert(key(&p.namespace, &p.name), policy);
+                let policy = policy::Compiled::try_from(p).map_err(|e| e.to_string())?;
+                self.policies.insert(key(&p.namespace, &p.name), Arc::new(policy));
             }
             None => return Err("resource without a body".into()),
         }
@@ -209,11 +211,16 @@ impl State {
             .flat_map(|(k, s)| s.vips.iter().map(move |ip| (*ip, k.clone())))
             .collect();
         self.policies_by_namespace.clear();
+        self.mesh_policies.clear();
         for p in self.policies.values() {
-            self.policies_by_namespace
-                .entry(p.metadata.namespace.clone())
-                .or_default()
-                .push(p.clone());
+            match p.scope() {
+                Scope::Mesh => self.mesh_policies.push(p.clone()),
+                Scope::Namespace => self
+                    .policies_by_namespace
+                    .entry(p.namespace().to_owned())
+                    .or_default()
+                    .push(p.clone()),
+            }
         }
     }
 
@@ -243,9 +250,11 @@ impl State {
         enrollment::is_enrolled(&w.pod, self.namespaces.get(&w.pod.namespace))
     }
 
-    /// Policies of `namespace`; [`policy::decide`] checks which apply to a workload.
-    pub fn policies_in(&self, namespace: &str) -> &[AuthorizationPolicy] {
-        self.policies_by_namespace.get(namespace).map_or(&[], Vec::as_slice)
+    /// The policies that can apply to a workload of `namespace`: the mesh-wide ones and the
+    /// namespace's own; [`policy::decide`] checks which of them select the workload.
+    pub fn policies_for<'a>(&'a self, namespace: &str) -> impl Iterator<Item = &'a policy::Compiled> + 'a {
+        let own = self.policies_by_namespace.get(namespace).map_or(&[][..], Vec::as_slice);
+        self.mesh_policies.iter().chain(own).map(|p| &**p)
     }
 
     /// Where a connection to `dst` goes. `pick` chooses among a service's endpoints (round robin
@@ -298,7 +307,7 @@ pub fn authorize(state: &State, key: &str, uid: &str, conn: &policy::Connection<
     };
     let pod = &workload.pod;
     policy::decide(
-        state.policies_in(&pod.namespace),
+        state.policies_for(&pod.namespace),
         policy::Target {
             namespace: &pod.namespace,
             labels: &pod.labels,

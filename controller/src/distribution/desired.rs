@@ -5,7 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use prost::Message as _;
-use weft_api::{types, v1};
+use weft_api::{convert::policy_to_wire, types, v1};
+use weft_model::policy::Scope;
 
 use crate::store::State;
 
@@ -70,12 +71,23 @@ impl TypeFilter {
     }
 }
 
+/// Mesh-wide settings that shape what subscribers are sent.
+#[derive(Clone, Copy, Debug)]
+pub struct Mesh<'a> {
+    /// Of the workload identities (`spiffe://<td>/ns/<ns>/sa/<sa>`).
+    pub trust_domain: &'a str,
+    /// Whose policies apply to workloads of every namespace.
+    pub root_namespace: &'a str,
+}
+
 /// Every resource `node` should hold, with versions set.
 ///
 /// All namespaces, all pods (as workloads), all services (endpoints: the pods of the service's
-/// namespace its selector matches), and the policies of the namespaces that have a pod on `node`:
-/// the agent enforces policy for inbound connections to its own pods only.
-pub fn desired(state: &State, node: &str, trust_domain: &str, filter: &TypeFilter) -> BTreeMap<Key, v1::Resource> {
+/// namespace its selector matches), the policies of the namespaces that have a pod on `node` (the
+/// agent enforces policy for inbound connections to its own pods only), and the policies of the root
+/// namespace, which apply to every namespace (marked [`Scope::Mesh`]).
+pub fn desired(state: &State, node: &str, mesh: Mesh<'_>, filter: &TypeFilter) -> BTreeMap<Key, v1::Resource> {
+    let trust_domain = mesh.trust_domain;
     use v1::resource::Kind as K;
     let mut out = BTreeMap::new();
     let mut add = |ty: &'static str, name: String, kind: K| {
@@ -155,15 +167,16 @@ pub fn desired(state: &State, node: &str, trust_domain: &str, filter: &TypeFilte
             .filter(|p| p.node == node)
             .map(|p| p.namespace.as_str())
             .collect();
-        for p in state
-            .policies()
-            .filter(|p| local.contains(p.metadata.namespace.as_str()))
-        {
-            add(
-                types::POLICY,
-                format!("{}/{}", p.metadata.namespace, p.metadata.name),
-                K::Policy(v1::Policy::from(p)),
-            );
+        for p in state.policies() {
+            let namespace = p.metadata.namespace.as_str();
+            let scope = Scope::of(namespace, mesh.root_namespace);
+            if scope == Scope::Mesh || local.contains(namespace) {
+                add(
+                    types::POLICY,
+                    format!("{namespace}/{}", p.metadata.name),
+                    K::Policy(policy_to_wire(p, scope)),
+                );
+            }
         }
     }
     out

@@ -34,6 +34,7 @@ pub async fn plaintext(ctx: Arc<PodContext>, downstream: TcpStream, peer: Socket
     let conn = Connection {
         source_principal: None,
         source_ip: peer.ip(),
+        destination_ip: dst.ip(),
         destination_port: dst.port(),
     };
     if let Decision::Deny { policy } = state::authorize(&state, &ctx.name, &ctx.uid, &conn) {
@@ -87,6 +88,7 @@ impl Handler for Inbound {
         let conn = Connection {
             source_principal: Some(&principal),
             source_ip: req.peer.ip(),
+            destination_ip: req.target.ip(),
             destination_port: req.target.port(),
         };
         if let Decision::Deny { policy } = state::authorize(&state, &ctx.name, &ctx.uid, &conn) {

@@ -31,12 +31,20 @@ fn ns(name: &str, ambient: bool) -> v1::Resource {
     )
 }
 
+/// A UUID-shaped uid made from the pod's name.
+fn uid(name: &str) -> String {
+    let n = name
+        .bytes()
+        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+    format!("00000000-0000-4000-8000-{:012x}", n & 0xffff_ffff_ffff)
+}
+
 fn pod(ns: &str, name: &str, ip: &str, labels: &[(&str, &str)]) -> v1::Resource {
     res(
         types::WORKLOAD,
         &format!("{ns}/{name}"),
         Kind::Workload(v1::Workload {
-            uid: format!("uid-{name}"),
+            uid: uid(name),
             namespace: ns.into(),
             name: name.into(),
             node: "node1".into(),
@@ -205,37 +213,54 @@ fn a_rejected_resource_keeps_its_previous_version() {
     assert_eq!(next.workload("shop/web-1"), state.workload("shop/web-1"));
 }
 
+fn policy(namespace: &str, name: &str, action: v1::Action, scope: v1::Scope, rules: Vec<v1::Rule>) -> v1::Resource {
+    res(
+        types::POLICY,
+        &format!("{namespace}/{name}"),
+        Kind::Policy(v1::Policy {
+            namespace: namespace.into(),
+            name: name.into(),
+            selector: None,
+            action: action as i32,
+            rules,
+            scope: scope as i32,
+        }),
+    )
+}
+
+/// mTLS from shop/default to 10.244.2.11:8080.
+fn conn() -> policy::Connection<'static> {
+    policy::Connection {
+        source_principal: Some("spiffe://cluster.local/ns/shop/sa/default"),
+        source_ip: "10.244.1.11".parse().unwrap(),
+        destination_ip: "10.244.2.11".parse().unwrap(),
+        destination_port: 8080,
+    }
+}
+
 #[test]
 fn policies_follow_pushes_and_decide_for_the_pod_s_namespace_only() {
-    let deny_all = res(
-        types::POLICY,
-        "shop/deny",
-        Kind::Policy(v1::Policy {
-            namespace: "shop".into(),
-            name: "deny".into(),
-            selector: None,
-            action: v1::Action::Deny as i32,
-            rules: vec![v1::Rule::default()],
-        }),
+    let deny_all = policy(
+        "shop",
+        "deny",
+        v1::Action::Deny,
+        v1::Scope::Namespace,
+        vec![v1::Rule::default()],
     );
     let state = mesh();
     let (with, rejected) = state.apply(&push(false, vec![deny_all], &[]));
     assert!(rejected.is_empty(), "{rejected:?}");
-    let conn = policy::Connection {
-        source_principal: Some("spiffe://cluster.local/ns/shop/sa/default"),
-        source_ip: "10.244.1.11".parse().unwrap(),
-        destination_port: 8080,
-    };
+    let conn = conn();
     let web = with.workload("shop/web-2").unwrap().pod.uid.clone();
     let db = with.workload("legacy/db").unwrap().pod.uid.clone();
     assert!(matches!(
         authorize(&with, "shop/web-2", &web, &conn),
         policy::Decision::Deny { .. }
     ));
-    assert_eq!(authorize(&with, "legacy/db", &db, &conn), policy::Decision::Allow);
+    assert_eq!(authorize(&with, "legacy/db", &db, &conn), policy::Decision::ALLOW);
 
     let (without, _) = with.apply(&push(false, vec![], &[(types::POLICY, "shop/deny")]));
-    assert_eq!(authorize(&without, "shop/web-2", &web, &conn), policy::Decision::Allow);
+    assert_eq!(authorize(&without, "shop/web-2", &web, &conn), policy::Decision::ALLOW);
 
     // Nothing current to decide on: a workload the state lost, or one with another uid, is refused.
     let (gone, _) = without.apply(&push(false, vec![], &[(types::WORKLOAD, "shop/web-2")]));
@@ -247,4 +272,121 @@ fn policies_follow_pushes_and_decide_for_the_pod_s_namespace_only() {
         authorize(&without, "shop/web-2", "another-uid", &conn),
         policy::Decision::Deny { policy: None }
     ));
+}
+
+#[test]
+fn mesh_wide_policies_decide_for_pods_of_every_namespace() {
+    // The agent does not know the root namespace's name: the controller marks its policies.
+    let require_mtls = policy(
+        "weft-system",
+        "require-mtls",
+        v1::Action::Deny,
+        v1::Scope::Mesh,
+        vec![v1::Rule {
+            from: vec![v1::PolicySource {
+                not_principals: vec!["*".into()],
+                ..v1::PolicySource::default()
+            }],
+            ..v1::Rule::default()
+        }],
+    );
+    let (state, rejected) = mesh().apply(&push(false, vec![require_mtls], &[]));
+    assert!(rejected.is_empty(), "{rejected:?}");
+    let plaintext = policy::Connection {
+        source_principal: None,
+        ..conn()
+    };
+    for key in ["shop/web-2", "legacy/db"] {
+        let uid = state.workload(key).unwrap().pod.uid.clone();
+        assert_eq!(
+            authorize(&state, key, &uid, &plaintext),
+            policy::Decision::Deny {
+                policy: Some("weft-system/require-mtls".into())
+            },
+            "{key}"
+        );
+        assert_eq!(authorize(&state, key, &uid, &conn()), policy::Decision::ALLOW, "{key}");
+    }
+    // The same policy scoped to its namespace is weft-system's business only.
+    let scoped = policy(
+        "weft-system",
+        "require-mtls",
+        v1::Action::Deny,
+        v1::Scope::Namespace,
+        vec![v1::Rule::default()],
+    );
+    let (state, _) = state.apply(&push(false, vec![scoped], &[]));
+    let uid = state.workload("legacy/db").unwrap().pod.uid.clone();
+    assert_eq!(
+        authorize(&state, "legacy/db", &uid, &plaintext),
+        policy::Decision::ALLOW
+    );
+    assert_eq!(state.policies_for("legacy").count(), 0);
+    assert_eq!(state.policies_for("weft-system").count(), 1);
+}
+
+#[test]
+fn a_matching_audit_policy_is_named_in_the_decision() {
+    let audit = policy(
+        "shop",
+        "audit-8080",
+        v1::Action::Audit,
+        v1::Scope::Namespace,
+        vec![v1::Rule {
+            when: vec![v1::Condition {
+                key: "destination.port".into(),
+                values: vec!["8080".into()],
+                not_values: vec![],
+            }],
+            ..v1::Rule::default()
+        }],
+    );
+    let (state, rejected) = mesh().apply(&push(false, vec![audit], &[]));
+    assert!(rejected.is_empty(), "{rejected:?}");
+    let uid = state.workload("shop/web-2").unwrap().pod.uid.clone();
+    let decision = authorize(&state, "shop/web-2", &uid, &conn());
+    assert_eq!(decision.audit(), Some("shop/audit-8080"));
+    let other_port = policy::Connection {
+        destination_port: 9090,
+        ..conn()
+    };
+    assert_eq!(
+        authorize(&state, "shop/web-2", &uid, &other_port),
+        policy::Decision::ALLOW
+    );
+}
+
+#[test]
+fn a_policy_that_does_not_compile_is_rejected_and_the_old_version_stays() {
+    let good = policy(
+        "shop",
+        "p",
+        v1::Action::Deny,
+        v1::Scope::Namespace,
+        vec![v1::Rule::default()],
+    );
+    let (state, _) = mesh().apply(&push(false, vec![good], &[]));
+    let mut bad = policy(
+        "shop",
+        "p",
+        v1::Action::Allow,
+        v1::Scope::Namespace,
+        vec![v1::Rule::default()],
+    );
+    if let Some(Kind::Policy(p)) = &mut bad.kind {
+        p.rules[0].from = vec![v1::PolicySource::default()];
+    }
+    let (next, rejected) = state.apply(&push(true, vec![ns("shop", true), bad], &[]));
+    assert_eq!(rejected.len(), 1);
+    assert!(
+        rejected[0]
+            .error
+            .contains("spec.rules[0].from[0].source: must not be empty"),
+        "{}",
+        rejected[0].error
+    );
+    assert_eq!(
+        next.policies_for("shop").map(|p| p.name()).collect::<Vec<_>>(),
+        ["shop/p"]
+    );
 }
