@@ -546,5 +546,9 @@ fn a_store_keeps_its_identity_across_restarts_and_a_new_store_gets_another() {
         "persisted at creation, before any apply"
     );
     let lost = tempfile::tempdir().unwrap();
-    assert_ne!(Store::open(lost.path()).unwrap().snapshot().id, first, "a store started over");
+    assert_ne!(
+        Store::open(lost.path()).unwrap().snapshot().id,
+        first,
+        "a store started over"
+    );
 }
