@@ -401,3 +401,67 @@ fn agents_keep_their_config_when_the_controller_comes_back_with_a_lost_store() {
     });
     assert_eq!(record["mode"], "hbone", "{record}");
 }
+
+/// Connections to `port` in `pod`'s network namespace that are established, as `ss` counts them.
+fn established(c: &Cluster, pod: &str, port: u16) -> usize {
+    let filter = format!("( sport = :{port} )");
+    let out = c.exec(pod, &["ss", "-Htn", "state", "established", &filter]);
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+#[test]
+fn open_connections_a_new_policy_denies_are_closed_with_a_record_saying_so() {
+    if !privileged("policy_revokes_open_connections") {
+        return;
+    }
+    // app-X-1 enrolled (`default`), app-X-2 outside the mesh (`plain`).
+    let c = Cluster::up("e2e-revoke", &["--namespaces", "default,plain", "--ambient", "default"]);
+    let _echo = c.echo("app-2-1", 9000);
+    let server = format!("{}:9000", c.pod_ip("app-2-1", false));
+    let probe = bin("weft-probe");
+    let probe = probe.to_str().expect("utf-8 path");
+    let stream = |pod: &str| c.spawn(pod, &[probe, "stream", "--addr", &server, "--seconds", "60"]);
+    // One over HBONE from an enrolled pod, one in plaintext from outside the mesh.
+    let mut clients = [stream("app-1-1"), stream("app-1-2")];
+    // Both reach the application (the agent's connections to it, from the clients' addresses).
+    wait_for("both streams to reach the server", Duration::from_secs(10), || {
+        (established(&c, "app-2-1", 9000) >= 2).then_some(())
+    });
+    for client in &mut clients {
+        assert!(
+            client.child.try_wait().unwrap().is_none(),
+            "streaming until a policy says otherwise"
+        );
+    }
+
+    let deny = "apiVersion: security.weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: no-9000\n  namespace: default\nspec:\n  selector:\n    matchLabels:\n      app: app-2-1\n  action: DENY\n  rules:\n  - to:\n    - operation:\n        ports: [\"9000\"]\n";
+    let out = c.apply(deny);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // Both are cut: the clients see their streams fail long before the 60 s they asked for.
+    for (client, what) in clients.iter_mut().zip(["HBONE", "plaintext"]) {
+        let status = wait_for(
+            &format!("the {what} stream to be closed"),
+            Duration::from_secs(10),
+            || client.child.try_wait().unwrap(),
+        );
+        assert!(!status.success(), "the {what} stream ended by error");
+    }
+    let revoked: Vec<_> = wait_for("node2's two revoked records", Duration::from_secs(5), || {
+        let r: Vec<_> = c
+            .access_records("node2")
+            .into_iter()
+            .filter(|r| r["direction"] == "inbound" && r["reason"] == "revoked")
+            .collect();
+        (r.len() >= 2).then_some(r)
+    });
+    let modes: std::collections::BTreeSet<_> = revoked
+        .iter()
+        .map(|r| r["mode"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(modes, ["hbone", "plaintext"].map(str::to_owned).into(), "{revoked:?}");
+    assert!(revoked.iter().all(|r| r["policy"] == "default/no-9000"), "{revoked:?}");
+    // New connections are refused too.
+    let (code, _) = timed_curl(&c, "app-1-1", &format!("http://{server}/"));
+    assert_ne!(code, 0);
+}

@@ -5,6 +5,7 @@
 //! request that is not a `CONNECT` to an allowed `ip:port`; 401 / 400 / 503 for the handler's
 //! [`Refusal`]s.
 
+mod admission;
 mod connect;
 #[cfg(test)]
 mod tests;
@@ -28,6 +29,7 @@ use crate::record;
 use crate::stream::H2Stream;
 use crate::tls::ALPN_H2;
 
+pub use admission::{Admission, AdmissionLimits, Admitted, Refused};
 pub use connect::{BadRequest, FORBIDDEN_PORTS, parse_connect};
 
 /// How long a client gets to complete the TLS handshake.
@@ -205,22 +207,27 @@ pub async fn serve<H: Handler>(
     tls: Arc<rustls::ServerConfig>,
     handler: Arc<H>,
 ) -> Result<(), ServeError> {
-    serve_with_limits(tcp, tls, handler, Limits::default()).await
+    serve_with_limits(tcp, tls, handler, Limits::default(), None).await
 }
 
-/// [`serve`] with `limits` instead of the defaults.
+/// [`serve`] with `limits` instead of the defaults. An `admitted` connection gives its handshake slot
+/// back once the TLS handshake is over, and its connection slot when this returns.
 pub async fn serve_with_limits<H: Handler>(
     tcp: TcpStream,
     tls: Arc<rustls::ServerConfig>,
     handler: Arc<H>,
     limits: Limits,
+    mut admitted: Option<Admitted>,
 ) -> Result<(), ServeError> {
     let peer = tcp.peer_addr().map_err(|source| ServeError::PeerAddr { source })?;
     // Best effort: a socket that refuses TCP_NODELAY still works, only with more latency.
     let _ = tcp.set_nodelay(true);
     let handshake_timeout = limits.handshake_timeout;
-    let (stream, negotiated) = tokio::time::timeout(handshake_timeout, record::accept(tls, tcp, TLS_SEND_BUFFER))
-        .await
+    let handshake = tokio::time::timeout(handshake_timeout, record::accept(tls, tcp, TLS_SEND_BUFFER)).await;
+    if let Some(admitted) = &mut admitted {
+        admitted.handshake_done();
+    }
+    let (stream, negotiated) = handshake
         .map_err(|_| ServeError::HandshakeTimeout {
             after: handshake_timeout,
         })?

@@ -111,6 +111,7 @@ async fn serve(
         strict_mtls: config.strict_mtls,
         next_endpoint: Default::default(),
         tunnel_congestion,
+        admission: weft_hbone::server::Admission::new(Default::default()),
     });
     let mut node = NodeControl {
         capture,

@@ -18,6 +18,9 @@ pub struct Mesh {
     pub next_endpoint: AtomicUsize,
     /// Congestion control of the HBONE connections, both ways; `None` keeps the pod's default.
     pub tunnel_congestion: Option<socket::CongestionControl>,
+    /// Admission of HBONE connections, shared by every pod's 15008 listener: what one source may
+    /// hold in handshakes and connections.
+    pub admission: Arc<weft_hbone::server::Admission>,
 }
 
 impl Mesh {

@@ -49,6 +49,9 @@ pub enum Reason {
     LocalSocket,
     /// Denied by an authorization policy.
     Denied,
+    /// Allowed when it opened, closed because a changed policy (or the pod's changed labels) now
+    /// denies it.
+    Revoked,
     /// Plaintext inbound while strict mTLS is on.
     StrictMtls,
     /// No certificate for the pod's identity: refused rather than sent in plaintext.
@@ -69,6 +72,7 @@ impl Reason {
             Reason::Io => "io",
             Reason::LocalSocket => "local_socket",
             Reason::Denied => "denied",
+            Reason::Revoked => "revoked",
             Reason::StrictMtls => "strict_mtls",
             Reason::NoIdentity => "no_identity",
             Reason::NoEndpoint => "no_endpoint",

@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use weft_hbone::{
     ConnectError, Credential, Handler, Identity, Pool, PoolConfig, PoolKey, Refusal, Request, ServeError, Transferred,
     TrustBundle, Tunnel, client_config,
-    server::{Limits, serve_with_limits},
+    server::{Admission, Limits, serve_with_limits},
     server_config,
 };
 
@@ -209,6 +209,17 @@ impl TestServer {
 
     /// As [`TestServer::start`], with `limits` for every client connection.
     pub async fn start_with_limits(cred: &Credential, bundle: &TrustBundle, mode: Mode, limits: Limits) -> Self {
+        Self::start_admitting(cred, bundle, mode, limits, None).await
+    }
+
+    /// As [`TestServer::start_with_limits`]; with `admission`, a connection it refuses is closed at once.
+    pub async fn start_admitting(
+        cred: &Credential,
+        bundle: &TrustBundle,
+        mode: Mode,
+        limits: Limits,
+        admission: Option<Arc<Admission>>,
+    ) -> Self {
         let tls = server_config(cred, bundle).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -219,11 +230,16 @@ impl TestServer {
         {
             let (handler, accepted, conns) = (handler.clone(), accepted.clone(), conns.clone());
             tokio::spawn(async move {
-                while let Ok((tcp, _)) = listener.accept().await {
+                while let Ok((tcp, peer)) = listener.accept().await {
                     accepted.fetch_add(1, Ordering::SeqCst);
+                    let admitted = match admission.as_ref().map(|a| a.admit(peer.ip())) {
+                        Some(Err(_)) => continue,
+                        Some(Ok(admitted)) => Some(admitted),
+                        None => None,
+                    };
                     let (tls, handler, tx) = (tls.clone(), handler.clone(), tx.clone());
                     let task = tokio::spawn(async move {
-                        let _ = tx.send(serve_with_limits(tcp, tls, handler, limits).await);
+                        let _ = tx.send(serve_with_limits(tcp, tls, handler, limits, admitted).await);
                     });
                     conns.lock().unwrap().push(task);
                 }

@@ -1,7 +1,15 @@
 //! Inbound: HBONE from other agents (15008) and plaintext from outside the mesh (15006), both
 //! authorized by policy, both connected to the application from the client's own address.
+//!
+//! Authorization holds for a connection's whole life, not only at its start: every new state (a
+//! policy or the pod's labels changed) decides each open connection again, and one it now denies is
+//! closed, with an access record saying `revoked` and the policy, as ztunnel does.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use tokio::net::{TcpListener, TcpStream};
 use weft_dataplane::socket::Source;
@@ -9,7 +17,10 @@ use weft_hbone::server::{Handler, Refusal, Request};
 use weft_model::policy::{Connection, Decision};
 
 use super::{Direction, Mode, Reason, Record, connect_in, forward, is_forbidden};
-use crate::{pod::PodContext, state};
+use crate::{
+    pod::PodContext,
+    state::{self, State},
+};
 
 /// A connection steered to the plaintext inbound listener.
 pub async fn plaintext(ctx: Arc<PodContext>, downstream: TcpStream, peer: SocketAddr) {
@@ -31,18 +42,61 @@ pub async fn plaintext(ctx: Arc<PodContext>, downstream: TcpStream, peer: Socket
         record.reason = Reason::StrictMtls;
         return;
     }
-    let conn = Connection {
-        source_principal: None,
-        source_ip: peer.ip(),
-        destination_ip: dst.ip(),
-        destination_port: dst.port(),
+    let authz = Authz {
+        principal: None,
+        source: peer.ip(),
+        destination: dst,
     };
-    if let Decision::Deny { policy } = state::authorize(&state, &ctx.name, &ctx.uid, &conn) {
+    if let Decision::Deny { policy } = authz.decide(&ctx, &state) {
         record.policy = policy;
         record.reason = Reason::Denied;
         return;
     }
-    forward(&mut record, downstream, dst, Source::Spoofed(peer.ip())).await;
+    drop(state);
+    let revoked = tokio::select! {
+        () = forward(&mut record, downstream, dst, Source::Spoofed(peer.ip())) => None,
+        policy = revoked(ctx.clone(), authz) => Some(policy),
+    };
+    if let Some(policy) = revoked {
+        record.reason = Reason::Revoked;
+        record.policy = policy;
+    }
+}
+
+/// What an inbound connection's authorization is decided on, kept to decide it again.
+struct Authz {
+    /// The verified client identity (HBONE), or none (plaintext).
+    principal: Option<String>,
+    source: IpAddr,
+    destination: SocketAddr,
+}
+
+impl Authz {
+    /// The decision for the pod as `state` has it (its current labels) under `state`'s policies.
+    fn decide(&self, ctx: &PodContext, state: &State) -> Decision {
+        let conn = Connection {
+            source_principal: self.principal.as_deref(),
+            source_ip: self.source,
+            destination_ip: self.destination.ip(),
+            destination_port: self.destination.port(),
+        };
+        state::authorize(state, &ctx.name, &ctx.uid, &conn)
+    }
+}
+
+/// Resolves, with the denying policy, once a new state denies what `authz` describes; never while
+/// every state allows it.
+async fn revoked(ctx: Arc<PodContext>, authz: Authz) -> Option<String> {
+    let mut states = ctx.mesh.state.clone();
+    states.borrow_and_update();
+    while states.changed().await.is_ok() {
+        let state = states.borrow_and_update().clone();
+        if let Decision::Deny { policy } = authz.decide(&ctx, &state) {
+            return policy;
+        }
+    }
+    // The state's writer is gone: the agent is stopping.
+    std::future::pending().await
 }
 
 /// Serves HBONE connections accepted on the pod's 15008 listener.
@@ -51,6 +105,14 @@ pub async fn hbone(ctx: Arc<PodContext>, listener: TcpListener) {
     super::accept_loop(ctx, listener, move |ctx, stream, peer| {
         let handler = handler.clone();
         async move {
+            // Before anything is spent on it: one source cannot take every handshake or connection.
+            let admitted = match ctx.mesh.admission.admit(peer.ip()) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::debug!(pod = %ctx.name, %peer, error = %e, "HBONE connection refused");
+                    return;
+                }
+            };
             // Presented: the pod's current certificate; without one, nothing is served.
             let cert = match ctx.mesh.identities.get(&ctx.current().identity).await {
                 Ok(c) => c,
@@ -59,7 +121,11 @@ pub async fn hbone(ctx: Arc<PodContext>, listener: TcpListener) {
                     return;
                 }
             };
-            if let Err(e) = weft_hbone::server::serve(stream, cert.server.clone(), handler).await {
+            let limits = weft_hbone::server::Limits::default();
+            if let Err(e) =
+                weft_hbone::server::serve_with_limits(stream, cert.server.clone(), handler, limits, Some(admitted))
+                    .await
+            {
                 tracing::debug!(pod = %ctx.name, %peer, error = %e, "HBONE connection");
             }
         }
@@ -84,14 +150,12 @@ impl Handler for Inbound {
         }
         let state = ctx.mesh.state();
         record.peer_workload = state.workload_by_ip(req.peer.ip()).map(|w| w.pod.qualified_name());
-        let principal = req.identity.to_string();
-        let conn = Connection {
-            source_principal: Some(&principal),
-            source_ip: req.peer.ip(),
-            destination_ip: req.target.ip(),
-            destination_port: req.target.port(),
+        let authz = Authz {
+            principal: Some(req.identity.to_string()),
+            source: req.peer.ip(),
+            destination: req.target,
         };
-        if let Decision::Deny { policy } = state::authorize(&state, &ctx.name, &ctx.uid, &conn) {
+        if let Decision::Deny { policy } = authz.decide(ctx, &state) {
             record.policy = policy;
             record.reason = Reason::Denied;
             return (record, Err(Refusal::Denied));
@@ -108,8 +172,38 @@ impl Handler for Inbound {
     fn closed(&self, mut record: Record, result: std::io::Result<weft_hbone::server::Transferred>) {
         match result {
             Ok(t) => record.transferred = t,
+            Err(e) if record.reason == Reason::Done && e.kind() == std::io::ErrorKind::PermissionDenied => {
+                // Ended by `revoked`: name the policy that now denies it.
+                record.reason = Reason::Revoked;
+                if let Some(authz) = Authz::of(&record)
+                    && let Decision::Deny { policy } = authz.decide(&self.0, &self.0.mesh.state())
+                {
+                    record.policy = policy;
+                }
+            }
             Err(_) if record.reason == Reason::Done => record.reason = Reason::Io,
             Err(_) => {}
         }
+    }
+
+    fn revoked(&self, record: &Record) -> impl Future<Output = ()> + Send {
+        let (ctx, authz) = (self.0.clone(), Authz::of(record));
+        async move {
+            match authz {
+                Some(authz) => drop(revoked(ctx, authz).await),
+                None => std::future::pending().await,
+            }
+        }
+    }
+}
+
+impl Authz {
+    /// The authorization inputs of an open tunnel, from its record.
+    fn of(record: &Record) -> Option<Self> {
+        Some(Self {
+            principal: Some(record.peer_identity.as_ref()?.to_string()),
+            source: record.src.ip(),
+            destination: record.dst?,
+        })
     }
 }
