@@ -25,7 +25,7 @@ pub enum Error {
     NotReady { identity: Identity },
     #[error("{identity} is not an identity of a pod enrolled on this node")]
     NotWanted { identity: Identity },
-    #[error("creating a key and CSR for {identity}: {source}")]
+    #[error("creating a key and CSR for {identity}")]
     Csr {
         identity: Identity,
         #[source]
@@ -33,12 +33,31 @@ pub enum Error {
     },
     #[error("the CA refused to sign {identity}: {status}")]
     Refused { identity: Identity, status: tonic::Status },
-    #[error("the CA's answer for {identity}: {source}")]
+    #[error("the CA's answer for {identity}")]
     BadAnswer {
         identity: Identity,
         #[source]
-        source: tls::TlsError,
+        source: Box<tls::TlsError>,
     },
+    #[error("the CA did not answer for {identity} within {after:?}")]
+    Timeout { identity: Identity, after: Duration },
+    #[error("the CA issued a certificate for {got} when {identity} was asked for: not used")]
+    WrongIdentity { identity: Identity, got: Box<Identity> },
+}
+
+/// Longest wait for the CA's answer to one CSR; the renewal loop retries with backoff after it.
+const SIGN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A certificate is used only for exactly the identity it was asked for (its key is checked against
+/// ours when the credential is built): the error names the identity it carries instead.
+fn check_issued(asked: &Identity, credential: &Credential) -> Result<(), Error> {
+    if credential.identity == *asked {
+        return Ok(());
+    }
+    Err(Error::WrongIdentity {
+        identity: asked.clone(),
+        got: Box::new(credential.identity.clone()),
+    })
 }
 
 /// A certificate with everything derived from it that a connection needs.
@@ -137,12 +156,16 @@ impl Identities {
             source,
         })?;
         let mut client = CaClient::with_interceptor(self.controller.channel(), self.controller.auth());
-        let answer = client
-            .sign(SignRequest {
-                csr_pem: csr,
-                identity: identity.to_string(),
-            })
+        let request = SignRequest {
+            csr_pem: csr,
+            identity: identity.to_string(),
+        };
+        let answer = tokio::time::timeout(SIGN_TIMEOUT, client.sign(request))
             .await
+            .map_err(|_| Error::Timeout {
+                identity: identity.clone(),
+                after: SIGN_TIMEOUT,
+            })?
             .map_err(|status| Error::Refused {
                 identity: identity.clone(),
                 status,
@@ -150,9 +173,10 @@ impl Identities {
             .into_inner();
         let bad = |source| Error::BadAnswer {
             identity: identity.clone(),
-            source,
+            source: Box::new(source),
         };
         let credential = Credential::from_pem(&answer.chain_pem, &key).map_err(bad)?;
+        check_issued(identity, &credential)?;
         let bundle = TrustBundle::from_pem(&self.trust_domain, &answer.roots_pem).map_err(bad)?;
         let server = tls::server_config(&credential, &bundle).map_err(bad)?;
         Ok(Certified {
@@ -200,4 +224,40 @@ fn csr(identity: &Identity) -> Result<(String, String), rcgen::Error> {
     params.subject_alt_names = vec![SanType::URI(identity.to_string().try_into()?)];
     let csr = params.serialize_request(&key)?;
     Ok((csr.pem()?, key.serialize_pem()))
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{BasicConstraints, CertifiedIssuer, IsCa};
+
+    use super::*;
+
+    /// A certificate for `id` over the key of a CSR made for `asked`, as a CA that ignores the
+    /// request's identity would issue it.
+    fn issued(asked: &Identity, id: &str) -> Credential {
+        let (_, key_pem) = csr(asked).unwrap();
+        let key = KeyPair::from_pem(&key_pem).unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap()).unwrap();
+        let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+        leaf.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+        let cert = leaf.signed_by(&key, &ca).unwrap();
+        Credential::from_pem(&[cert.pem()], &key_pem).unwrap()
+    }
+
+    #[test]
+    fn a_certificate_for_another_identity_than_asked_is_not_used() {
+        let asked: Identity = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        assert!(check_issued(&asked, &issued(&asked, "spiffe://cluster.local/ns/shop/sa/web")).is_ok());
+        let err = check_issued(
+            &asked,
+            &issued(&asked, "spiffe://cluster.local/ns/kube-system/sa/admin"),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("ns/kube-system/sa/admin") && err.to_string().contains("not used"),
+            "{err}"
+        );
+    }
 }
