@@ -245,6 +245,22 @@ fn a_label_change_is_applied_in_place_and_decides_the_next_stream_of_a_pooled_tu
     assert_eq!(about_pod("unenrolled"), 0, "a label change must not unenroll the pod");
     assert_eq!(about_pod("enrolled"), 1, "enrolled once, at start");
     assert!(about_pod("updated in place") >= 1, "the change is applied in place");
+
+    // `weftctl dev annotate` changes one annotation of the object the store holds: the label set with
+    // `weftctl apply` stays, and so does the lock.
+    c.annotate("pod", "app-2-1", "example.com/note=kept");
+    let out = weft_e2e::weftctl(&["get", "pods", "-n", "default", "--cluster", &c.name]);
+    let yaml = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        yaml.contains("tier: locked") && yaml.contains("example.com/note: kept"),
+        "{}",
+        text(&out)
+    );
+    assert_ne!(
+        timed_curl(&c, "app-1-1", &url).0,
+        0,
+        "still locked after the annotation"
+    );
 }
 
 /// Starts a stopped node's agent again and waits until it says it is ready.

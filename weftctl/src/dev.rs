@@ -726,23 +726,59 @@ fn annotate(name: &str, kind: Kind, target: &str, change: &str) -> anyhow::Resul
             &mut rec.pod.annotations
         }
     };
-    match edit {
+    match &edit {
         (key, Some(value)) => {
-            map.insert(key, value);
+            map.insert(key.clone(), value.clone());
         }
         (key, None) => {
-            map.remove(&key);
+            map.remove(key);
         }
     }
     if cluster.mesh {
-        // The store is what the agents follow; the cluster file only mirrors it for `status`.
-        let object = match kind {
-            Kind::Namespace => cluster
-                .namespaces
-                .iter()
-                .find(|n| n.name == target)
-                .map(mesh::namespace_object),
-            Kind::Pod => Some(mesh::pod_object(&cluster.pod(target)?.pod)),
+        // The store is what the agents follow; the cluster file only mirrors it for `status`. The
+        // object is changed as the store holds it, so that what `weftctl apply` set there (labels,
+        // a service account) stays, as `kubectl annotate` changes one field of the live object.
+        let (kind_name, namespace, object_name, fallback) = match kind {
+            Kind::Namespace => (
+                "Namespace",
+                String::new(),
+                target.to_owned(),
+                cluster
+                    .namespaces
+                    .iter()
+                    .find(|n| n.name == target)
+                    .map(mesh::namespace_object),
+            ),
+            Kind::Pod => {
+                let pod = &cluster.pod(target)?.pod;
+                (
+                    "Pod",
+                    pod.namespace.clone(),
+                    pod.name.clone(),
+                    Some(mesh::pod_object(pod)),
+                )
+            }
+        };
+        let stored = mesh::stored_object(name, kind_name, &namespace, &object_name)?;
+        let object = match (stored, &edit) {
+            (Some(mut object), (key, value)) => {
+                let annotations = object["metadata"]
+                    .as_object_mut()
+                    .context("a stored object without metadata")?
+                    .entry("annotations")
+                    .or_insert_with(|| serde_json::json!({}));
+                match (annotations.as_object_mut(), value) {
+                    (Some(a), Some(v)) => {
+                        a.insert(key.clone(), serde_json::Value::from(v.clone()));
+                    }
+                    (Some(a), None) => {
+                        a.remove(key);
+                    }
+                    (None, _) => anyhow::bail!("the stored object's annotations are not a map"),
+                }
+                Some(object)
+            }
+            (None, _) => fallback,
         };
         mesh::apply(name, &object.into_iter().collect::<Vec<_>>(), "weftctl dev annotate")?;
     }

@@ -55,7 +55,7 @@ pub async fn plaintext(ctx: Arc<PodContext>, downstream: TcpStream, peer: Socket
     drop(state);
     let revoked = tokio::select! {
         () = forward(&mut record, downstream, dst, Source::Spoofed(peer.ip())) => None,
-        policy = revoked(ctx.clone(), authz) => Some(policy),
+        policy = revoked(&ctx, |state| authz.decide(&ctx, state)) => Some(policy),
     };
     if let Some(policy) = revoked {
         record.reason = Reason::Revoked;
@@ -84,14 +84,15 @@ impl Authz {
     }
 }
 
-/// Resolves, with the denying policy, once a new state denies what `authz` describes; never while
-/// every state allows it.
-async fn revoked(ctx: Arc<PodContext>, authz: Authz) -> Option<String> {
+/// Resolves, with the denying policy, once `decide` denies under a new state; never while every
+/// state allows. Holds only a receiver of the state while it waits: what `decide` needs is borrowed
+/// from the connection, nothing is copied per connection.
+async fn revoked(ctx: &PodContext, decide: impl Fn(&State) -> Decision) -> Option<String> {
     let mut states = ctx.mesh.state.clone();
     states.borrow_and_update();
     while states.changed().await.is_ok() {
         let state = states.borrow_and_update().clone();
-        if let Decision::Deny { policy } = authz.decide(&ctx, &state) {
+        if let Decision::Deny { policy } = decide(&state) {
             return policy;
         }
     }
@@ -187,12 +188,13 @@ impl Handler for Inbound {
     }
 
     fn revoked(&self, record: &Record) -> impl Future<Output = ()> + Send {
-        let (ctx, authz) = (self.0.clone(), Authz::of(record));
+        let ctx = &self.0;
         async move {
-            match authz {
-                Some(authz) => drop(revoked(ctx, authz).await),
-                None => std::future::pending().await,
-            }
+            let decide = |state: &State| match Authz::of(record) {
+                Some(authz) => authz.decide(ctx, state),
+                None => Decision::ALLOW,
+            };
+            revoked(ctx, decide).await;
         }
     }
 }

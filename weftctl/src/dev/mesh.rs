@@ -13,6 +13,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use serde::Deserialize as _;
 use weft_model::{Namespace, Pod};
 
 use super::{
@@ -242,6 +243,25 @@ pub fn pod_object(pod: &Pod) -> serde_json::Value {
         "spec": { "nodeName": pod.node, "serviceAccountName": pod.service_account },
         "status": { "podIPs": ips },
     })
+}
+
+/// The object `kind` `namespace/name` as the cluster's store holds it, if it does.
+pub fn stored_object(
+    cluster_name: &str,
+    kind: &str,
+    namespace: &str,
+    name: &str,
+) -> anyhow::Result<Option<serde_json::Value>> {
+    let socket = Names(cluster_name).controller_socket();
+    let yaml = crate::store::get(&socket, kind, namespace)
+        .with_context(|| format!("reading {kind} objects from the store ({})", socket.display()))?;
+    for document in serde_yaml_ng::Deserializer::from_str(&yaml) {
+        let object = serde_json::Value::deserialize(document).context("parsing the store's YAML")?;
+        if object["metadata"]["name"] == name {
+            return Ok(Some(object));
+        }
+    }
+    Ok(None)
 }
 
 /// Applies objects to the cluster's store (`start_controller` returned once its socket exists).
