@@ -10,11 +10,12 @@ mod connect;
 #[cfg(test)]
 mod tests;
 
+use std::collections::HashMap;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,6 +23,7 @@ use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{Response, StatusCode};
 use tokio::net::TcpStream;
+use tokio::task::AbortHandle;
 use tracing::Instrument;
 
 use crate::identity::Identity;
@@ -136,13 +138,20 @@ pub trait Handler: Send + Sync + 'static {
     ///   ended it (the upgrade failing included).
     fn closed(&self, session: Self::Session, result: Result<Transferred, io::Error>);
 
-    /// Resolves when an open tunnel must be closed because what allowed it no longer does (a policy
-    /// changed). The server then resets the tunnel's stream, closes the upstream connection, and
-    /// calls [`Handler::closed`] with an [`io::ErrorKind::PermissionDenied`] error. Never resolves
+    /// Resolves when what allowed the open tunnels may have changed (a policy, the target's labels);
+    /// the server then asks [`Handler::allowed`] about each open tunnel of each connection, and asks
+    /// for the next `rechecks`. One is awaited per client connection, none per tunnel. Never resolves
     /// by default.
-    fn revoked(&self, session: &Self::Session) -> impl Future<Output = ()> + Send {
-        let _ = session;
+    fn rechecks(&self) -> impl Future<Output = ()> + Send + 'static {
         std::future::pending()
+    }
+
+    /// Whether an open tunnel is still allowed. One that is not is closed: its task is stopped (the
+    /// stream is reset, the upstream connection closed) and [`Handler::closed`] is called with an
+    /// [`io::ErrorKind::PermissionDenied`] error. Always allowed by default.
+    fn allowed(&self, session: &Self::Session) -> bool {
+        let _ = session;
+        true
     }
 }
 
@@ -248,6 +257,7 @@ pub async fn serve_with_limits<H: Handler>(
         handler,
         tunnels: AtomicUsize::new(0),
         opened: AtomicU64::new(0),
+        open: Mutex::default(),
     });
     let handshake = h2::server::Builder::new()
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
@@ -268,19 +278,27 @@ pub async fn serve_with_limits<H: Handler>(
         .map_err(|source| ServeError::Http { source })?;
     let keepalive = keepalive(connection.ping_pong(), limits);
     let idle = ctx.idle(limits.idle_timeout);
-    tokio::pin!(keepalive, idle);
+    let recheck = ctx.handler.rechecks();
+    tokio::pin!(keepalive, idle, recheck);
     // `accept` also drives the connection: tunnels keep moving while we wait for the next request.
     loop {
         tokio::select! {
             next = connection.accept() => match next {
                 Some(next) => {
                     let (req, respond) = next.map_err(|source| ServeError::Http { source })?;
-                    ctx.opened.fetch_add(1, Ordering::AcqRel);
+                    let id = ctx.opened.fetch_add(1, Ordering::AcqRel);
                     ctx.tunnels.fetch_add(1, Ordering::AcqRel);
-                    tokio::spawn(ctx.clone().handle(req, respond));
+                    ctx.table().insert(id, Open { abort: None, session: None });
+                    let task = tokio::spawn(ctx.clone().handle(id, req, respond));
+                    ctx.set_abort(id, task.abort_handle());
                 }
                 None => break,
             },
+            () = &mut recheck => {
+                // The next one first: a change that lands while these are checked fires it.
+                recheck.set(ctx.handler.rechecks());
+                ctx.recheck();
+            }
             // Dropping the connection ends its tunnels: their streams fail, their tasks close the
             // application's side.
             () = &mut keepalive => {
@@ -339,17 +357,64 @@ impl Refusal {
 // === impl Connection ===
 
 /// What every stream of one client connection shares.
-struct Connection<H> {
+struct Connection<H: Handler> {
     peer: SocketAddr,
     identity: Identity,
     handler: Arc<H>,
     /// Tunnels open now.
     tunnels: AtomicUsize,
-    /// Tunnels opened since the connection started: tells the idle timer whether one came and went.
+    /// Tunnels opened since the connection started: tells the idle timer whether one came and went,
+    /// and numbers them.
     opened: AtomicU64,
+    /// The tunnels of this connection, by number: how to stop each, and its session once the
+    /// handler opened it (held here rather than in the tunnel's task, so that rechecking costs no
+    /// waiting future per tunnel).
+    open: Mutex<HashMap<u64, Open<H::Session>>>,
 }
 
-impl<H> Connection<H> {
+struct Open<S> {
+    abort: Option<AbortHandle>,
+    session: Option<S>,
+}
+
+impl<H: Handler> Connection<H> {
+    fn table(&self) -> MutexGuard<'_, HashMap<u64, Open<H::Session>>> {
+        // Every change is one insert or remove: a panic elsewhere leaves the table whole.
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set_abort(&self, id: u64, abort: AbortHandle) {
+        // A tunnel that already ended took its entry: nothing to stop.
+        if let Some(open) = self.table().get_mut(&id) {
+            open.abort = Some(abort);
+        }
+    }
+
+    /// Closes every open tunnel the handler no longer allows.
+    fn recheck(&self) {
+        let revoked: Vec<(Option<AbortHandle>, H::Session)> = {
+            let mut table = self.table();
+            let ids: Vec<u64> = table
+                .iter()
+                .filter(|(_, o)| o.session.as_ref().is_some_and(|s| !self.handler.allowed(s)))
+                .map(|(id, _)| *id)
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| table.remove(&id))
+                .filter_map(|o| Some((o.abort, o.session?)))
+                .collect()
+        };
+        for (abort, session) in revoked {
+            if let Some(abort) = abort {
+                abort.abort();
+            }
+            let denied = io::Error::new(io::ErrorKind::PermissionDenied, "tunnel revoked");
+            self.handler.closed(session, Err(denied));
+        }
+    }
+}
+
+impl<H: Handler> Connection<H> {
     /// Resolves once a whole `timeout` passed with no tunnel open and none opened.
     async fn idle(&self, timeout: Duration) {
         let mut seen = self.opened.load(Ordering::Acquire);
@@ -365,12 +430,13 @@ impl<H> Connection<H> {
 }
 
 impl<H: Handler> Connection<H> {
-    async fn handle(self: Arc<Self>, req: http::Request<RecvStream>, respond: SendResponse<Bytes>) {
-        self.tunnel(req, respond).await;
-        self.tunnels.fetch_sub(1, Ordering::AcqRel);
+    async fn handle(self: Arc<Self>, id: u64, req: http::Request<RecvStream>, respond: SendResponse<Bytes>) {
+        // Runs also when a recheck stops the task.
+        let _done = TunnelDone { conn: &self, id };
+        self.tunnel(id, req, respond).await;
     }
 
-    async fn tunnel(&self, req: http::Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+    async fn tunnel(&self, id: u64, req: http::Request<RecvStream>, mut respond: SendResponse<Bytes>) {
         let (parts, recv) = req.into_parts();
         let target = parse_connect(&parts.method, &parts.uri);
         // Not held for the tunnel's life: a task per tunnel carries only what it uses.
@@ -410,24 +476,37 @@ impl<H: Handler> Connection<H> {
             src.identity = %request.identity,
             dst.addr = %request.target,
         );
-        let tunnel = async {
+        // Open: from now on a recheck may stop the tunnel and report it closed.
+        if let Some(open) = self.table().get_mut(&id) {
+            open.session = Some(session);
+        }
+        let result = async {
             let send = respond
                 .send_response(status(StatusCode::OK), false)
                 .map_err(io::Error::other)?;
             let (received, sent) = H2Stream::new(send, recv).splice(&mut upstream).await?;
             Ok(Transferred { sent, received })
         }
-        .instrument(span);
-        let result = {
-            let revoked = self.handler.revoked(&session);
-            tokio::select! {
-                result = tunnel => result,
-                // Dropping the tunnel resets its stream; the upstream closes below.
-                () = revoked => Err(io::Error::new(io::ErrorKind::PermissionDenied, "tunnel revoked")),
-            }
-        };
+        .instrument(span)
+        .await;
         drop(upstream);
-        self.handler.closed(session, result);
+        let session = self.table().get_mut(&id).and_then(|o| o.session.take());
+        if let Some(session) = session {
+            self.handler.closed(session, result);
+        }
+    }
+}
+
+/// Leaves a tunnel's entry and count when its task ends, however it ends.
+struct TunnelDone<'a, H: Handler> {
+    conn: &'a Connection<H>,
+    id: u64,
+}
+
+impl<H: Handler> Drop for TunnelDone<'_, H> {
+    fn drop(&mut self) {
+        self.conn.table().remove(&self.id);
+        self.conn.tunnels.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -22,6 +22,7 @@ use crate::{
     config::{Config, DEFAULT_TUNNEL_CONGESTION, TunnelCongestion},
     controller::Controller,
     discovery,
+    errors::display_chain,
     identity::Identities,
     inpod::InPod,
     mesh::Mesh,
@@ -415,17 +416,6 @@ impl Reconciler {
             }
         }
     }
-}
-
-pub fn display_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn raise_memlock() {

@@ -206,7 +206,7 @@ async fn maintain(ids: Identities, identity: Identity, tx: watch::Sender<Option<
                 tokio::time::sleep(wait).await;
             }
             Err(e) => {
-                tracing::warn!(identity = %identity, error = %crate::app::display_chain(&e), retry_in_ms = backoff.as_millis() as u64, "certificate");
+                tracing::warn!(identity = %identity, error = %crate::errors::display_chain(&e), retry_in_ms = backoff.as_millis() as u64, "certificate");
                 if tx.borrow().as_ref().is_some_and(|c| !c.is_valid()) {
                     tx.send_replace(None);
                 }

@@ -6,6 +6,7 @@ pub mod cni;
 pub mod config;
 pub mod controller;
 pub mod discovery;
+pub mod errors;
 pub mod identity;
 pub mod inpod;
 pub mod mesh;

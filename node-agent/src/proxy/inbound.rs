@@ -2,7 +2,8 @@
 //! authorized by policy, both connected to the application from the client's own address.
 //!
 //! Authorization holds for a connection's whole life, not only at its start: every new state (a
-//! policy or the pod's labels changed) decides each open connection again, and one it now denies is
+//! policy or the pod's labels changed) decides each open connection again (HBONE tunnels through
+//! the server's per-connection recheck, plaintext alongside its copy), and one it now denies is
 //! closed, with an access record saying `revoked` and the policy, as ztunnel does.
 
 use std::{
@@ -187,15 +188,19 @@ impl Handler for Inbound {
         }
     }
 
-    fn revoked(&self, record: &Record) -> impl Future<Output = ()> + Send {
-        let ctx = &self.0;
+    fn rechecks(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut states = self.0.mesh.state.clone();
+        states.borrow_and_update();
         async move {
-            let decide = |state: &State| match Authz::of(record) {
-                Some(authz) => authz.decide(ctx, state),
-                None => Decision::ALLOW,
-            };
-            revoked(ctx, decide).await;
+            if states.changed().await.is_err() {
+                // The state's writer is gone: the agent is stopping.
+                std::future::pending::<()>().await;
+            }
         }
+    }
+
+    fn allowed(&self, record: &Record) -> bool {
+        Authz::of(record).is_none_or(|authz| authz.decide(&self.0, &self.0.mesh.state()).is_allowed())
     }
 }
 
