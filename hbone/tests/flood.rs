@@ -81,15 +81,8 @@ async fn ten_thousand_half_open_handshakes_hold_a_bounded_share_and_others_are_s
             ca.bundle(),
             Pool::new(PoolConfig::default()),
         );
-        let mut tunnel = client.connect(&server, any_target()).await.unwrap();
-        let (mut near, mut far) = tokio::io::duplex(1024);
-        let echo = tokio::spawn(async move { tunnel.splice(&mut far).await });
-        tokio::io::AsyncWriteExt::write_all(&mut near, b"ping").await.unwrap();
-        let mut got = [0u8; 4];
-        tokio::io::AsyncReadExt::read_exact(&mut near, &mut got).await.unwrap();
-        assert_eq!(&got, b"ping");
-        drop(near);
-        let _ = echo.await;
+        let tunnel = client.connect(&server, any_target()).await.unwrap();
+        echoes(tunnel).await;
         drop(client);
 
         // The flood goes away: every descriptor comes back.

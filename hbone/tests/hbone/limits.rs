@@ -102,7 +102,7 @@ async fn tunnels_of_a_client_that_vanished_are_closed_by_keepalive() {
             peer: server.addr,
         };
         let (cred, bundle) = (&other.cred, &other.bundle);
-        let mut tunnel = other
+        let tunnel = other
             .pool
             .connect(
                 key,
@@ -112,14 +112,7 @@ async fn tunnels_of_a_client_that_vanished_are_closed_by_keepalive() {
             )
             .await
             .unwrap();
-        let (mut near, mut far) = tokio::io::duplex(1024);
-        let echo = tokio::spawn(async move { tunnel.splice(&mut far).await });
-        tokio::io::AsyncWriteExt::write_all(&mut near, b"ping").await.unwrap();
-        let mut got = [0u8; 4];
-        tokio::io::AsyncReadExt::read_exact(&mut near, &mut got).await.unwrap();
-        assert_eq!(&got, b"ping");
-        drop(near);
-        let _ = echo.await;
+        echoes(tunnel).await;
         drop(tunnels);
     })
     .await;

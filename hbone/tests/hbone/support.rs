@@ -327,6 +327,18 @@ pub async fn pair(ca: &Ca, mode: Mode, config: PoolConfig) -> (TestServer, Clien
     (server, client)
 }
 
+/// Sends "ping" through `tunnel` (to an echo server) and checks it comes back.
+pub async fn echoes(mut tunnel: Tunnel) {
+    let (mut near, mut far) = tokio::io::duplex(1024);
+    let echo = tokio::spawn(async move { tunnel.splice(&mut far).await });
+    near.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    near.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"ping");
+    drop(near);
+    let _ = echo.await;
+}
+
 /// A target the test handler ignores (it always forwards to its configured application).
 pub fn any_target() -> SocketAddr {
     "10.1.2.3:8080".parse().unwrap()
