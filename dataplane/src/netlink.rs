@@ -7,7 +7,6 @@
 
 use std::{
     io,
-    net::IpAddr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
@@ -46,10 +45,6 @@ impl Family {
             Family::V4 => libc::AF_INET as u8,
             Family::V6 => libc::AF_INET6 as u8,
         }
-    }
-
-    pub fn of(ip: IpAddr) -> Self {
-        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
     }
 }
 

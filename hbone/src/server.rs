@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -255,7 +255,6 @@ pub async fn serve_with_limits<H: Handler>(
         peer,
         identity,
         handler,
-        tunnels: AtomicUsize::new(0),
         opened: AtomicU64::new(0),
         open: Mutex::default(),
     });
@@ -287,7 +286,6 @@ pub async fn serve_with_limits<H: Handler>(
                 Some(next) => {
                     let (req, respond) = next.map_err(|source| ServeError::Http { source })?;
                     let id = ctx.opened.fetch_add(1, Ordering::AcqRel);
-                    ctx.tunnels.fetch_add(1, Ordering::AcqRel);
                     ctx.table().insert(id, Open { abort: None, session: None });
                     let task = tokio::spawn(ctx.clone().handle(id, req, respond));
                     ctx.set_abort(id, task.abort_handle());
@@ -361,12 +359,10 @@ struct Connection<H: Handler> {
     peer: SocketAddr,
     identity: Identity,
     handler: Arc<H>,
-    /// Tunnels open now.
-    tunnels: AtomicUsize,
     /// Tunnels opened since the connection started: tells the idle timer whether one came and went,
     /// and numbers them.
     opened: AtomicU64,
-    /// The tunnels of this connection, by number: how to stop each, and its session once the
+    /// The tunnels open on this connection, by number: how to stop each, and its session once the
     /// handler opened it (held here rather than in the tunnel's task, so that rechecking costs no
     /// waiting future per tunnel).
     open: Mutex<HashMap<u64, Open<H::Session>>>,
@@ -412,24 +408,20 @@ impl<H: Handler> Connection<H> {
             self.handler.closed(session, Err(denied));
         }
     }
-}
 
-impl<H: Handler> Connection<H> {
     /// Resolves once a whole `timeout` passed with no tunnel open and none opened.
     async fn idle(&self, timeout: Duration) {
         let mut seen = self.opened.load(Ordering::Acquire);
         loop {
             tokio::time::sleep(timeout).await;
             let now = self.opened.load(Ordering::Acquire);
-            if now == seen && self.tunnels.load(Ordering::Acquire) == 0 {
+            if now == seen && self.table().is_empty() {
                 return;
             }
             seen = now;
         }
     }
-}
 
-impl<H: Handler> Connection<H> {
     async fn handle(self: Arc<Self>, id: u64, req: http::Request<RecvStream>, respond: SendResponse<Bytes>) {
         // Runs also when a recheck stops the task.
         let _done = TunnelDone { conn: &self, id };
@@ -497,7 +489,7 @@ impl<H: Handler> Connection<H> {
     }
 }
 
-/// Leaves a tunnel's entry and count when its task ends, however it ends.
+/// Removes a tunnel's entry when its task ends, however it ends.
 struct TunnelDone<'a, H: Handler> {
     conn: &'a Connection<H>,
     id: u64,
@@ -506,7 +498,6 @@ struct TunnelDone<'a, H: Handler> {
 impl<H: Handler> Drop for TunnelDone<'_, H> {
     fn drop(&mut self) {
         self.conn.table().remove(&self.id);
-        self.conn.tunnels.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -153,10 +153,6 @@ impl Networks {
             .filter_map(|k| k.netns_cookie)
             .collect()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_uid.is_empty()
-    }
 }
 
 #[cfg(test)]
@@ -225,6 +221,6 @@ mod tests {
         assert!(n.get("gone").is_none());
         assert!(n.get("here").is_some());
         n.apply(&PodEvent::Delete { uid: "here".into() });
-        assert!(n.is_empty());
+        assert!(n.get("here").is_none());
     }
 }
