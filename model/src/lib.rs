@@ -5,6 +5,8 @@
 pub mod annotations;
 pub mod cni;
 pub mod enrollment;
+pub mod identity;
+pub mod peer_auth;
 pub mod policy;
 pub mod workload;
 

@@ -1,0 +1,1 @@
+//! SPIFFE workload identities: the one type and validator every crate uses.
