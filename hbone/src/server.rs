@@ -146,11 +146,11 @@ pub trait Handler: Send + Sync + 'static {
         std::future::pending()
     }
 
-    /// Whether an open tunnel is still allowed. One that is not is closed: its task is stopped (the
-    /// stream is reset, the upstream connection closed) and [`Handler::closed`] is called with an
-    /// [`io::ErrorKind::PermissionDenied`] error. Always allowed by default.
-    fn allowed(&self, session: &Self::Session) -> bool {
-        let _ = session;
+    /// Whether the open tunnel that `req` opened is still allowed. One that is not is closed: its task
+    /// is stopped (the stream is reset, the upstream connection closed) and [`Handler::closed`] is
+    /// called with an [`io::ErrorKind::PermissionDenied`] error. Always allowed by default.
+    fn allowed(&self, req: &Request) -> bool {
+        let _ = req;
         true
     }
 }
@@ -286,7 +286,7 @@ pub async fn serve_with_limits<H: Handler>(
                 Some(next) => {
                     let (req, respond) = next.map_err(|source| ServeError::Http { source })?;
                     let id = ctx.opened.fetch_add(1, Ordering::AcqRel);
-                    ctx.table().insert(id, Open { abort: None, session: None });
+                    ctx.table().insert(id, Open::default());
                     let task = tokio::spawn(ctx.clone().handle(id, req, respond));
                     ctx.set_abort(id, task.abort_handle());
                 }
@@ -362,20 +362,25 @@ struct Connection<H: Handler> {
     /// Tunnels opened since the connection started: tells the idle timer whether one came and went,
     /// and numbers them.
     opened: AtomicU64,
-    /// The tunnels open on this connection, by number: how to stop each, and its session once the
-    /// handler opened it (held here rather than in the tunnel's task, so that rechecking costs no
-    /// waiting future per tunnel).
-    open: Mutex<HashMap<u64, Open<H::Session>>>,
+    /// The tunnels open on this connection, by number: how to stop each, and its target once the
+    /// handler opened it. Only that: a tunnel's session stays in its task, and what a recheck asks the
+    /// handler is rebuilt from the connection and the target, so an open tunnel costs the table a few
+    /// dozen bytes.
+    open: Mutex<HashMap<u64, Open>>,
 }
 
-struct Open<S> {
+#[derive(Default)]
+struct Open {
     abort: Option<AbortHandle>,
-    session: Option<S>,
+    /// Set once the handler opened the tunnel: from then on a recheck may stop it.
+    target: Option<SocketAddr>,
+    /// A recheck found it no longer allowed and stopped it.
+    revoked: bool,
 }
 
 impl<H: Handler> Connection<H> {
-    fn table(&self) -> MutexGuard<'_, HashMap<u64, Open<H::Session>>> {
-        // Every change is one insert or remove: a panic elsewhere leaves the table whole.
+    fn table(&self) -> MutexGuard<'_, HashMap<u64, Open>> {
+        // Every change is one field or one entry: a panic elsewhere leaves the table whole.
         self.open.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -386,26 +391,27 @@ impl<H: Handler> Connection<H> {
         }
     }
 
-    /// Closes every open tunnel the handler no longer allows.
+    fn request(&self, target: SocketAddr) -> Request {
+        Request {
+            peer: self.peer,
+            identity: self.identity.clone(),
+            target,
+        }
+    }
+
+    /// Stops every open tunnel the handler no longer allows; each task, dropped, reports its session
+    /// closed as revoked.
     fn recheck(&self) {
-        let revoked: Vec<(Option<AbortHandle>, H::Session)> = {
-            let mut table = self.table();
-            let ids: Vec<u64> = table
-                .iter()
-                .filter(|(_, o)| o.session.as_ref().is_some_and(|s| !self.handler.allowed(s)))
-                .map(|(id, _)| *id)
-                .collect();
-            ids.into_iter()
-                .filter_map(|id| table.remove(&id))
-                .filter_map(|o| Some((o.abort, o.session?)))
-                .collect()
-        };
-        for (abort, session) in revoked {
-            if let Some(abort) = abort {
+        let mut table = self.table();
+        for open in table.values_mut() {
+            let Some(target) = open.target else { continue };
+            if open.revoked || self.handler.allowed(&self.request(target)) {
+                continue;
+            }
+            open.revoked = true;
+            if let Some(abort) = &open.abort {
                 abort.abort();
             }
-            let denied = io::Error::new(io::ErrorKind::PermissionDenied, "tunnel revoked");
-            self.handler.closed(session, Err(denied));
         }
     }
 
@@ -423,12 +429,28 @@ impl<H: Handler> Connection<H> {
     }
 
     async fn handle(self: Arc<Self>, id: u64, req: http::Request<RecvStream>, respond: SendResponse<Bytes>) {
-        // Runs also when a recheck stops the task.
-        let _done = TunnelDone { conn: &self, id };
-        self.tunnel(id, req, respond).await;
+        // Dropped however the task ends, a recheck stopping it included.
+        let mut tunnel = Tunnel {
+            conn: &self,
+            id,
+            session: None,
+        };
+        tunnel.run(req, respond).await;
     }
+}
 
-    async fn tunnel(&self, id: u64, req: http::Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+/// One tunnel's task: its entry in the connection's table, and its session once the handler opened
+/// it. Whoever ends the tunnel reports the session closed exactly once: the task when the copy ends,
+/// or the drop when a recheck stopped the task.
+struct Tunnel<'a, H: Handler> {
+    conn: &'a Connection<H>,
+    id: u64,
+    session: Option<H::Session>,
+}
+
+impl<H: Handler> Tunnel<'_, H> {
+    async fn run(&mut self, req: http::Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+        let conn = self.conn;
         let (parts, recv) = req.into_parts();
         let target = parse_connect(&parts.method, &parts.uri);
         // Not held for the tunnel's life: a task per tunnel carries only what it uses.
@@ -436,41 +458,39 @@ impl<H: Handler> Connection<H> {
         let target = match target {
             Ok(target) => target,
             Err(error) => {
-                tracing::debug!(src.addr = %self.peer, src.identity = %self.identity, %error, "bad HBONE request");
+                tracing::debug!(src.addr = %conn.peer, src.identity = %conn.identity, %error, "bad HBONE request");
                 let _ = respond.send_response(status(StatusCode::BAD_REQUEST), true);
                 return;
             }
         };
-        let request = Request {
-            peer: self.peer,
-            identity: self.identity.clone(),
-            target,
-        };
+        let request = conn.request(target);
         // A client that resets the stream while we authorize and connect is gone: drop the attempt.
         let (session, result) = tokio::select! {
-            opened = self.handler.open(&request) => opened,
+            opened = conn.handler.open(&request) => opened,
             _ = poll_fn(|cx| respond.poll_reset(cx)) => return,
         };
+        drop(request);
         let mut upstream = match result {
             Ok(upstream) => upstream,
             Err(refusal) => {
-                self.handler
+                conn.handler
                     .closed(session, Err(io::Error::new(refusal.io_kind(), refusal)));
                 let _ = respond.send_response(status(refusal.status()), true);
                 return;
             }
         };
+        self.session = Some(session);
         // Best effort, as for the client side of the tunnel.
         let _ = upstream.set_nodelay(true);
         let span = tracing::debug_span!(
             "hbone_inbound",
-            src.addr = %request.peer,
-            src.identity = %request.identity,
-            dst.addr = %request.target,
+            src.addr = %conn.peer,
+            src.identity = %conn.identity,
+            dst.addr = %target,
         );
-        // Open: from now on a recheck may stop the tunnel and report it closed.
-        if let Some(open) = self.table().get_mut(&id) {
-            open.session = Some(session);
+        // Open: from now on a recheck may stop the tunnel.
+        if let Some(open) = conn.table().get_mut(&self.id) {
+            open.target = Some(target);
         }
         let result = async {
             let send = respond
@@ -482,22 +502,24 @@ impl<H: Handler> Connection<H> {
         .instrument(span)
         .await;
         drop(upstream);
-        let session = self.table().get_mut(&id).and_then(|o| o.session.take());
-        if let Some(session) = session {
-            self.handler.closed(session, result);
+        if let Some(session) = self.session.take() {
+            conn.handler.closed(session, result);
         }
     }
 }
 
-/// Removes a tunnel's entry when its task ends, however it ends.
-struct TunnelDone<'a, H: Handler> {
-    conn: &'a Connection<H>,
-    id: u64,
-}
-
-impl<H: Handler> Drop for TunnelDone<'_, H> {
+impl<H: Handler> Drop for Tunnel<'_, H> {
     fn drop(&mut self) {
-        self.conn.table().remove(&self.id);
+        let open = self.conn.table().remove(&self.id);
+        // Still held: the task was stopped before it could report the session.
+        if let Some(session) = self.session.take() {
+            let error = if open.is_some_and(|o| o.revoked) {
+                io::Error::new(io::ErrorKind::PermissionDenied, "tunnel revoked")
+            } else {
+                io::Error::other("tunnel task stopped")
+            };
+            self.conn.handler.closed(session, Err(error));
+        }
     }
 }
 

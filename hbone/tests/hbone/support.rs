@@ -149,6 +149,8 @@ pub struct TestHandler {
     pub opened: Mutex<Vec<Request>>,
     closed_tx: mpsc::UnboundedSender<Result<Transferred, io::ErrorKind>>,
     closed_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Result<Transferred, io::ErrorKind>>>,
+    /// Targets no longer allowed; changing it fires the rechecks.
+    denied: tokio::sync::watch::Sender<Vec<SocketAddr>>,
 }
 
 impl TestHandler {
@@ -159,7 +161,13 @@ impl TestHandler {
             opened: Mutex::default(),
             closed_tx,
             closed_rx: tokio::sync::Mutex::new(closed_rx),
+            denied: tokio::sync::watch::Sender::new(Vec::new()),
         })
+    }
+
+    /// From now on tunnels to `target` are no longer allowed: the open ones are rechecked.
+    pub fn deny(&self, target: SocketAddr) {
+        self.denied.send_modify(|d| d.push(target));
     }
 
     pub fn opened_count(&self) -> usize {
@@ -186,6 +194,17 @@ impl Handler for TestHandler {
 
     fn closed(&self, _target: SocketAddr, result: Result<Transferred, io::Error>) {
         let _ = self.closed_tx.send(result.map_err(|e| e.kind()));
+    }
+
+    fn rechecks(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut denied = self.denied.subscribe();
+        async move {
+            let _ = denied.changed().await;
+        }
+    }
+
+    fn allowed(&self, req: &Request) -> bool {
+        !self.denied.borrow().contains(&req.target)
     }
 }
 

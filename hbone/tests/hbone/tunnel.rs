@@ -186,3 +186,43 @@ async fn idle_tunnels_leave_the_connection_window_to_the_others() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_tunnel_no_longer_allowed_is_closed_and_reported_once_while_its_neighbours_carry_on() {
+    within(async {
+        let ca = Ca::new("root");
+        let app = echo_server().await;
+        let (server, client) = pair(&ca, Mode::Forward(app), PoolConfig::default()).await;
+        let revoked: std::net::SocketAddr = "10.1.2.3:8080".parse().unwrap();
+        let kept: std::net::SocketAddr = "10.1.2.3:9090".parse().unwrap();
+        let mut doomed = client.connect(&server, revoked).await.unwrap();
+        let mut neighbour = client.connect(&server, kept).await.unwrap();
+        for tunnel in [&mut doomed, &mut neighbour] {
+            tunnel.write_all(b"ping").await.unwrap();
+            let mut got = [0u8; 4];
+            tunnel.read_exact(&mut got).await.unwrap();
+        }
+        assert_eq!(
+            server.accepted.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one pooled connection"
+        );
+
+        server.handler.deny(revoked);
+        assert_eq!(
+            server.handler.next_closed().await,
+            Err(std::io::ErrorKind::PermissionDenied),
+            "the revoked tunnel is reported closed as denied"
+        );
+        // Its stream is reset: the client sees the end, not a hang.
+        let mut rest = Vec::new();
+        let _ = doomed.read_to_end(&mut rest).await;
+        assert!(rest.is_empty());
+
+        // The neighbour on the same connection still moves bytes, and is the next (and only) report.
+        let (rd, wr) = tokio::io::split(&mut neighbour);
+        assert_eq!(send_and_read_back(rd, wr, b"still here").await, b"still here");
+        assert_closed_after_moving(&server, 4 + b"still here".len()).await;
+    })
+    .await;
+}

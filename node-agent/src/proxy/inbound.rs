@@ -152,12 +152,7 @@ impl Handler for Inbound {
         }
         let state = ctx.mesh.state();
         record.peer_workload = state.workload_by_ip(req.peer.ip()).map(|w| w.pod.qualified_name());
-        let authz = Authz {
-            principal: Some(req.identity.to_string()),
-            source: req.peer.ip(),
-            destination: req.target,
-        };
-        if let Decision::Deny { policy } = authz.decide(ctx, &state) {
+        if let Decision::Deny { policy } = Authz::of_request(req).decide(ctx, &state) {
             record.policy = policy;
             record.reason = Reason::Denied;
             return (record, Err(Refusal::Denied));
@@ -199,12 +194,23 @@ impl Handler for Inbound {
         }
     }
 
-    fn allowed(&self, record: &Record) -> bool {
-        Authz::of(record).is_none_or(|authz| authz.decide(&self.0, &self.0.mesh.state()).is_allowed())
+    fn allowed(&self, req: &Request) -> bool {
+        Authz::of_request(req)
+            .decide(&self.0, &self.0.mesh.state())
+            .is_allowed()
     }
 }
 
 impl Authz {
+    /// The authorization inputs of a tunnel.
+    fn of_request(req: &Request) -> Self {
+        Self {
+            principal: Some(req.identity.to_string()),
+            source: req.peer.ip(),
+            destination: req.target,
+        }
+    }
+
     /// The authorization inputs of an open tunnel, from its record.
     fn of(record: &Record) -> Option<Self> {
         Some(Self {
