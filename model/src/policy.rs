@@ -84,6 +84,26 @@ pub struct Selector {
     pub match_labels: BTreeMap<String, String>,
 }
 
+impl Selector {
+    /// Checks the labels as Istio does: no empty key, no `*` in a key or a value.
+    pub fn check(&self) -> Result<(), String> {
+        for (k, v) in &self.match_labels {
+            if k.is_empty() || k.contains('*') || v.contains('*') {
+                return Err(format!(
+                    "{k:?}: {v:?}: keys must not be empty, and neither keys nor values may hold '*'"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `match_labels` selects a workload with `labels`: every key present with the same value
+/// (an empty selector selects every workload).
+pub fn selects(match_labels: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Action {
@@ -284,7 +304,7 @@ impl Compiled {
             && self
                 .selector
                 .as_ref()
-                .is_none_or(|s| s.iter().all(|(k, v)| target.labels.get(k) == Some(v)))
+                .is_none_or(|s| selects(s, target.labels))
     }
 
     /// Whether one of the policy's rules matches `conn` (whatever the action).

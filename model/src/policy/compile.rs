@@ -55,14 +55,7 @@ impl AuthorizationPolicy {
             ));
         }
         if let Some(selector) = &spec.selector {
-            for (k, v) in &selector.match_labels {
-                if k.is_empty() || k.contains('*') || v.contains('*') {
-                    return Err(problem(
-                        "spec.selector.matchLabels",
-                        format!("{k:?}: {v:?}: keys must not be empty, and neither keys nor values may hold '*'"),
-                    ));
-                }
-            }
+            selector.check().map_err(|p| problem("spec.selector.matchLabels", p))?;
         }
         let effect = match spec.action {
             Action::Allow => Effect::Allow,
