@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 /// The bounds. The defaults are HBONE's (one pod's agent as a source); other listeners state their own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AdmissionLimits {
+    /// Connections (handshaking or established), all sources together.
+    pub connections: usize,
     /// TLS handshakes in flight, all sources together.
     pub handshakes: usize,
     /// TLS handshakes in flight from one source address.
@@ -25,6 +27,7 @@ pub struct AdmissionLimits {
 impl Default for AdmissionLimits {
     fn default() -> Self {
         Self {
+            connections: 16_384,
             handshakes: 1024,
             handshakes_per_source: 64,
             connections_per_source: 512,
@@ -41,6 +44,7 @@ pub struct Admission {
 
 #[derive(Debug, Default)]
 struct State {
+    connections: usize,
     handshakes: usize,
     sources: HashMap<IpAddr, PerSource>,
 }
@@ -54,6 +58,9 @@ struct PerSource {
 /// Why a connection was not admitted; bounded, for logs and metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {
+    /// [`AdmissionLimits::connections`] reached.
+    #[error("too many connections")]
+    Connections,
     /// [`AdmissionLimits::handshakes`] reached.
     #[error("too many TLS handshakes in flight")]
     Handshakes,
@@ -91,6 +98,9 @@ impl Admission {
         if per.connections >= self.limits.connections_per_source {
             return Err(Refused::SourceConnections);
         }
+        if state.connections >= self.limits.connections {
+            return Err(Refused::Connections);
+        }
         if per.handshakes >= self.limits.handshakes_per_source {
             return Err(Refused::SourceHandshakes);
         }
@@ -98,6 +108,7 @@ impl Admission {
             return Err(Refused::Handshakes);
         }
         state.handshakes += 1;
+        state.connections += 1;
         let per = state.sources.entry(source).or_default();
         per.connections += 1;
         per.handshakes += 1;
@@ -115,7 +126,7 @@ impl Admission {
 
     /// Connections admitted and not yet closed.
     pub fn connections(&self) -> usize {
-        self.lock().sources.values().map(|s| s.connections).sum()
+        self.lock().connections
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -141,6 +152,7 @@ impl Drop for Admitted {
     fn drop(&mut self) {
         self.handshake_done();
         let mut state = self.admission.lock();
+        state.connections -= 1;
         if let Some(per) = state.sources.get_mut(&self.source) {
             per.connections -= 1;
             if per.connections == 0 {
@@ -157,6 +169,7 @@ mod tests {
     #[test]
     fn bounds_hold_per_source_and_in_all_and_slots_come_back() {
         let a = Admission::new(AdmissionLimits {
+            connections: 100,
             handshakes: 3,
             handshakes_per_source: 2,
             connections_per_source: 3,
@@ -189,6 +202,22 @@ mod tests {
         assert!(
             a.lock().sources.is_empty(),
             "no per-source entry outlives its connections"
+        );
+    }
+
+    #[test]
+    fn connections_are_bounded_in_all_whatever_the_source() {
+        let a = Admission::new(AdmissionLimits {
+            connections: 2,
+            ..AdmissionLimits::default()
+        });
+        let first = a.admit("10.0.0.1".parse().unwrap()).unwrap();
+        let _second = a.admit("10.0.0.2".parse().unwrap()).unwrap();
+        assert_eq!(a.admit("10.0.0.3".parse().unwrap()).unwrap_err(), Refused::Connections);
+        drop(first);
+        assert!(
+            a.admit("10.0.0.3".parse().unwrap()).is_ok(),
+            "a slot comes back when a connection closes"
         );
     }
 }
