@@ -26,7 +26,7 @@ pub use manifest::Invalid;
 use manifest::{Document, Invalid as InvalidDoc};
 pub use objects::{Kind, Object, ObjectRef};
 use objects::{Pod, Service};
-use weft_model::policy::AuthorizationPolicy;
+use weft_model::{peer_auth::PeerAuthentication, policy::AuthorizationPolicy};
 
 /// The file name of the persisted store inside the state directory.
 pub const FILE_NAME: &str = "store.json";
@@ -65,7 +65,9 @@ pub enum Error {
         #[source]
         source: serde_yaml_ng::Error,
     },
-    #[error("unknown kind {kind:?} (known: Namespace, ServiceAccount, Service, Pod, AuthorizationPolicy)")]
+    #[error(
+        "unknown kind {kind:?} (known: Namespace, ServiceAccount, Service, Pod, AuthorizationPolicy, PeerAuthentication)"
+    )]
     UnknownKind { kind: String },
     #[error("no randomness for a pod uid")]
     Random,
@@ -277,6 +279,13 @@ impl State {
         })
     }
 
+    pub fn peer_authentications(&self) -> impl Iterator<Item = &PeerAuthentication> {
+        self.objects.values().filter_map(|o| match o {
+            Object::PeerAuthentication(p) => Some(p),
+            _ => None,
+        })
+    }
+
     fn plan_apply(&self, docs: Vec<Document<Object>>, file: &str) -> Result<Plan, Error> {
         let at = |index: usize, r: &ObjectRef, field: Option<String>, problem: String| InvalidDoc {
             file: file.to_owned(),
@@ -292,6 +301,8 @@ impl State {
         let replaced: BTreeSet<ObjectRef> = docs.iter().map(|d| d.item.object_ref()).collect();
         let mut uids: HashMap<String, Holder> = HashMap::new();
         let mut addresses: HashMap<IpAddr, Holder> = HashMap::new();
+        // The namespace-wide PeerAuthentication of each namespace (at most one).
+        let mut namespace_wide: HashMap<String, Holder> = HashMap::new();
         for (r, object) in self.objects.iter().filter(|(r, _)| !replaced.contains(r)) {
             let holder = || (r.clone(), None);
             match object {
@@ -300,6 +311,9 @@ impl State {
                     addresses.extend(p.ips.iter().map(|ip| (*ip, holder())));
                 }
                 Object::Service(s) => addresses.extend(s.cluster_ips.iter().map(|ip| (*ip, holder()))),
+                Object::PeerAuthentication(p) if p.is_namespace_wide() => {
+                    namespace_wide.insert(r.namespace.clone(), holder());
+                }
                 _ => {}
             }
         }
@@ -355,6 +369,20 @@ impl State {
                     for (i, ip) in service.cluster_ips.iter().enumerate() {
                         claim(&mut addresses, *ip, holder()).map_err(|p| in_use(format!("spec.clusterIPs[{i}]"), p))?;
                     }
+                }
+                // Istio would pick the oldest of two; Weft has no creation time, and says so.
+                Object::PeerAuthentication(p) if p.is_namespace_wide() => {
+                    if let Some((other, document)) = namespace_wide.get(&r.namespace) {
+                        let where_ = document.map(|d| format!(" (document {d})")).unwrap_or_default();
+                        return Err(in_use(
+                            "spec.selector".into(),
+                            format!(
+                                "namespace {:?} already has a PeerAuthentication without a selector, {other}{where_}: a namespace (the root namespace: the mesh) has at most one",
+                                r.namespace
+                            ),
+                        ));
+                    }
+                    namespace_wide.insert(r.namespace.clone(), holder());
                 }
                 _ => {}
             }
@@ -462,3 +490,6 @@ fn random_uid() -> Result<String, Error> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod peer_auth_tests;

@@ -131,6 +131,12 @@ pub struct Compiled {
 }
 
 impl PeerAuthentication {
+    /// Whether the policy has no selector (or an empty one): it is its namespace's policy, or, in
+    /// the root namespace, the mesh's.
+    pub fn is_namespace_wide(&self) -> bool {
+        self.spec.selector.as_ref().is_none_or(|s| s.match_labels.is_empty())
+    }
+
     /// Checks every field as [`compile`](Self::compile) does.
     pub fn validate(&self) -> Result<(), Invalid> {
         self.compile(Scope::Namespace).map(drop)

@@ -6,7 +6,10 @@ use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_yaml_ng::Value;
-use weft_model::policy::{self, AuthorizationPolicy};
+use weft_model::{
+    peer_auth::{self, PeerAuthentication},
+    policy::{self, AuthorizationPolicy},
+};
 
 use super::objects::{Kind, Meta, Namespace, Object, ObjectRef, Pod, Service, ServiceAccount, ServicePort};
 
@@ -243,6 +246,16 @@ fn parse_object(ctx: &Ctx<'_>, kind: Kind, value: &Value) -> Result<Object, Inva
             };
             p.validate().map_err(|e| ctx.err(e.field, e.problem))?;
             Object::AuthorizationPolicy(p)
+        }
+        Kind::PeerAuthentication => {
+            let raw: RawPeerAuthentication = ctx.field(value, "")?;
+            let (namespace, name) = ctx.names(kind, &raw.metadata)?;
+            let p = PeerAuthentication {
+                metadata: policy::Metadata { name, namespace },
+                spec: raw.spec.unwrap_or_default(),
+            };
+            p.validate().map_err(|e| ctx.err(e.field, e.problem))?;
+            Object::PeerAuthentication(p)
         }
     })
 }
@@ -484,6 +497,12 @@ fn render_one(object: &Object) -> Result<String, serde_yaml_ng::Error> {
             metadata: meta(&p.metadata.namespace, &p.metadata.name, None, &Meta::default()),
             spec: Some(p.spec.clone()),
         }),
+        Object::PeerAuthentication(p) => serde_yaml_ng::to_string(&RawPeerAuthentication {
+            api_version,
+            kind,
+            metadata: meta(&p.metadata.namespace, &p.metadata.name, None, &Meta::default()),
+            spec: Some(p.spec.clone()),
+        }),
     }
 }
 
@@ -608,4 +627,15 @@ struct RawPolicy {
     metadata: RawMeta,
     #[serde(default)]
     spec: Option<policy::Spec>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RawPeerAuthentication {
+    api_version: String,
+    kind: String,
+    #[serde(default)]
+    metadata: RawMeta,
+    #[serde(default)]
+    spec: Option<peer_auth::Spec>,
 }

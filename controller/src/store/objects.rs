@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
-use weft_model::policy::AuthorizationPolicy;
+use weft_model::{peer_auth::PeerAuthentication, policy::AuthorizationPolicy};
 
 /// The kinds the local store holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -16,15 +16,17 @@ pub enum Kind {
     Service,
     Pod,
     AuthorizationPolicy,
+    PeerAuthentication,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Namespace,
         Kind::ServiceAccount,
         Kind::Service,
         Kind::Pod,
         Kind::AuthorizationPolicy,
+        Kind::PeerAuthentication,
     ];
 
     /// The `kind:` of the YAML form.
@@ -35,6 +37,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::Pod => "Pod",
             Kind::AuthorizationPolicy => weft_model::policy::KIND,
+            Kind::PeerAuthentication => weft_model::peer_auth::KIND,
         }
     }
 
@@ -42,6 +45,7 @@ impl Kind {
     pub fn api_version(self) -> &'static str {
         match self {
             Kind::AuthorizationPolicy => weft_model::policy::API_VERSION,
+            Kind::PeerAuthentication => weft_model::peer_auth::API_VERSION,
             _ => "v1",
         }
     }
@@ -51,7 +55,7 @@ impl Kind {
     }
 
     /// Looks a kind up by its name, case-insensitively, also in plural form and by the usual short
-    /// names (`ns`, `sa`, `svc`, `po`), as `kubectl get` does.
+    /// names (`ns`, `sa`, `svc`, `po`, `pa`), as `kubectl get` does.
     pub fn lookup(s: &str) -> Option<Kind> {
         let lower = s.to_ascii_lowercase();
         let singular = lower.strip_suffix('s').unwrap_or(&lower);
@@ -63,6 +67,7 @@ impl Kind {
                 Kind::Service => "svc",
                 Kind::Pod => "po",
                 Kind::AuthorizationPolicy => "authorizationpolicies",
+                Kind::PeerAuthentication => "pa",
             };
             lower == name || singular == name || lower == short
         })
@@ -189,6 +194,7 @@ pub enum Object {
     Service(Service),
     Pod(Pod),
     AuthorizationPolicy(AuthorizationPolicy),
+    PeerAuthentication(PeerAuthentication),
 }
 
 impl Object {
@@ -200,6 +206,11 @@ impl Object {
             Object::Pod(o) => (Kind::Pod, o.namespace.clone(), &o.name),
             Object::AuthorizationPolicy(o) => (
                 Kind::AuthorizationPolicy,
+                o.metadata.namespace.clone(),
+                &o.metadata.name,
+            ),
+            Object::PeerAuthentication(o) => (
+                Kind::PeerAuthentication,
                 o.metadata.namespace.clone(),
                 &o.metadata.name,
             ),
