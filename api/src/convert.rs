@@ -8,6 +8,10 @@ use weft_model::policy::{self, AuthorizationPolicy};
 
 use crate::v1;
 
+mod peer_auth;
+
+pub use peer_auth::peer_authentication_to_wire;
+
 /// A wire resource that does not convert: which resource, which field, what is wrong.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Invalid {

@@ -19,4 +19,5 @@ pub mod types {
     pub const WORKLOAD: &str = "workload";
     pub const SERVICE: &str = "service";
     pub const POLICY: &str = "policy";
+    pub const PEER_AUTHENTICATION: &str = "peerauthentication";
 }

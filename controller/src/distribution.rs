@@ -204,3 +204,6 @@ async fn wait_true(rx: &mut watch::Receiver<bool>) {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod peer_auth_tests;

@@ -5,8 +5,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use prost::Message as _;
-use weft_api::{convert::policy_to_wire, types, v1};
 use weft_model::policy::Scope;
+use weft_api::{
+    convert::{peer_authentication_to_wire, policy_to_wire},
+    types, v1,
+};
 
 use crate::store::State;
 
@@ -42,7 +45,13 @@ impl std::fmt::Display for Key {
     }
 }
 
-pub const ALL_TYPES: [&str; 4] = [types::NAMESPACE, types::WORKLOAD, types::SERVICE, types::POLICY];
+pub const ALL_TYPES: [&str; 5] = [
+    types::NAMESPACE,
+    types::WORKLOAD,
+    types::SERVICE,
+    types::POLICY,
+    types::PEER_AUTHENTICATION,
+];
 
 /// The resource types a subscriber asked for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,7 +94,8 @@ pub struct Mesh<'a> {
 /// All namespaces, all pods (as workloads), all services (endpoints: the pods of the service's
 /// namespace its selector matches), the policies of the namespaces that have a pod on `node` (the
 /// agent enforces policy for inbound connections to its own pods only), and the policies of the root
-/// namespace, which apply to every namespace (marked [`Scope::Mesh`]).
+/// namespace, which apply to every namespace (marked [`Scope::Mesh`]). PeerAuthentications go by the
+/// same rule as AuthorizationPolicies.
 pub fn desired(state: &State, node: &str, mesh: Mesh<'_>, filter: &TypeFilter) -> BTreeMap<Key, v1::Resource> {
     let trust_domain = mesh.trust_domain;
     use v1::resource::Kind as K;
@@ -161,12 +171,25 @@ pub fn desired(state: &State, node: &str, mesh: Mesh<'_>, filter: &TypeFilter) -
             );
         }
     }
+    let local: BTreeSet<&str> = state
+        .pods()
+        .filter(|p| p.node == node)
+        .map(|p| p.namespace.as_str())
+        .collect();
+    if filter.wants(types::PEER_AUTHENTICATION) {
+        for p in state.peer_authentications() {
+            let namespace = p.metadata.namespace.as_str();
+            let scope = Scope::of(namespace, mesh.root_namespace);
+            if scope == Scope::Mesh || local.contains(namespace) {
+                add(
+                    types::PEER_AUTHENTICATION,
+                    format!("{namespace}/{}", p.metadata.name),
+                    K::PeerAuthentication(peer_authentication_to_wire(p, scope)),
+                );
+            }
+        }
+    }
     if filter.wants(types::POLICY) {
-        let local: BTreeSet<&str> = state
-            .pods()
-            .filter(|p| p.node == node)
-            .map(|p| p.namespace.as_str())
-            .collect();
         for p in state.policies() {
             let namespace = p.metadata.namespace.as_str();
             let scope = Scope::of(namespace, mesh.root_namespace);
@@ -200,6 +223,11 @@ pub fn version(resource: &v1::Resource) -> u64 {
             take(&mut w.annotations);
         }
         Some(K::Policy(p)) => {
+            if let Some(s) = &mut p.selector {
+                take(&mut s.match_labels);
+            }
+        }
+        Some(K::PeerAuthentication(p)) => {
             if let Some(s) = &mut p.selector {
                 take(&mut s.match_labels);
             }

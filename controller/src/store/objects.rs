@@ -209,11 +209,7 @@ impl Object {
                 o.metadata.namespace.clone(),
                 &o.metadata.name,
             ),
-            Object::PeerAuthentication(o) => (
-                Kind::PeerAuthentication,
-                o.metadata.namespace.clone(),
-                &o.metadata.name,
-            ),
+            Object::PeerAuthentication(o) => (Kind::PeerAuthentication, o.metadata.namespace.clone(), &o.metadata.name),
         };
         ObjectRef {
             kind,
