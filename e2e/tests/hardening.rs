@@ -481,3 +481,79 @@ fn open_connections_a_new_policy_denies_are_closed_with_a_record_saying_so() {
     let (code, _) = timed_curl(&c, "app-1-1", &format!("http://{server}/"));
     assert_ne!(code, 0);
 }
+
+/// Resident memory of the agent of `node`, in KiB.
+fn agent_rss_kib(c: &Cluster, node: &str) -> u64 {
+    let pid = c.node(node)["agent"]["pid"].as_i64().expect("agent pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("agent status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn a_plaintext_flood_from_one_source_costs_the_agent_a_bounded_share_and_others_are_served() {
+    if !privileged("plaintext_flood") {
+        return;
+    }
+    // app-1-1 enrolled (`default`) on node1; app-2-2 (node2) and app-1-2 (node1) outside the mesh.
+    let c = Cluster::up("e2e-pflood", &["--namespaces", "default,plain", "--ambient", "default"]);
+    let _echo = c.echo("app-1-1", 9000);
+    let _http = c.serve("app-1-1", "8080");
+    let ip = c.pod_ip("app-1-1", false);
+    let (fds_before, rss_before) = (agent_fds(&c, "node1"), agent_rss_kib(&c, "node1"));
+
+    // 10,000 plaintext connections from one source, each steered to node1's agent (15006).
+    let probe = bin("weft-probe");
+    let target = format!("{ip}:9000");
+    let mut flood = c.spawn(
+        "app-2-2",
+        &[
+            probe.to_str().expect("utf-8 path"),
+            "flood",
+            "--addr",
+            &target,
+            "--connections",
+            "10000",
+            "--hold",
+            "120",
+        ],
+    );
+    let mut line = String::new();
+    let stdout = flood.child.stdout.take().expect("piped stdout");
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("reading the flood");
+    let summary: serde_json::Value = serde_json::from_str(
+        line.strip_prefix("holding ")
+            .unwrap_or_else(|| panic!("flood said {line:?}")),
+    )
+    .expect("flood summary");
+    // One source holds its share (512), the rest is refused at once: none hangs.
+    assert_eq!(summary["served"], 512, "{summary}");
+    assert_eq!(summary["stalled"], 0, "{summary}");
+    assert_eq!(summary["refused"], 10_000 - 512, "{summary}");
+
+    // While the share is held: the agent's cost is bounded, and another source is served at once.
+    let (fds_during, rss_during) = (agent_fds(&c, "node1"), agent_rss_kib(&c, "node1"));
+    assert!(
+        fds_during <= fds_before + 2 * 512 + 64,
+        "agent fds {fds_before} -> {fds_during} while one source floods"
+    );
+    assert!(
+        rss_during <= rss_before + 16 * 1024,
+        "agent RSS {rss_before} -> {rss_during} KiB while one source floods"
+    );
+    let (code, took) = timed_curl(&c, "app-1-2", &format!("http://{ip}:8080/"));
+    assert_eq!(
+        code, 0,
+        "a plaintext client from another source is served during the flood"
+    );
+    assert!(took < Duration::from_secs(2), "served at once, took {took:?}");
+
+    // The flood ends: its connections and their file descriptors go back.
+    drop(flood);
+    wait_for("the agent's fds to return to baseline", Duration::from_secs(10), || {
+        (agent_fds(&c, "node1") <= fds_before + 8).then_some(())
+    });
+}

@@ -113,6 +113,7 @@ async fn serve(
         next_endpoint: Default::default(),
         tunnel_congestion,
         admission: weft_hbone::server::Admission::new(Default::default()),
+        plaintext_admission: weft_hbone::server::Admission::new(crate::proxy::PLAINTEXT_ADMISSION),
     });
     let mut node = NodeControl {
         capture,

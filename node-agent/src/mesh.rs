@@ -21,6 +21,9 @@ pub struct Mesh {
     /// Admission of HBONE connections, shared by every pod's 15008 listener: what one source may
     /// hold in handshakes and connections.
     pub admission: Arc<weft_hbone::server::Admission>,
+    /// Admission of plaintext connections, shared by every pod's 15006 listener: what one source
+    /// (and all together) may hold in connections to the node's applications.
+    pub plaintext_admission: Arc<weft_hbone::server::Admission>,
 }
 
 impl Mesh {

@@ -16,6 +16,7 @@ use std::{
 
 use tokio::net::{TcpListener, TcpStream};
 use weft_dataplane::{
+    admission::AdmissionLimits,
     proxy::{Transferred, copy},
     socket::{self, Source},
 };
@@ -27,10 +28,38 @@ use crate::pod::{Current, PodContext};
 mod inbound;
 mod outbound;
 
-pub use inbound::{hbone as inbound_hbone, plaintext as inbound_plaintext};
+pub use inbound::hbone as inbound_hbone;
 pub use outbound::outbound;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What plaintext clients may hold on this node's 15006 listeners. Each connection costs the agent
+/// two sockets (the client's and one to the application) and a task, so one source may hold 512,
+/// and all sources together 16,384. Plaintext has no handshake: an admitted connection's
+/// "handshake" ends as it is admitted, and its connect to the application is bounded by
+/// `CONNECT_TIMEOUT`.
+pub const PLAINTEXT_ADMISSION: AdmissionLimits = AdmissionLimits {
+    connections: 16_384,
+    handshakes: 1024,
+    handshakes_per_source: 512,
+    connections_per_source: 512,
+};
+
+/// A connection steered to a pod's plaintext inbound listener (15006): admitted first, then
+/// authorized and proxied. One past its source's (or the node's) bound is closed at once.
+pub async fn inbound_plaintext(ctx: Arc<PodContext>, downstream: TcpStream, peer: SocketAddr) {
+    let mut admitted = match ctx.mesh.plaintext_admission.admit(peer.ip()) {
+        Ok(admitted) => admitted,
+        Err(refused) => {
+            tracing::debug!(pod = %ctx.name, %peer, error = %refused, "plaintext connection refused");
+            // Reset rather than FIN: the client learns at once, and no TIME_WAIT stays behind.
+            let _ = downstream.set_zero_linger();
+            return;
+        }
+    };
+    admitted.handshake_done();
+    inbound::plaintext(ctx, downstream, peer).await;
+}
 
 /// Where a connection ended; bounded, so it can label metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -11,6 +11,11 @@
 //! - `stream --addr IP:PORT --seconds S [--connections N]`: N connections open at once to an echo
 //!   server, each sending a numbered 1 KiB chunk every 100 ms and checking its echo, for S seconds
 //!   (bounded). Prints a JSON summary; exits non-zero on any error or mismatch.
+//! - `flood --addr IP:PORT --connections N --hold S`: opens N connections (at most 20,000; 256
+//!   connecting at a time) to an echo server and sends each a ping: a connection whose ping comes back
+//!   is `served` and kept open, one closed or reset first is `refused`, one with no answer in 3 s is
+//!   `stalled` (kept open too). Prints `holding {json summary}` and holds them for S seconds (at
+//!   most 600), then exits.
 use std::{
     net::{IpAddr, SocketAddr},
     sync::{
@@ -62,6 +67,14 @@ enum Cli {
         #[arg(long, default_value_t = 1)]
         connections: usize,
     },
+    Flood {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        connections: usize,
+        #[arg(long)]
+        hold: u64,
+    },
 }
 
 fn parse_mark(s: &str) -> Result<u32, String> {
@@ -106,6 +119,11 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
+        Cli::Flood {
+            addr,
+            connections,
+            hold,
+        } => flood(addr, connections.min(20_000), Duration::from_secs(hold.min(600))).await,
     }
 }
 
@@ -320,5 +338,99 @@ async fn stream(addr: SocketAddr, duration: Duration, connections: usize) -> any
         serde_json::json!({ "connections": connections, "chunks": chunks, "errors": errors.len(), "first_errors": errors.iter().take(5).collect::<Vec<_>>(), "seconds": started.elapsed().as_secs_f64() })
     );
     anyhow::ensure!(errors.is_empty(), "{} of {connections} streams failed", errors.len());
+    Ok(())
+}
+
+/// How one flood connection fared.
+enum Fate {
+    Served(TcpStream),
+    Stalled(TcpStream),
+    Refused,
+    ConnectFailed(String),
+}
+
+async fn flood(addr: SocketAddr, connections: usize, hold: Duration) -> anyhow::Result<()> {
+    raise_fd_limit(connections as u64 + 1024)?;
+    let started = std::time::Instant::now();
+    let mut held = Vec::new();
+    let (mut served, mut stalled, mut refused, mut connect_failed) = (0usize, 0usize, 0usize, 0usize);
+    let mut connect_errors = std::collections::BTreeMap::new();
+    let mut pending = tokio::task::JoinSet::new();
+    let mut next = 0;
+    while next < connections || !pending.is_empty() {
+        while next < connections && pending.len() < 256 {
+            next += 1;
+            pending.spawn(ping(addr));
+        }
+        match pending.join_next().await {
+            Some(Ok(Fate::Served(s))) => {
+                served += 1;
+                held.push(s);
+            }
+            Some(Ok(Fate::Stalled(s))) => {
+                stalled += 1;
+                held.push(s);
+            }
+            Some(Ok(Fate::Refused)) => refused += 1,
+            Some(Ok(Fate::ConnectFailed(why))) => {
+                connect_failed += 1;
+                *connect_errors.entry(why).or_insert(0usize) += 1;
+            }
+            Some(Err(_)) => connect_failed += 1,
+            None => {}
+        }
+    }
+    let summary = serde_json::json!({
+        "served": served,
+        "stalled": stalled,
+        "refused": refused,
+        "connect_failed": connect_failed,
+        "connect_errors": connect_errors,
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    println!("holding {summary}");
+    tokio::time::sleep(hold).await;
+    drop(held);
+    Ok(())
+}
+
+/// One flood connection: connect, send a ping, wait for its echo.
+async fn ping(addr: SocketAddr) -> Fate {
+    let mut s = match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        // Reset before the connect was reported: refused just as surely.
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => return Fate::Refused,
+        Ok(Err(e)) => return Fate::ConnectFailed(e.kind().to_string()),
+        Err(_) => return Fate::ConnectFailed("timed out".to_owned()),
+    };
+    if s.write_all(b"ping").await.is_err() {
+        return Fate::Refused;
+    }
+    let mut back = [0u8; 4];
+    match tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut back)).await {
+        Ok(Ok(_)) if &back == b"ping" => Fate::Served(s),
+        Ok(_) => Fate::Refused,
+        Err(_) => Fate::Stalled(s),
+    }
+}
+
+/// Raises the soft limit on open files to `want` (within the hard limit).
+fn raise_fd_limit(want: u64) -> anyhow::Result<()> {
+    let mut rlim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    anyhow::ensure!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rlim) } == 0,
+        "getrlimit: {}",
+        std::io::Error::last_os_error()
+    );
+    rlim.rlim_cur = rlim.rlim_cur.max(want.min(rlim.rlim_max));
+    anyhow::ensure!(
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) } == 0,
+        "setrlimit: {}",
+        std::io::Error::last_os_error()
+    );
     Ok(())
 }
