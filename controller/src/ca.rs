@@ -5,7 +5,7 @@
 pub mod service;
 
 use std::{
-    fmt, fs, io,
+    fs, io,
     net::IpAddr,
     os::unix::fs::DirBuilderExt as _,
     path::{Path, PathBuf},
@@ -82,56 +82,25 @@ pub enum SignError {
     },
 }
 
-/// A SPIFFE identity of the form `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Identity {
-    pub trust_domain: String,
-    pub namespace: String,
-    pub service_account: String,
-}
+pub use weft_model::identity::{Identity, is_trust_domain};
 
-impl Identity {
-    /// Parses the one form Weft issues; namespace and service account must be DNS labels.
-    pub fn parse(s: &str) -> Result<Identity, SignError> {
-        let bad = |problem: &str| SignError::Identity {
-            identity: s.to_owned(),
-            problem: format!("{problem} (want spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>)"),
-        };
-        let rest = s.strip_prefix("spiffe://").ok_or_else(|| bad("not a spiffe:// URI"))?;
-        let parts: Vec<&str> = rest.split('/').collect();
-        let [td, "ns", ns, "sa", sa] = parts.as_slice() else {
-            return Err(bad("unexpected path"));
-        };
-        if !is_trust_domain(td) {
-            return Err(bad("bad trust domain"));
-        }
-        if !weft_model::is_dns_label(ns) || !weft_model::is_dns_label(sa) {
-            return Err(bad("namespace and service account must be DNS labels"));
-        }
-        Ok(Identity {
-            trust_domain: (*td).to_owned(),
-            namespace: (*ns).to_owned(),
-            service_account: (*sa).to_owned(),
-        })
+/// The identity a node asks a certificate for: a SPIFFE id ([`Identity`]) whose namespace and service
+/// account are also DNS labels, the only names the store gives pods.
+pub fn parse_identity(s: &str) -> Result<Identity, SignError> {
+    let bad = |problem: String| SignError::Identity {
+        identity: s.to_owned(),
+        problem,
+    };
+    let id: Identity = s.parse().map_err(|e: weft_model::identity::InvalidIdentity| {
+        bad(format!(
+            "{}: {} (want spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>)",
+            e.part, e.reason
+        ))
+    })?;
+    if !weft_model::is_dns_label(id.namespace()) || !weft_model::is_dns_label(id.service_account()) {
+        return Err(bad("namespace and service account must be DNS labels".to_owned()));
     }
-}
-
-impl fmt::Display for Identity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "spiffe://{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
-    }
-}
-
-/// Whether `s` can be a SPIFFE trust domain: lowercase letters, digits, '.', '-', '_'.
-pub fn is_trust_domain(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 255
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
+    Ok(id)
 }
 
 /// A certificate issued by the CA.
@@ -265,16 +234,16 @@ impl Ca {
     /// checked). Only the public key of the CSR is used: the certificate has exactly one SAN, the
     /// identity URI, whatever the CSR asks for.
     pub fn sign(&self, csr_pem: &str, identity: &Identity) -> Result<Issued, SignError> {
-        if identity.trust_domain != self.trust_domain {
+        if identity.trust_domain() != self.trust_domain {
             return Err(SignError::ForeignTrustDomain {
                 identity: identity.to_string(),
-                trust_domain: identity.trust_domain.clone(),
+                trust_domain: identity.trust_domain().to_owned(),
                 ours: self.trust_domain.clone(),
             });
         }
         let public_key = verified_csr_key(csr_pem)?;
         let uri = identity
-            .to_string()
+            .as_str()
             .try_into()
             .map_err(|source| SignError::Issue { source })?;
         let mut params = leaf_params(self.lifetime).map_err(|source| SignError::Issue { source })?;

@@ -247,7 +247,7 @@ impl TrustBundle {
     /// A bundle for `trust_domain` from PEM root certificates (each string may hold one or more).
     pub fn from_pem(trust_domain: impl Into<String>, roots_pem: &[String]) -> Result<Self, TlsError> {
         let trust_domain = trust_domain.into();
-        Identity::try_new(trust_domain.clone(), "ns", "sa").map_err(|source| TlsError::TrustDomain { source })?;
+        crate::identity::check_trust_domain(&trust_domain).map_err(|source| TlsError::TrustDomain { source })?;
         let roots = parse_certs(roots_pem, "trust roots")?;
         if roots.is_empty() {
             return Err(TlsError::EmptyBundle { trust_domain });

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use weft_api::v1::{SignRequest, SignResponse, ca_server};
 
-use super::{Ca, Identity, SignError};
+use super::{Ca, SignError, parse_identity};
 use crate::{auth::NodeTokens, store::Store};
 
 pub struct CaService {
@@ -21,8 +21,8 @@ impl CaService {
     }
 
     fn sign_for(&self, node: &str, req: &SignRequest) -> Result<SignResponse, Status> {
-        let identity = Identity::parse(&req.identity).map_err(to_status)?;
-        if identity.trust_domain != self.ca.trust_domain() {
+        let identity = parse_identity(&req.identity).map_err(to_status)?;
+        if identity.trust_domain() != self.ca.trust_domain() {
             return Err(Status::permission_denied(format!(
                 "node {node} may not have identity {identity}: the trust domain is {}",
                 self.ca.trust_domain()
@@ -30,12 +30,13 @@ impl CaService {
         }
         let state = self.store.snapshot();
         let scheduled = state.pods().any(|p| {
-            p.node == node && p.namespace == identity.namespace && p.service_account == identity.service_account
+            p.node == node && p.namespace == identity.namespace() && p.service_account == identity.service_account()
         });
         if !scheduled {
             return Err(Status::permission_denied(format!(
                 "node {node} may not have identity {identity}: no pod with service account {}/{} is scheduled on it",
-                identity.namespace, identity.service_account
+                identity.namespace(),
+                identity.service_account()
             )));
         }
         let issued = self.ca.sign(&req.csr_pem, &identity).map_err(to_status)?;

@@ -7,7 +7,7 @@ use super::*;
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
 fn identity() -> Identity {
-    Identity::parse("spiffe://cluster.local/ns/shop/sa/cart").unwrap()
+    parse_identity("spiffe://cluster.local/ns/shop/sa/cart").unwrap()
 }
 
 fn csr(alg: &'static rcgen::SignatureAlgorithm, sans: Vec<String>) -> String {
@@ -110,11 +110,11 @@ fn identity_must_have_weft_shape_and_our_trust_domain() {
         "spiffe://cluster.local/ns/Shop/sa/cart",
         "spiffe://cluster.local/ns/shop/sa/cart/x",
     ] {
-        assert!(matches!(Identity::parse(bad), Err(SignError::Identity { .. })), "{bad}");
+        assert!(matches!(parse_identity(bad), Err(SignError::Identity { .. })), "{bad}");
     }
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::load_or_generate(dir.path(), "cluster.local", DAY).unwrap();
-    let other = Identity::parse("spiffe://other.td/ns/shop/sa/cart").unwrap();
+    let other = parse_identity("spiffe://other.td/ns/shop/sa/cart").unwrap();
     let err = ca.sign(&csr(&PKCS_ECDSA_P256_SHA256, vec![]), &other).unwrap_err();
     assert!(matches!(err, SignError::ForeignTrustDomain { .. }), "{err}");
 }

@@ -5,11 +5,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use prost::Message as _;
-use weft_model::policy::Scope;
 use weft_api::{
     convert::{peer_authentication_to_wire, policy_to_wire},
     types, v1,
 };
+use weft_model::{identity::Identity, policy::Scope};
 
 use crate::store::State;
 
@@ -134,7 +134,11 @@ pub fn desired(state: &State, node: &str, mesh: Mesh<'_>, filter: &TypeFilter) -
                     name: p.name.clone(),
                     node: p.node.clone(),
                     service_account: p.service_account.clone(),
-                    identity: format!("spiffe://{trust_domain}/ns/{}/sa/{}", p.namespace, p.service_account),
+                    // The trust domain is checked at start and the store admits only DNS labels, so
+                    // this cannot fail; if it did, the agent would refuse the workload by name.
+                    identity: Identity::try_new(trust_domain, &p.namespace, &p.service_account)
+                        .map(|id| id.to_string())
+                        .unwrap_or_default(),
                     labels: to_map(&p.meta.labels),
                     annotations: to_map(&p.meta.annotations),
                     ips: p.ips.iter().map(ToString::to_string).collect(),

@@ -132,7 +132,7 @@ async fn our_client_and_a_rustls_server_exchange_every_byte() {
         let (mut tls, negotiated) = connect(pki.client_config(), server_name(), c, 1 << 20).await.unwrap();
         assert_eq!(negotiated.alpn.as_deref(), Some(&b"h2"[..]));
         assert_eq!(negotiated.version, Some(rustls::ProtocolVersion::TLSv1_3));
-        assert_eq!(negotiated.identity, Some(Identity::new(TD, "b", "server")));
+        assert_eq!(negotiated.identity, Some(Identity::try_new(TD, "b", "server").unwrap()));
         send_in_pieces(&mut tls, &up, &[300_000, 3, 9, 70_000, 1]).await;
         tls.shutdown().await.unwrap();
         // Small reads take the copy-out path, so read in a size that never matches a record.

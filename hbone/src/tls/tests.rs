@@ -19,7 +19,7 @@ fn leaf(uris: &[&str]) -> (String, String) {
 fn credential_takes_identity_from_the_single_uri_san() {
     let (cert, key) = leaf(&["spiffe://td/ns/a/sa/b"]);
     let cred = Credential::from_pem(&[cert], &key).unwrap();
-    assert_eq!(cred.identity, Identity::new("td", "a", "b"));
+    assert_eq!(cred.identity, Identity::try_new("td", "a", "b").unwrap());
     assert!(cred.not_before < cred.not_after);
 }
 

@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 
 use super::Connection;
+use crate::identity;
 
 /// A compiled rule: one of `from`, one of `to` and all of `when` must match (an empty list matches).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -141,7 +142,8 @@ impl ServiceAccount {
 
 /// What the rules compare, taken from a [`Connection`] once per decision.
 pub(super) struct Facts<'a> {
-    /// The client's SPIFFE id without `spiffe://`, as Istio's principals are written.
+    /// The client's SPIFFE id without `spiffe://`, as Istio's principals are written
+    /// ([`Identity::principal`](crate::identity::Identity::principal)); none unless it is a valid id.
     principal: Option<&'a str>,
     namespace: Option<&'a str>,
     service_account: Option<&'a str>,
@@ -152,30 +154,16 @@ pub(super) struct Facts<'a> {
 
 impl<'a> Facts<'a> {
     pub fn of(conn: &Connection<'a>) -> Self {
-        let principal = conn.source_principal.and_then(|id| id.strip_prefix("spiffe://"));
-        let (namespace, service_account) = principal.and_then(namespace_and_account).unzip();
+        let id = conn.source_principal.and_then(|id| identity::split(id).ok());
         Facts {
-            principal,
-            namespace,
-            service_account,
+            principal: id.map(|id| id.principal),
+            namespace: id.map(|id| id.namespace),
+            service_account: id.map(|id| id.service_account),
             source_ip: canonical(conn.source_ip),
             destination_ip: canonical(conn.destination_ip),
             destination_port: conn.destination_port,
         }
     }
-}
-
-/// `<td>/ns/<ns>/sa/<sa>` → (`<ns>`, `<sa>`).
-fn namespace_and_account(id: &str) -> Option<(&str, &str)> {
-    let mut parts = id.split('/');
-    let (_td, ns_key, ns, sa_key, sa) = (
-        parts.next()?,
-        parts.next()?,
-        parts.next()?,
-        parts.next()?,
-        parts.next()?,
-    );
-    (ns_key == "ns" && sa_key == "sa" && parts.next().is_none()).then_some((ns, sa))
 }
 
 /// IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) as the IPv4 address they carry.
