@@ -447,7 +447,8 @@ fn outside_the_mesh_is_passthrough_and_a_service_vip_spreads_over_its_endpoints(
     if !privileged("outside_the_mesh_is_passthrough") {
         return;
     }
-    // default is meshed, legacy is not; strict mTLS refuses plaintext into meshed pods.
+    // default is meshed, legacy is not; a mesh-wide STRICT PeerAuthentication refuses plaintext into
+    // meshed pods.
     let c = Cluster::up(
         "e2e-svc",
         &[
@@ -457,9 +458,11 @@ fn outside_the_mesh_is_passthrough_and_a_service_vip_spreads_over_its_endpoints(
             "3",
             "--ambient",
             "default",
-            "--strict-mtls",
         ],
     );
+    let strict = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: weft-system\n---\napiVersion: security.weft.dev/v1alpha1\nkind: PeerAuthentication\nmetadata:\n  name: default\n  namespace: weft-system\nspec:\n  mtls:\n    mode: STRICT\n";
+    let out = c.apply(strict);
+    assert!(out.status.success(), "{}", text(&out));
     // app-I-1 and app-I-3: default; app-I-2: legacy.
     let _legacy = c.serve("app-2-2", "8080");
     let legacy_ip = c.pod_ip("app-2-2", false);
@@ -474,12 +477,12 @@ fn outside_the_mesh_is_passthrough_and_a_service_vip_spreads_over_its_endpoints(
     // Strict mTLS: plaintext from outside the mesh into a meshed pod is refused.
     let _meshed = c.serve("app-2-1", "8080");
     let meshed_url = format!("http://{}:8080/", c.pod_ip("app-2-1", false));
-    assert_ne!(
-        curl(&c, "app-1-2", &meshed_url).0,
-        0,
-        "plaintext refused in strict mode"
-    );
-    record(&c, "node2", "the strict refusal", |r| r["reason"] == "strict_mtls");
+    // (The policy reaches node2's agent within a second of the apply.)
+    wait_for("plaintext to be refused in strict mode", Duration::from_secs(10), || {
+        (curl(&c, "app-1-2", &meshed_url).0 != 0).then_some(())
+    });
+    let refused = record(&c, "node2", "the strict refusal", |r| r["reason"] == "strict_mtls");
+    assert_eq!(refused["policy"], "weft-system/default", "{refused}");
     assert_eq!(curl(&c, "app-1-1", &meshed_url).0, 0, "meshed clients still connect");
 
     // A service over two meshed pods: label them, then curl the VIP.

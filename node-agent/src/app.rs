@@ -109,7 +109,6 @@ async fn serve(
         state: states.clone(),
         identities: identities.clone(),
         pool: Pool::new(PoolConfig::default()),
-        strict_mtls: config.strict_mtls,
         next_endpoint: Default::default(),
         tunnel_congestion,
         admission: weft_hbone::server::Admission::new(Default::default()),

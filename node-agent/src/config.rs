@@ -35,9 +35,6 @@ pub struct Args {
     /// The mesh's SPIFFE trust domain.
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
-    /// Refuse plaintext connections from outside the mesh to enrolled pods.
-    #[arg(long)]
-    pub strict_mtls: bool,
     /// Unix socket the CNI plugin reports pods on.
     #[arg(long, default_value = "/run/weft/cni.sock")]
     pub cni_socket: PathBuf,
@@ -91,7 +88,6 @@ pub struct Config {
     pub controller_name: String,
     pub node_token_file: PathBuf,
     pub trust_domain: String,
-    pub strict_mtls: bool,
     pub cni_socket: PathBuf,
     pub state_dir: PathBuf,
     pub bpf_pin_dir: PathBuf,
@@ -150,7 +146,6 @@ impl Args {
             controller_name: self.controller_name,
             node_token_file: self.node_token_file,
             trust_domain: self.trust_domain,
-            strict_mtls: self.strict_mtls,
             cni_socket: self.cni_socket,
             state_dir: self.state_dir,
             bpf_pin_dir: self.bpf_pin_dir,

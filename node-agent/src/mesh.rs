@@ -12,8 +12,6 @@ pub struct Mesh {
     pub state: watch::Receiver<Arc<State>>,
     pub identities: Identities,
     pub pool: weft_hbone::client::Pool,
-    /// Refuse plaintext inbound connections to enrolled pods.
-    pub strict_mtls: bool,
     /// Round robin over service endpoints.
     pub next_endpoint: AtomicUsize,
     /// Congestion control of the HBONE connections, both ways; `None` keeps the pod's default.

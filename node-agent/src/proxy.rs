@@ -81,7 +81,7 @@ pub enum Reason {
     /// Allowed when it opened, closed because a changed policy (or the pod's changed labels) now
     /// denies it.
     Revoked,
-    /// Plaintext inbound while strict mTLS is on.
+    /// Plaintext inbound to a port that a STRICT PeerAuthentication covers.
     StrictMtls,
     /// No certificate for the pod's identity: refused rather than sent in plaintext.
     NoIdentity,

@@ -11,7 +11,7 @@ use std::{
 use weft_api::{types, v1};
 use weft_hbone::identity::Identity;
 use weft_model::{
-    Namespace, Pod, WorkloadSnapshot, enrollment,
+    Namespace, Pod, WorkloadSnapshot, enrollment, peer_auth,
     policy::{self, Scope},
 };
 
@@ -54,6 +54,10 @@ pub struct State {
     /// namespace's), so that a connection's decision looks at few policies and allocates nothing.
     policies_by_namespace: HashMap<String, Vec<Arc<policy::Compiled>>>,
     mesh_policies: Vec<Arc<policy::Compiled>>,
+    /// PeerAuthentications, compiled when received, and indexed as the policies are.
+    peer_auths: BTreeMap<String, Arc<peer_auth::Compiled>>,
+    peer_auths_by_namespace: HashMap<String, Vec<Arc<peer_auth::Compiled>>>,
+    mesh_peer_auths: Vec<Arc<peer_auth::Compiled>>,
     /// Store revision of the last push applied.
     pub revision: u64,
     /// Whether a first (full) push has arrived since the agent started.
@@ -161,6 +165,10 @@ impl State {
                 let policy = policy::Compiled::try_from(p).map_err(|e| e.to_string())?;
                 self.policies.insert(key(&p.namespace, &p.name), Arc::new(policy));
             }
+            Some(Kind::PeerAuthentication(p)) => {
+                let compiled = peer_auth::Compiled::try_from(p).map_err(|e| e.to_string())?;
+                self.peer_auths.insert(key(&p.namespace, &p.name), Arc::new(compiled));
+            }
             None => return Err("resource without a body".into()),
         }
         Ok(())
@@ -180,6 +188,9 @@ impl State {
             types::POLICY => {
                 self.policies.remove(name);
             }
+            types::PEER_AUTHENTICATION => {
+                self.peer_auths.remove(name);
+            }
             _ => {}
         }
     }
@@ -195,6 +206,7 @@ impl State {
             types::WORKLOAD => copy(&self.workloads, &mut next.workloads, name),
             types::SERVICE => copy(&self.services, &mut next.services, name),
             types::POLICY => copy(&self.policies, &mut next.policies, name),
+            types::PEER_AUTHENTICATION => copy(&self.peer_auths, &mut next.peer_auths, name),
             _ => {}
         }
     }
@@ -217,6 +229,18 @@ impl State {
                 Scope::Mesh => self.mesh_policies.push(p.clone()),
                 Scope::Namespace => self
                     .policies_by_namespace
+                    .entry(p.namespace().to_owned())
+                    .or_default()
+                    .push(p.clone()),
+            }
+        }
+        self.peer_auths_by_namespace.clear();
+        self.mesh_peer_auths.clear();
+        for p in self.peer_auths.values() {
+            match p.scope() {
+                Scope::Mesh => self.mesh_peer_auths.push(p.clone()),
+                Scope::Namespace => self
+                    .peer_auths_by_namespace
                     .entry(p.namespace().to_owned())
                     .or_default()
                     .push(p.clone()),
@@ -255,6 +279,16 @@ impl State {
     pub fn policies_for<'a>(&'a self, namespace: &str) -> impl Iterator<Item = &'a policy::Compiled> + 'a {
         let own = self.policies_by_namespace.get(namespace).map_or(&[][..], Vec::as_slice);
         self.mesh_policies.iter().chain(own).map(|p| &**p)
+    }
+
+    /// The PeerAuthentications that can apply to a workload of `namespace`: the mesh-wide ones and
+    /// the namespace's own; [`peer_auth::requirement`] resolves which of them speak for it.
+    pub fn peer_auths_for<'a>(&'a self, namespace: &str) -> impl Iterator<Item = &'a peer_auth::Compiled> + 'a {
+        let own = self
+            .peer_auths_by_namespace
+            .get(namespace)
+            .map_or(&[][..], Vec::as_slice);
+        self.mesh_peer_auths.iter().chain(own).map(|p| &**p)
     }
 
     /// Where a connection to `dst` goes. `pick` chooses among a service's endpoints (round robin
@@ -316,5 +350,28 @@ pub fn authorize(state: &State, key: &str, uid: &str, conn: &policy::Connection<
     )
 }
 
+/// What `port` of the workload `key` (`namespace/name`, with `uid`) requires of a connection's
+/// transport under this state's PeerAuthentications and the workload's labels in this state: decided
+/// for every plaintext connection and again on every new state, like [`authorize`]. A workload this
+/// state does not have is [`Permissive`](peer_auth::Requirement::Permissive) here; [`authorize`]
+/// refuses it.
+pub fn mtls_requirement(state: &State, key: &str, uid: &str, port: u16) -> peer_auth::Requirement {
+    let Some(workload) = state.workload(key).filter(|w| w.pod.uid == uid) else {
+        return peer_auth::Requirement::Permissive;
+    };
+    let pod = &workload.pod;
+    peer_auth::requirement(
+        state.peer_auths_for(&pod.namespace),
+        policy::Target {
+            namespace: &pod.namespace,
+            labels: &pod.labels,
+        },
+        port,
+    )
+}
+
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod peer_auth_tests;

@@ -96,9 +96,6 @@ pub struct UpArgs {
     /// Lifetime of the workload certificates the controller issues.
     #[arg(long, default_value = "24h")]
     cert_lifetime: String,
-    /// Agents refuse plaintext connections from outside the mesh to enrolled pods.
-    #[arg(long)]
-    strict_mtls: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -204,7 +201,6 @@ fn build(args: &UpArgs, bins: Option<&MeshBins>) -> anyhow::Result<()> {
         complete: false,
         controller_pid: None,
         cert_lifetime: args.cert_lifetime.clone(),
-        strict_mtls: args.strict_mtls,
         nodes: Vec::new(),
         namespaces: args
             .namespaces

@@ -69,7 +69,8 @@ pub struct DeleteArgs {
 /// `weftctl get [KIND] [-n NAMESPACE]`
 #[derive(clap::Args, Debug)]
 pub struct GetArgs {
-    /// Pod, Service, ServiceAccount, Namespace, AuthorizationPolicy (or pods, svc, ns, ...); all when left out.
+    /// Pod, Service, ServiceAccount, Namespace, AuthorizationPolicy, PeerAuthentication (or pods, svc, ns,
+    /// pa, ...); all when left out.
     kind: Option<String>,
     /// Only this namespace.
     #[arg(short = 'n', long)]

@@ -15,7 +15,10 @@ use std::{
 use tokio::net::{TcpListener, TcpStream};
 use weft_dataplane::socket::Source;
 use weft_hbone::server::{Handler, Refusal, Request};
-use weft_model::policy::{Connection, Decision};
+use weft_model::{
+    peer_auth::Requirement,
+    policy::{Connection, Decision},
+};
 
 use super::{Direction, Mode, Reason, Record, connect_in, forward, is_forbidden};
 use crate::{
@@ -39,8 +42,10 @@ pub async fn plaintext(ctx: Arc<PodContext>, downstream: TcpStream, peer: Socket
     }
     let state = ctx.mesh.state();
     record.peer_workload = state.workload_by_ip(peer.ip()).map(|w| w.pod.qualified_name());
-    if ctx.mesh.strict_mtls {
+    // A STRICT PeerAuthentication of this port refuses plaintext before any AuthorizationPolicy.
+    if let Requirement::Strict { policy } = state::mtls_requirement(&state, &ctx.name, &ctx.uid, dst.port()) {
         record.reason = Reason::StrictMtls;
+        record.policy = Some(policy.to_string());
         return;
     }
     let authz = Authz {
@@ -56,11 +61,23 @@ pub async fn plaintext(ctx: Arc<PodContext>, downstream: TcpStream, peer: Socket
     drop(state);
     let revoked = tokio::select! {
         () = forward(&mut record, downstream, dst, Source::Spoofed(peer.ip())) => None,
-        policy = revoked(&ctx, |state| authz.decide(&ctx, state)) => Some(policy),
+        policy = revoked(&ctx, |state| plaintext_decision(&ctx, state, &authz)) => Some(policy),
     };
     if let Some(policy) = revoked {
         record.reason = Reason::Revoked;
         record.policy = policy;
+    }
+}
+
+/// A plaintext connection's decision under `state`: denied, naming the PeerAuthentication, when its
+/// port is now STRICT; otherwise as its AuthorizationPolicies decide. An open plaintext connection
+/// is closed as `revoked` when either changes against it.
+fn plaintext_decision(ctx: &PodContext, state: &State, authz: &Authz) -> Decision {
+    match state::mtls_requirement(state, &ctx.name, &ctx.uid, authz.destination.port()) {
+        Requirement::Strict { policy } => Decision::Deny {
+            policy: Some(policy.to_string()),
+        },
+        Requirement::Permissive => authz.decide(ctx, state),
     }
 }
 

@@ -130,9 +130,6 @@ pub fn start_agent(cluster: &Cluster, node: &Node, bin: &Path) -> anyhow::Result
         .arg(&node.cgroup)
         // The dev nodes share this machine's CPUs: each gets its slice, as a real node has its own.
         .args(["--worker-threads", &node_share_of_cpus(cluster).to_string()]);
-    if cluster.strict_mtls {
-        cmd.arg("--strict-mtls");
-    }
     let log = node.agent_log.clone();
     let start_len = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
     let ready = || {

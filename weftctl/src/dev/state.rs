@@ -29,9 +29,6 @@ pub struct Cluster {
     /// Workload certificate lifetime the controller issues (humantime, e.g. `24h`).
     #[serde(default = "default_cert_lifetime")]
     pub cert_lifetime: String,
-    /// Agents refuse plaintext inbound connections.
-    #[serde(default)]
-    pub strict_mtls: bool,
     pub nodes: Vec<Node>,
     pub namespaces: Vec<Namespace>,
     pub pods: Vec<PodRecord>,
