@@ -27,6 +27,8 @@ use crate::pod::{Current, PodContext};
 
 mod inbound;
 mod outbound;
+#[cfg(test)]
+mod tests;
 
 pub use inbound::hbone as inbound_hbone;
 pub use outbound::outbound;

@@ -371,6 +371,9 @@ pub fn mtls_requirement(state: &State, key: &str, uid: &str, port: u16) -> peer_
 }
 
 #[cfg(test)]
+pub(crate) mod fixtures;
+
+#[cfg(test)]
 mod tests;
 
 #[cfg(test)]

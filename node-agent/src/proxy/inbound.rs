@@ -152,7 +152,7 @@ pub async fn hbone(ctx: Arc<PodContext>, listener: TcpListener) {
     .await;
 }
 
-struct Inbound(Arc<PodContext>);
+pub(super) struct Inbound(pub(super) Arc<PodContext>);
 
 impl Handler for Inbound {
     type Session = Record;

@@ -1,96 +1,6 @@
-use std::collections::HashMap;
-
 use weft_api::v1::{self, resource::Kind};
 
-use super::*;
-
-fn res(kind: &str, name: &str, body: Kind) -> v1::Resource {
-    v1::Resource {
-        key: Some(v1::ResourceKey {
-            r#type: kind.into(),
-            name: name.into(),
-        }),
-        version: 1,
-        kind: Some(body),
-    }
-}
-
-fn ns(name: &str, ambient: bool) -> v1::Resource {
-    let mut annotations = HashMap::new();
-    if ambient {
-        annotations.insert("weft.dev/dataplane-mode".to_owned(), "ambient".to_owned());
-    }
-    res(
-        types::NAMESPACE,
-        name,
-        Kind::Namespace(v1::Namespace {
-            name: name.into(),
-            labels: HashMap::new(),
-            annotations,
-        }),
-    )
-}
-
-/// A UUID-shaped uid made from the pod's name.
-fn uid(name: &str) -> String {
-    let n = name
-        .bytes()
-        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
-    format!("00000000-0000-4000-8000-{:012x}", n & 0xffff_ffff_ffff)
-}
-
-fn pod(ns: &str, name: &str, ip: &str, labels: &[(&str, &str)]) -> v1::Resource {
-    res(
-        types::WORKLOAD,
-        &format!("{ns}/{name}"),
-        Kind::Workload(v1::Workload {
-            uid: uid(name),
-            namespace: ns.into(),
-            name: name.into(),
-            node: "node1".into(),
-            service_account: "default".into(),
-            identity: format!("spiffe://cluster.local/ns/{ns}/sa/default"),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            annotations: HashMap::new(),
-            ips: vec![ip.into()],
-        }),
-    )
-}
-
-fn service(ns: &str, name: &str, vip: &str, endpoints: &[&str]) -> v1::Resource {
-    res(
-        types::SERVICE,
-        &format!("{ns}/{name}"),
-        Kind::Service(v1::Service {
-            namespace: ns.into(),
-            name: name.into(),
-            vips: vec![vip.into()],
-            ports: vec![v1::ServicePort {
-                name: "http".into(),
-                port: 80,
-                target_port: 8080,
-            }],
-            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
-        }),
-    )
-}
-
-fn push(full: bool, resources: Vec<v1::Resource>, removed: &[(&str, &str)]) -> v1::Push {
-    v1::Push {
-        nonce: "n".into(),
-        full,
-        resources,
-        removed: removed
-            .iter()
-            .map(|(t, n)| v1::ResourceKey {
-                r#type: t.to_string(),
-                name: n.to_string(),
-            })
-            .collect(),
-        revision: 7,
-        store_id: String::new(),
-    }
-}
+use super::{fixtures::*, *};
 
 fn mesh() -> State {
     let (state, rejected) = State::default().apply(&push(
@@ -211,21 +121,6 @@ fn a_rejected_resource_keeps_its_previous_version() {
     assert_eq!(rejected.len(), 1);
     assert!(rejected[0].error.contains("identity"), "{}", rejected[0].error);
     assert_eq!(next.workload("shop/web-1"), state.workload("shop/web-1"));
-}
-
-fn policy(namespace: &str, name: &str, action: v1::Action, scope: v1::Scope, rules: Vec<v1::Rule>) -> v1::Resource {
-    res(
-        types::POLICY,
-        &format!("{namespace}/{name}"),
-        Kind::Policy(v1::Policy {
-            namespace: namespace.into(),
-            name: name.into(),
-            selector: None,
-            action: action as i32,
-            rules,
-            scope: scope as i32,
-        }),
-    )
 }
 
 /// mTLS from shop/default to 10.244.2.11:8080.

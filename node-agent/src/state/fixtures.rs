@@ -1,0 +1,117 @@
+//! Resources as the controller pushes them, for the agent's tests: namespaces, pods, services,
+//! policies and pushes, built with the fewest fields a test has to name.
+
+use std::collections::HashMap;
+
+use weft_api::v1::{self, resource::Kind};
+
+use super::types;
+
+pub(crate) fn res(kind: &str, name: &str, body: Kind) -> v1::Resource {
+    v1::Resource {
+        key: Some(v1::ResourceKey {
+            r#type: kind.into(),
+            name: name.into(),
+        }),
+        version: 1,
+        kind: Some(body),
+    }
+}
+
+pub(crate) fn ns(name: &str, ambient: bool) -> v1::Resource {
+    let mut annotations = HashMap::new();
+    if ambient {
+        annotations.insert("weft.dev/dataplane-mode".to_owned(), "ambient".to_owned());
+    }
+    res(
+        types::NAMESPACE,
+        name,
+        Kind::Namespace(v1::Namespace {
+            name: name.into(),
+            labels: HashMap::new(),
+            annotations,
+        }),
+    )
+}
+
+/// A UUID-shaped uid made from the pod's name.
+pub(crate) fn uid(name: &str) -> String {
+    let n = name
+        .bytes()
+        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+    format!("00000000-0000-4000-8000-{:012x}", n & 0xffff_ffff_ffff)
+}
+
+pub(crate) fn pod(ns: &str, name: &str, ip: &str, labels: &[(&str, &str)]) -> v1::Resource {
+    res(
+        types::WORKLOAD,
+        &format!("{ns}/{name}"),
+        Kind::Workload(v1::Workload {
+            uid: uid(name),
+            namespace: ns.into(),
+            name: name.into(),
+            node: "node1".into(),
+            service_account: "default".into(),
+            identity: format!("spiffe://cluster.local/ns/{ns}/sa/default"),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            annotations: HashMap::new(),
+            ips: vec![ip.into()],
+        }),
+    )
+}
+
+pub(crate) fn service(ns: &str, name: &str, vip: &str, endpoints: &[&str]) -> v1::Resource {
+    res(
+        types::SERVICE,
+        &format!("{ns}/{name}"),
+        Kind::Service(v1::Service {
+            namespace: ns.into(),
+            name: name.into(),
+            vips: vec![vip.into()],
+            ports: vec![v1::ServicePort {
+                name: "http".into(),
+                port: 80,
+                target_port: 8080,
+            }],
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+        }),
+    )
+}
+
+pub(crate) fn push(full: bool, resources: Vec<v1::Resource>, removed: &[(&str, &str)]) -> v1::Push {
+    v1::Push {
+        nonce: "n".into(),
+        full,
+        resources,
+        removed: removed
+            .iter()
+            .map(|(t, n)| v1::ResourceKey {
+                r#type: t.to_string(),
+                name: n.to_string(),
+            })
+            .collect(),
+        revision: 7,
+        store_id: String::new(),
+    }
+}
+
+pub(crate) fn policy(
+    namespace: &str,
+    name: &str,
+    action: v1::Action,
+    scope: v1::Scope,
+    rules: Vec<v1::Rule>,
+) -> v1::Resource {
+    res(
+        types::POLICY,
+        &format!("{namespace}/{name}"),
+        Kind::Policy(v1::Policy {
+            namespace: namespace.into(),
+            name: name.into(),
+            selector: None,
+            action: action as i32,
+            rules,
+            scope: scope as i32,
+        }),
+    )
+}
