@@ -12,8 +12,8 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::{sync::watch, task::JoinSet};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::Server;
 use weft_api::v1::{ca_server::CaServer, config_server::ConfigServer, store_server::StoreServer};
 
 use crate::{
@@ -21,13 +21,12 @@ use crate::{
     auth::NodeTokens,
     ca::{Ca, service::CaService},
     distribution::ConfigService,
+    listener,
     store::Store,
 };
 
 /// How long shutdown waits for the servers to drain before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// HTTP/2 keepalive on agent connections, so that vanished agents are noticed.
-const KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// The controller's settings, validated by the caller (the binary's flag parser).
 #[derive(Clone, Debug)]
@@ -49,6 +48,9 @@ pub struct Config {
     pub ca: Option<CaFiles>,
     /// The DNS name in the serving certificate.
     pub server_name: String,
+    /// What one peer of the agent-facing address may cost: [`listener::Limits::default`] unless a test
+    /// shortens the handshake deadline.
+    pub limits: listener::Limits,
 }
 
 #[derive(Clone, Debug)]
@@ -120,11 +122,7 @@ impl Controller {
             .with_context(|| format!("--listen: cannot bind {}", config.listen))?;
         let listen_addr = listener.local_addr().context("--listen: no local address")?;
         let (cert, key) = ca.serving_cert(&config.server_name, config.listen.ip())?;
-        let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-        // tonic's server builds its TLS configuration from the process-wide provider, which rustls cannot pick
-        // on its own with both ring and aws-lc compiled in (HBONE's record cipher is aws-lc's): name ring.
-        // An error only means a provider is installed already (a second controller in one test process).
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        let tls = listener::tls_config(&cert, &key).context("--listen")?;
         let admin = bind_admin_socket(&config.admin_socket).await?;
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -135,13 +133,18 @@ impl Controller {
             config.root_namespace.clone(),
             shutdown_rx.clone(),
         );
-        let agents = Server::builder()
-            .tls_config(tls)
-            .context("TLS settings for --listen")?
-            .http2_keepalive_interval(Some(KEEPALIVE))
-            .add_service(ConfigServer::new(config_service))
-            .add_service(CaServer::new(CaService::new(ca.clone(), store.clone(), tokens.clone())))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(shutdown_rx.clone()));
+        // Admission and the TLS handshake happen in `listener::incoming`, the HTTP/2 and message
+        // bounds here: see `listener` for each bound and why.
+        let agents = listener::server()
+            .add_service(ConfigServer::new(config_service).max_decoding_message_size(listener::MAX_CONFIG_REQUEST))
+            .add_service(
+                CaServer::new(CaService::new(ca.clone(), store.clone(), tokens.clone()))
+                    .max_decoding_message_size(listener::MAX_SIGN_REQUEST),
+            )
+            .serve_with_incoming_shutdown(
+                listener::incoming(listener, tls, config.limits),
+                stopped(shutdown_rx.clone()),
+            );
         let admin_server = Server::builder()
             .add_service(StoreServer::new(StoreService::new(store.clone())))
             .serve_with_incoming_shutdown(UnixListenerStream::new(admin), stopped(shutdown_rx));

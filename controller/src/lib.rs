@@ -6,4 +6,5 @@ pub mod app;
 pub mod auth;
 pub mod ca;
 pub mod distribution;
+pub mod listener;
 pub mod store;

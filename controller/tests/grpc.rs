@@ -116,6 +116,7 @@ async fn start_in(dir: &Path) -> Controller {
         node_tokens: Some(tokens),
         ca: None,
         server_name: "weft-controller".into(),
+        limits: Default::default(),
     })
     .await
     .unwrap()
