@@ -82,13 +82,31 @@ async fn follow(
     let _ = req_tx.send(subscribe).await;
     let mut client = ConfigClient::with_interceptor(controller.channel(), controller.auth());
     let mut pushes = 0;
-    let mut stream = client
-        .stream(ReceiverStream::new(req_rx))
+    // Connecting, the TLS handshake and opening the stream have their own deadlines
+    // (`controller::Deadlines`); this one bounds them all, and the first push. Later pushes come only
+    // when something changes: the connection's keepalive tells a quiet controller from a gone one.
+    let first_push = controller.deadlines().first_push;
+    let deadline = tokio::time::Instant::now() + first_push;
+    let late = || {
+        tonic::Status::deadline_exceeded(format!(
+            "no first push from the controller within {}s",
+            first_push.as_secs_f32()
+        ))
+    };
+    let mut stream = tokio::time::timeout_at(deadline, client.stream(ReceiverStream::new(req_rx)))
         .await
+        .map_err(|_| (pushes, late()))?
         .map_err(|s| (pushes, s))?
         .into_inner();
     loop {
-        let push = match stream.message().await {
+        let next = if pushes == 0 {
+            tokio::time::timeout_at(deadline, stream.message())
+                .await
+                .map_err(|_| (pushes, late()))?
+        } else {
+            stream.message().await
+        };
+        let push = match next {
             Ok(Some(p)) => p,
             Ok(None) => return Ok(pushes),
             Err(s) => return Err((pushes, s)),
@@ -157,7 +175,142 @@ fn jitter(d: Duration) -> Duration {
 
 #[cfg(test)]
 mod tests {
+    use std::{
+        io::Read as _,
+        net::SocketAddr,
+        path::{Path, PathBuf},
+        time::Instant,
+    };
+
     use super::*;
+    use crate::controller::Deadlines;
+
+    /// A directory of its own for one test's files, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(test: &str) -> Scratch {
+            let dir = std::env::temp_dir().join(format!("weft-discovery-{test}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A controller certificate for `weft-controller` (self-signed: it is its own root) and a node
+    /// token, as files in `dir`; returns the certificate and key (DER) for a server to present.
+    fn credentials(
+        dir: &Path,
+    ) -> (
+        rustls::pki_types::CertificateDer<'static>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ) {
+        let issued = rcgen::generate_simple_self_signed(vec!["weft-controller".to_owned()]).unwrap();
+        std::fs::write(dir.join("root.pem"), issued.cert.pem()).unwrap();
+        std::fs::write(dir.join("token"), "token-1").unwrap();
+        let key = rustls::pki_types::PrivatePkcs8KeyDer::from(issued.signing_key.serialize_der());
+        (issued.cert.der().clone(), key.into())
+    }
+
+    fn controller(dir: &Path, addr: SocketAddr, deadlines: Deadlines) -> Controller {
+        Controller::with_deadlines(
+            &format!("https://{addr}"),
+            &dir.join("root.pem"),
+            "weft-controller",
+            &dir.join("token"),
+            deadlines,
+        )
+        .unwrap()
+    }
+
+    /// One config stream against `controller`: how it ended and how long that took.
+    async fn follow_once(controller: &Controller) -> (Result<usize, (usize, tonic::Status)>, Duration) {
+        let (tx, _rx) = watch::channel(Arc::new(State::default()));
+        let started = Instant::now();
+        let ended = tokio::time::timeout(Duration::from_secs(30), follow(controller, "node1", &tx, &mut None))
+            .await
+            .expect("the config stream is still waiting after 30 s");
+        (ended, started.elapsed())
+    }
+
+    #[tokio::test]
+    async fn config_stream_fails_at_the_handshake_deadline_when_the_controller_never_answers() {
+        let scratch = Scratch::new("handshake");
+        credentials(&scratch.0);
+        // Accepts TCP and never says a word.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                held.push(tcp);
+            }
+        });
+        let deadlines = Deadlines {
+            handshake: Duration::from_millis(500),
+            first_push: Duration::from_secs(20),
+            ..Deadlines::default()
+        };
+        let (ended, took) = follow_once(&controller(&scratch.0, addr, deadlines)).await;
+        let (pushes, status) = ended.expect_err("no controller answered");
+        assert_eq!(pushes, 0);
+        assert!(status.message().contains("handshake timeout"), "{status:?}");
+        assert!(
+            took < Duration::from_secs(3),
+            "the handshake deadline is 500 ms; the stream gave up after {took:?}: {status:?}"
+        );
+        silent.abort();
+    }
+
+    #[tokio::test]
+    async fn config_stream_ends_when_the_controller_stops_answering_pings() {
+        let scratch = Scratch::new("keepalive");
+        let (cert, key) = credentials(&scratch.0);
+        // Completes the TLS handshake, then reads everything and answers nothing, not even PINGs: a
+        // controller that hung, or vanished behind a connection nobody closes.
+        let mut config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(vec![cert], key)
+                .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut tcp, _) = listener.accept().unwrap();
+            let mut tls = rustls::ServerConnection::new(Arc::new(config)).unwrap();
+            let mut stream = rustls::Stream::new(&mut tls, &mut tcp);
+            let mut buf = [0u8; 4096];
+            // Until the client closes the connection.
+            while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+        });
+        let deadlines = Deadlines {
+            keepalive_interval: Duration::from_millis(300),
+            keepalive_timeout: Duration::from_millis(300),
+            first_push: Duration::from_secs(20),
+            ..Deadlines::default()
+        };
+        let controller = controller(&scratch.0, addr, deadlines);
+        let (ended, took) = follow_once(&controller).await;
+        let (pushes, status) = ended.expect_err("the controller never answered");
+        assert_eq!(pushes, 0);
+        assert!(format!("{status:?}").contains("KeepAliveTimedOut"), "{status:?}");
+        assert!(
+            took < Duration::from_secs(5),
+            "an unanswered PING closes the connection in 600 ms; the stream gave up after {took:?}: {status:?}"
+        );
+        drop(controller);
+        tokio::task::spawn_blocking(move || server.join().unwrap())
+            .await
+            .unwrap();
+    }
 
     #[test]
     fn pushes_from_another_store_or_an_older_revision_are_refused() {
