@@ -6,37 +6,10 @@ use std::collections::HashMap;
 use weft_api::v1::{self, resource::Kind};
 use weft_model::peer_auth::Requirement;
 
-use super::*;
-
-fn res(ty: &str, name: &str, body: Kind) -> v1::Resource {
-    v1::Resource {
-        key: Some(v1::ResourceKey {
-            r#type: ty.into(),
-            name: name.into(),
-        }),
-        version: 1,
-        kind: Some(body),
-    }
-}
-
-const UID: &str = "00000000-0000-4000-8000-000000000001";
+use super::{fixtures::*, *};
 
 fn cart(labels: &[(&str, &str)]) -> v1::Resource {
-    res(
-        types::WORKLOAD,
-        "shop/cart",
-        Kind::Workload(v1::Workload {
-            uid: UID.into(),
-            namespace: "shop".into(),
-            name: "cart".into(),
-            node: "node1".into(),
-            service_account: "default".into(),
-            identity: "spiffe://cluster.local/ns/shop/sa/default".into(),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            annotations: HashMap::new(),
-            ips: vec!["10.244.1.5".into()],
-        }),
-    )
+    pod("shop", "cart", "10.244.1.5", labels)
 }
 
 fn pa(
@@ -69,25 +42,8 @@ fn pa(
     )
 }
 
-fn push(full: bool, resources: Vec<v1::Resource>, removed: &[(&str, &str)]) -> v1::Push {
-    v1::Push {
-        nonce: "n".into(),
-        full,
-        resources,
-        removed: removed
-            .iter()
-            .map(|(ty, name)| v1::ResourceKey {
-                r#type: (*ty).into(),
-                name: (*name).into(),
-            })
-            .collect(),
-        revision: 1,
-        store_id: "s".into(),
-    }
-}
-
 fn strict_by(state: &State, port: u16) -> Option<String> {
-    match mtls_requirement(state, "shop/cart", UID, port) {
+    match mtls_requirement(state, "shop/cart", &uid("cart"), port) {
         Requirement::Strict { policy } => Some(policy.to_string()),
         Requirement::Permissive => None,
     }
@@ -128,7 +84,7 @@ fn peer_authentications_from_pushes_decide_with_the_workloads_current_labels() {
     assert_eq!(strict_by(&state, 8080), None);
     // An unknown workload (or another uid) is not decided here.
     assert_eq!(
-        mtls_requirement(&state, "shop/nope", UID, 8080),
+        mtls_requirement(&state, "shop/nope", &uid("cart"), 8080),
         Requirement::Permissive
     );
 }
