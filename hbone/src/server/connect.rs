@@ -51,7 +51,8 @@ pub enum BadRequest {
 
 /// The target of an HBONE request: `method` must be `CONNECT` and `uri` authority-form `ip:port` (IPv6 in
 /// brackets, no zone id, no user info, no host name), with a port other than 0 and the agent's own ports
-/// ([`FORBIDDEN_PORTS`]), to a unicast address.
+/// ([`FORBIDDEN_PORTS`]), to a unicast address (an IPv4-mapped address is judged as the IPv4 address it
+/// carries: `[::ffff:0.0.0.0]` is unspecified).
 pub fn parse_connect(method: &Method, uri: &Uri) -> Result<SocketAddr, BadRequest> {
     if method != Method::CONNECT {
         return Err(BadRequest::Method { method: method.clone() });
@@ -76,8 +77,13 @@ pub fn parse_connect(method: &Method, uri: &Uri) -> Result<SocketAddr, BadReques
         _ => {}
     }
     let ip = target.ip();
-    let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
-    if ip.is_unspecified() || ip.is_multicast() || broadcast {
+    // A connection to an IPv4-mapped address goes to the IPv4 address it carries.
+    let reached = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    let broadcast = matches!(reached, IpAddr::V4(v4) if v4.is_broadcast());
+    if reached.is_unspecified() || reached.is_multicast() || broadcast {
         return Err(BadRequest::NotUnicast { ip });
     }
     Ok(target)

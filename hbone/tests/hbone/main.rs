@@ -6,6 +6,7 @@ mod support;
 mod fuzz;
 mod limits;
 mod pool;
+mod reference;
 mod refusals;
 mod statuses;
 mod tunnel;
