@@ -2,13 +2,14 @@
 //!
 //! Every accepted TCP connection is first admitted ([`weft_dataplane::admission`], the type HBONE's
 //! 15008 uses) by its source address, before its TLS handshake costs anything: past a bound it is
-//! closed at once. An admitted connection has [`Limits::handshake_timeout`] to finish its handshake;
-//! its handshake slot goes back when the handshake ends either way, its connection slot when the
-//! connection closes. HTTP/2 and gRPC bounds are set on the server ([`server`], [`MAX_CONFIG_REQUEST`],
+//! closed at once. An admitted connection has [`Limits::handshake_timeout`] from accept to finish its
+//! TLS handshake and send its first HTTP/2 bytes; its handshake slot goes back when the handshake
+//! ends either way, its connection slot when the connection closes. HTTP/2 and gRPC bounds are set on the server ([`server`], [`MAX_CONFIG_REQUEST`],
 //! [`MAX_SIGN_REQUEST`]); a PING every [`KEEPALIVE_INTERVAL`] unanswered for [`KEEPALIVE_TIMEOUT`]
 //! closes the connection of an agent that vanished, and with it its config stream.
 
 use std::{
+    future::Future as _,
     io,
     net::SocketAddr,
     pin::Pin,
@@ -145,9 +146,13 @@ pub fn incoming(
 }
 
 /// An agent's connection after its TLS handshake; holds its admission slot until dropped (closed).
+/// Its first bytes (the HTTP/2 preface) must come by the handshake deadline too: hyper has no
+/// deadline of its own for them, and its keepalive starts only after them.
 #[derive(Debug)]
 pub struct AgentConnection {
     tls: TlsStream<TcpStream>,
+    /// Until the first bytes arrive.
+    preface_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     _admitted: Admitted,
 }
 
@@ -187,14 +192,8 @@ async fn accept(
             }
         };
         let _ = tcp.set_nodelay(true);
-        handshakes.spawn(handshake(
-            tcp,
-            peer,
-            admitted,
-            tls.clone(),
-            handshake_timeout,
-            tx.clone(),
-        ));
+        let deadline = tokio::time::Instant::now() + handshake_timeout;
+        handshakes.spawn(handshake(tcp, peer, admitted, tls.clone(), deadline, tx.clone()));
     }
 }
 
@@ -207,22 +206,23 @@ async fn handshake(
     peer: SocketAddr,
     mut admitted: Admitted,
     tls: TlsAcceptor,
-    timeout: Duration,
+    deadline: tokio::time::Instant,
     tx: mpsc::Sender<Result<AgentConnection, io::Error>>,
 ) {
-    let result = tokio::time::timeout(timeout, tls.accept(tcp)).await;
+    let result = tokio::time::timeout_at(deadline, tls.accept(tcp)).await;
     admitted.handshake_done();
     match result {
         Ok(Ok(tls)) => {
             let _ = tx
                 .send(Ok(AgentConnection {
                     tls,
+                    preface_deadline: Some(Box::pin(tokio::time::sleep_until(deadline))),
                     _admitted: admitted,
                 }))
                 .await;
         }
         Ok(Err(e)) => tracing::debug!(src.addr = %peer, error = %e, "agent connection: TLS handshake failed"),
-        Err(_) => tracing::debug!(src.addr = %peer, after = ?timeout, "agent connection: TLS handshake timed out"),
+        Err(_) => tracing::debug!(src.addr = %peer, "agent connection: TLS handshake timed out"),
     }
 }
 
@@ -238,7 +238,21 @@ impl Connected for AgentConnection {
 
 impl AsyncRead for AgentConnection {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tls).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.tls).poll_read(cx, buf);
+        if let Some(deadline) = self.preface_deadline.as_mut() {
+            match polled {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => self.preface_deadline = None,
+                Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no HTTP/2 preface by the handshake deadline",
+                    )));
+                }
+                _ => {}
+            }
+        }
+        polled
     }
 }
 

@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use rustls::pki_types::pem::PemObject as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{
@@ -96,6 +97,10 @@ impl Harness {
 }
 
 async fn start_in(dir: &Path) -> Controller {
+    start_with(dir, Default::default()).await
+}
+
+async fn start_with(dir: &Path, limits: weft_controller::listener::Limits) -> Controller {
     let tokens = dir.join("tokens.json");
     if !tokens.exists() {
         let mut f = std::fs::OpenOptions::new()
@@ -116,7 +121,7 @@ async fn start_in(dir: &Path) -> Controller {
         node_tokens: Some(tokens),
         ca: None,
         server_name: "weft-controller".into(),
-        limits: Default::default(),
+        limits,
     })
     .await
     .unwrap()
@@ -415,4 +420,60 @@ async fn restart_keeps_the_root_the_store_and_a_private_key_file() {
         .collect();
     assert_eq!(pods.len(), 2);
     again.shutdown().await.unwrap();
+}
+
+/// A peer that finishes its TLS handshake and then sends nothing (no HTTP/2 preface) is closed at the
+/// handshake deadline: it does not hold its connection slot for ever.
+#[tokio::test]
+async fn a_connection_silent_after_its_tls_handshake_is_closed_at_the_deadline() {
+    use tokio::io::AsyncReadExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let deadline = Duration::from_millis(500);
+    let controller = start_with(
+        dir.path(),
+        weft_controller::listener::Limits {
+            handshake_timeout: deadline,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(controller.roots_path()).unwrap();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(controller.listen_addr()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect("weft-controller".try_into().unwrap(), tcp)
+        .await
+        .expect("the TLS handshake succeeds");
+    // The server's HTTP/2 SETTINGS may come first; then the connection must end.
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a connection silent after its TLS handshake is still open after {WAIT:?}"
+    );
+    assert!(
+        started.elapsed() < deadline + Duration::from_secs(2),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    controller.shutdown().await.unwrap();
 }
