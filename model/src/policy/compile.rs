@@ -342,8 +342,11 @@ fn service_account(v: &str, policy_namespace: &str) -> Result<ServiceAccount, St
 }
 
 fn port(v: &str) -> Result<u16, String> {
-    v.parse::<u16>()
-        .ok()
+    // Digits only: Rust's integer parser would also take "+80".
+    let digits = !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit());
+    digits
+        .then(|| v.parse::<u16>().ok())
+        .flatten()
         .filter(|p| *p != 0)
         .ok_or_else(|| format!("{v:?} is not a port number (1-65535)"))
 }

@@ -196,7 +196,8 @@ impl Cidr {
             Some(p) => p
                 .parse::<u8>()
                 .ok()
-                .filter(|p| *p <= max)
+                // Digits only: Rust's integer parser would also take "+8".
+                .filter(|n| *n <= max && p.bytes().all(|b| b.is_ascii_digit()))
                 .ok_or_else(|| format!("{s:?}: prefix length must be 0-{max}"))?,
         };
         match addr {

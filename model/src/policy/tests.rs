@@ -73,6 +73,24 @@ fn validation_names_the_object_and_field() {
 }
 
 #[test]
+fn ports_and_prefix_lengths_are_plain_decimal() {
+    for (spec, field) in [
+        (
+            r#"{"rules": [{"to": [{"operation": {"ports": ["+80"]}}]}]}"#,
+            "spec.rules[0].to[0].operation.ports[0]",
+        ),
+        (
+            r#"{"rules": [{"when": [{"key": "source.ip", "values": ["10.0.0.0/+8"]}]}]}"#,
+            "spec.rules[0].when[0].values[0]",
+        ),
+    ] {
+        assert_eq!(parse("p", spec).validate().unwrap_err().field, field, "{spec}");
+    }
+    let leading_zeros = r#"{"rules": [{"to": [{"operation": {"ports": ["080"]}}], "when": [{"key": "source.ip", "values": ["10.0.0.0/08"]}]}]}"#;
+    assert!(parse("p", leading_zeros).validate().is_ok());
+}
+
+#[test]
 fn parsing_refuses_unknown_fields_and_empty_from_or_to() {
     let err = serde_json::from_str::<Spec>(r#"{"rules": [{"from": [{"source": {"principal": ["x"]}}]}]}"#)
         .unwrap_err()
@@ -254,25 +272,257 @@ fn make_conn(
     }
 }
 
+/// The kinds of value a policy holds.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Principal,
+    Namespace,
+    IpBlock,
+    ServiceAccount,
+    Port,
+}
+
+/// Whether Istio takes `v` as a value of `kind`, written from its reference and docs/policy.md, not
+/// from compile.rs: a principal or namespace is exact, `prefix*`, `*suffix` or `*` (a principal may
+/// start with `spiffe://`, a namespace is a DNS label, its pattern of a-z, 0-9, '-'); an IP block is an
+/// address or `address/length` with a decimal length up to the family's bits, an IPv4-mapped block
+/// no shorter than /96; a service account is `name` or `namespace/name` (namespace a DNS label, name
+/// a DNS subdomain); a port is decimal 1-65535.
+fn valid_value(kind: Kind, v: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let decimal = |s: &str, max: u32| {
+        digits(s) && s.trim_start_matches('0').len() <= 5 && s.parse::<u32>().is_ok_and(|n| n <= max)
+    };
+    let wildcard =
+        |v: &str, literal_ok: &dyn Fn(&str) -> bool, exact_ok: &dyn Fn(&str) -> bool| match v.matches('*').count() {
+            0 => exact_ok(v),
+            1 if v == "*" => true,
+            1 if v.starts_with('*') => literal_ok(&v[1..]),
+            1 if v.ends_with('*') => literal_ok(&v[..v.len() - 1]),
+            _ => false,
+        };
+    let subdomain = |s: &str| s.len() <= 253 && s.split('.').all(is_dns_label_by_hand);
+    match kind {
+        Kind::Principal => {
+            let v = v.strip_prefix("spiffe://").unwrap_or(v);
+            wildcard(v, &|_| true, &|s| !s.is_empty())
+        }
+        Kind::Namespace => wildcard(
+            v,
+            &|s| {
+                s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            },
+            &is_dns_label_by_hand,
+        ),
+        Kind::IpBlock => {
+            let (addr, len) = match v.split_once('/') {
+                Some((a, l)) => (a, Some(l)),
+                None => (v, None),
+            };
+            match addr.parse::<IpAddr>() {
+                Ok(IpAddr::V4(_)) => len.is_none_or(|l| decimal(l, 32)),
+                Ok(IpAddr::V6(a)) if a.to_ipv4_mapped().is_some() => {
+                    len.is_none_or(|l| decimal(l, 128) && l.parse::<u32>().is_ok_and(|n| n >= 96))
+                }
+                Ok(IpAddr::V6(_)) => len.is_none_or(|l| decimal(l, 128)),
+                Err(_) => false,
+            }
+        }
+        Kind::ServiceAccount => match v.split_once('/') {
+            Some((ns, name)) => is_dns_label_by_hand(ns) && subdomain(name),
+            None => subdomain(v),
+        },
+        Kind::Port => decimal(v, 65535) && v.parse::<u32>().is_ok_and(|n| n >= 1),
+    }
+}
+
+/// RFC 1123 label: 1-63 of a-z, 0-9, '-', not starting or ending with '-'.
+fn is_dns_label_by_hand(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// Values of `kind` near the rules: valid ones of every form, the ways each rule is broken, and junk.
+fn near_value(kind: Kind) -> BoxedStrategy<String> {
+    let near: &'static [&'static str] = match kind {
+        Kind::Principal => &[
+            "cluster.local/ns/a/sa/web",
+            "spiffe://cluster.local/ns/a/sa/web",
+            "cluster.local/ns/a/*",
+            "*/sa/web",
+            "*",
+            "",
+            "spiffe://",
+            "a*b",
+            "**",
+            "*a*",
+            "*/ns/*",
+            "spiffe://*",
+        ],
+        Kind::Namespace => &[
+            "a",
+            "shop-1",
+            "*",
+            "a*",
+            "*b",
+            "-*",
+            "*-",
+            "",
+            "A",
+            "a_b",
+            "a*b",
+            "**",
+            "*A",
+            "-a",
+            "a-",
+            "a.b",
+            "a23456789012345678901234567890123456789012345678901234567890123",
+            "a234567890123456789012345678901234567890123456789012345678901234",
+        ],
+        Kind::IpBlock => &[
+            "10.0.0.0/8",
+            "10.244.1.11",
+            "10.0.0.0/32",
+            "10.0.0.0/0",
+            "10.0.0.0/008",
+            "fd00::/8",
+            "::/0",
+            "fd00::1",
+            "::ffff:10.0.0.0/104",
+            "::ffff:10.0.0.0/96",
+            "::ffff:10.0.0.1",
+            "::ffff:10.0.0.0/95",
+            "10.0.0.0/33",
+            "fd00::/129",
+            "10.0.0.0/",
+            "10.0.0.0/+8",
+            "10.0.0.0/-1",
+            "10.0.0.0/8/8",
+            "10.0.0",
+            "example.com",
+            "",
+            "fd00::/ 8",
+        ],
+        Kind::ServiceAccount => &[
+            "web",
+            "a/web",
+            "a/web.v1",
+            "shop/default",
+            "",
+            "/web",
+            "a/",
+            "A/web",
+            "a/Web",
+            "a/b/c",
+            "a/web..v1",
+            "a/.web",
+            "a/-web",
+            "*",
+        ],
+        Kind::Port => &[
+            "80", "8080", "65535", "1", "080", "0", "65536", "99999", "", "+80", "-1", "http", "8080 ", "0x50",
+        ],
+    };
+    prop_oneof![
+        6 => prop::sample::select(near).prop_map(String::from),
+        1 => "[a-z0-9*/.:-]{0,12}",
+        1 => ".{0,12}",
+    ]
+    .boxed()
+}
+
+/// A policy of `shop` with `values` as the only values of `kind`'s field (its `not` form if
+/// `negated`; as a `when` condition if `as_condition` and the kind has one), and that field's path.
+fn policy_with(kind: Kind, values: Vec<String>, negated: bool, as_condition: bool) -> (AuthorizationPolicy, String) {
+    let mut p = parse("p", "{}");
+    let key = match kind {
+        Kind::Principal => Some("source.principal"),
+        Kind::Namespace => Some("source.namespace"),
+        Kind::IpBlock => Some("source.ip"),
+        Kind::Port => Some("destination.port"),
+        Kind::ServiceAccount => None,
+    };
+    let mut rule = Rule::default();
+    let field = if let (true, Some(key)) = (as_condition, key) {
+        let (values, not_values, name) = if negated {
+            (vec![], values, "notValues")
+        } else {
+            (values, vec![], "values")
+        };
+        rule.when = vec![Condition {
+            key: key.into(),
+            values,
+            not_values,
+        }];
+        format!("spec.rules[0].when[0].{name}")
+    } else if let Kind::Port = kind {
+        let mut o = Operation::default();
+        let name = if negated {
+            o.not_ports = values;
+            "notPorts"
+        } else {
+            o.ports = values;
+            "ports"
+        };
+        rule.to = vec![To { operation: o }];
+        format!("spec.rules[0].to[0].operation.{name}")
+    } else {
+        let mut s = Source::default();
+        let (list, name) = match (kind, negated) {
+            (Kind::Principal, false) => (&mut s.principals, "principals"),
+            (Kind::Principal, true) => (&mut s.not_principals, "notPrincipals"),
+            (Kind::Namespace, false) => (&mut s.namespaces, "namespaces"),
+            (Kind::Namespace, true) => (&mut s.not_namespaces, "notNamespaces"),
+            (Kind::IpBlock, false) => (&mut s.ip_blocks, "ipBlocks"),
+            (Kind::IpBlock, true) => (&mut s.not_ip_blocks, "notIpBlocks"),
+            (Kind::ServiceAccount, false) => (&mut s.service_accounts, "serviceAccounts"),
+            (Kind::ServiceAccount, true) | (Kind::Port, _) => (&mut s.not_service_accounts, "notServiceAccounts"),
+        };
+        *list = values;
+        rule.from = vec![From { source: s }];
+        format!("spec.rules[0].from[0].source.{name}")
+    };
+    p.spec.rules = vec![rule];
+    (p, field)
+}
+
+#[test]
+fn near_values_reach_valid_and_invalid_values_of_every_kind() {
+    use proptest::strategy::ValueTree as _;
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    for kind in [
+        Kind::Principal,
+        Kind::Namespace,
+        Kind::IpBlock,
+        Kind::ServiceAccount,
+        Kind::Port,
+    ] {
+        let strategy = near_value(kind);
+        let valid = (0..1000)
+            .filter(|_| valid_value(kind, &strategy.new_tree(&mut runner).unwrap().current()))
+            .count();
+        assert!((200..=800).contains(&valid), "{kind:?}: {valid} of 1000 valid");
+    }
+}
+
 proptest! {
     #[test]
-    fn validation_never_panics(p in arb_policy(), junk in prop::collection::vec(".{0,16}", 0..4), name in ".{0,70}") {
-        let mut p = p;
-        p.metadata.name = name;
-        let _ = p.validate();
-        // Arbitrary strings in every kind of field.
-        for field in 0..6 {
-            let mut q = parse("q", r#"{"rules": [{"from": [{"source": {"principals": ["*"]}}]}]}"#);
-            let source = &mut q.spec.rules[0].from[0].source;
-            match field {
-                0 => source.principals = junk.clone(),
-                1 => source.namespaces = junk.clone(),
-                2 => source.ip_blocks = junk.clone(),
-                3 => source.service_accounts = junk.clone(),
-                4 => q.spec.rules[0].when = vec![Condition { key: junk.first().cloned().unwrap_or_default(), values: junk.clone(), not_values: vec![] }],
-                _ => q.spec.rules[0].to = vec![To { operation: Operation { not_ports: junk.clone(), ..Operation::default() } }],
-            }
-            let _ = q.validate();
+    fn a_policy_compiles_exactly_when_its_values_are_valid_and_a_refusal_names_the_first_bad_one(
+        (kind, values) in prop_oneof![Just(Kind::Principal), Just(Kind::Namespace), Just(Kind::IpBlock), Just(Kind::ServiceAccount), Just(Kind::Port)]
+            .prop_flat_map(|kind| (Just(kind), prop::collection::vec(near_value(kind), 1..4))),
+        negated in any::<bool>(),
+        as_condition in any::<bool>(),
+    ) {
+        let (p, field) = policy_with(kind, values.clone(), negated, as_condition);
+        let first_bad = values.iter().position(|v| !valid_value(kind, v));
+        match (p.validate(), first_bad) {
+            (Ok(()), None) => {}
+            (Err(e), Some(i)) => prop_assert_eq!(&e.field, &format!("{field}[{i}]"), "{}", e),
+            (got, want) => prop_assert!(false, "{:?} in {}: validation says {:?}, the rules that value {:?} is the first bad one", values, field, got, want),
         }
     }
 
