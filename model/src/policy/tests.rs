@@ -418,6 +418,10 @@ fn near_value(kind: Kind) -> BoxedStrategy<String> {
             "A/web",
             "a/Web",
             "a/b/c",
+            "a/web_v1",
+            "web_1",
+            "a/web.",
+            "a_b/web",
             "a/web..v1",
             "a/.web",
             "a/-web",
@@ -505,7 +509,7 @@ fn near_values_reach_valid_and_invalid_values_of_every_kind() {
         let valid = (0..1000)
             .filter(|_| valid_value(kind, &strategy.new_tree(&mut runner).unwrap().current()))
             .count();
-        assert!((200..=800).contains(&valid), "{kind:?}: {valid} of 1000 valid");
+        assert!((100..=900).contains(&valid), "{kind:?}: {valid} of 1000 valid");
     }
 }
 
