@@ -331,35 +331,105 @@ prop_compose! {
     }
 }
 
-proptest! {
-    #[test]
-    fn arbitrary_text_never_panics_the_parser(s in "\\PC{0,200}") {
-        let _ = manifest::parse(&s, "f");
-        let _ = manifest::parse_refs(&s, "f");
+/// Documents with one defect each, and the field the refusal must name (`None`: the document as a whole).
+const BROKEN: &[(&str, Option<&str>)] = &[
+    ("apiVersion: v1\nkind: Pdo\nmetadata:\n  name: x\n", Some("kind")),
+    ("apiVersion: v1\nmetadata:\n  name: x\n", Some("kind")),
+    ("apiVersion: v2\nkind: Pod\nmetadata:\n  name: x\n", Some("apiVersion")),
+    ("kind: Namespace\nmetadata:\n  name: x\n", Some("apiVersion")),
+    (
+        "apiVersion: 1\nkind: Namespace\nmetadata:\n  name: x\n",
+        Some("apiVersion"),
+    ),
+    ("- apiVersion: v1\n- kind: Namespace\n", None),
+    ("just text\n", None),
+    (
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: Not_A_Label\n",
+        Some("metadata.name"),
+    ),
+    (
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: b\n  uid: ../x\nspec:\n  nodeName: n1\nstatus:\n  podIP: 10.1.0.1\n",
+        Some("metadata.uid"),
+    ),
+    (
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: b\nspec:\n  nodeName: n1\n  serviceAccountName: Web\nstatus:\n  podIP: 10.1.0.1\n",
+        Some("spec.serviceAccountName"),
+    ),
+];
+
+/// One document of a stream.
+#[derive(Clone, Debug)]
+enum Piece {
+    Namespace(u8),
+    Pod(u8),
+    /// Nothing but a comment, or nothing at all.
+    Empty(bool),
+    /// `BROKEN[i]`.
+    Broken(usize),
+}
+
+impl Piece {
+    fn text(&self) -> String {
+        match self {
+            Piece::Namespace(i) => format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: ns{i}\n"),
+            Piece::Pod(i) => pod(&format!("p{i}"), "n1", &format!("10.0.0.{i}")),
+            Piece::Empty(comment) => {
+                if *comment {
+                    "# nothing here\n".into()
+                } else {
+                    String::new()
+                }
+            }
+            Piece::Broken(i) => BROKEN[*i].0.to_owned(),
+        }
     }
 
+    /// The object's name, for documents that hold one.
+    fn name(&self) -> Option<String> {
+        match self {
+            Piece::Namespace(0) => Some("default".into()),
+            Piece::Namespace(i) => Some(format!("ns{i}")),
+            Piece::Pod(i) => Some(format!("p{i}")),
+            Piece::Empty(_) | Piece::Broken(_) => None,
+        }
+    }
+}
+
+fn piece() -> impl Strategy<Value = Piece> {
+    prop_oneof![
+        3 => (1u8..).prop_map(Piece::Namespace),
+        3 => any::<u8>().prop_map(Piece::Pod),
+        1 => any::<bool>().prop_map(Piece::Empty),
+        2 => (0..BROKEN.len()).prop_map(Piece::Broken),
+    ]
+}
+
+proptest! {
     #[test]
-    fn yaml_like_text_never_panics_the_parser(
-        lines in proptest::collection::vec(
-            prop_oneof![
-                Just("---".to_owned()),
-                Just("apiVersion: v1".to_owned()),
-                Just("kind: Pod".to_owned()),
-                Just("kind: Service".to_owned()),
-                Just("metadata:".to_owned()),
-                Just("  name: web".to_owned()),
-                Just("spec:".to_owned()),
-                Just("  ports:".to_owned()),
-                Just("  - port: 80".to_owned()),
-                "[ a-zA-Z0-9:{}\\[\\],&*!|>-]{0,30}",
-            ],
-            0..20,
-        )
-    ) {
-        let yaml = lines.join("\n");
-        let _ = manifest::parse(&yaml, "f");
-        let (_dir, store) = store();
-        let _ = store.apply(&yaml, "f");
+    fn a_stream_is_refused_at_its_first_broken_document_naming_the_field(pieces in prop::collection::vec(piece(), 0..8)) {
+        // The first document is always the namespace: the stream starts with a document, not a separator.
+        let texts: Vec<String> = std::iter::once(NS.to_owned()).chain(pieces.iter().map(Piece::text)).collect();
+        let yaml = texts.join("---\n");
+        let first_broken = pieces.iter().position(|p| matches!(p, Piece::Broken(_))).map(|i| (i + 2, &pieces[i]));
+        match (manifest::parse(&yaml, "f"), first_broken) {
+            (Ok(docs), None) => {
+                // Every valid document, at its position; empty ones counted but skipped.
+                let want: Vec<(usize, String)> = std::iter::once(&Piece::Namespace(0))
+                    .chain(&pieces)
+                    .enumerate()
+                    .filter_map(|(i, p)| p.name().map(|n| (i + 1, n)))
+                    .collect();
+                let got: Vec<(usize, String)> = docs.iter().map(|d| (d.index, d.item.object_ref().name.clone())).collect();
+                prop_assert_eq!(&got, &want, "{}", yaml);
+                let refs: Vec<(usize, String)> = manifest::parse_refs(&yaml, "f").unwrap().into_iter().map(|d| (d.index, d.item.name)).collect();
+                prop_assert_eq!(&refs, &want);
+            }
+            (Err(e), Some((index, Piece::Broken(b)))) => {
+                prop_assert_eq!(e.document, Some(index), "{}\n{}", e, yaml);
+                prop_assert_eq!(e.field.as_deref(), BROKEN[*b].1, "{}\n{}", e, yaml);
+            }
+            (got, want) => prop_assert!(false, "{:?}, want {:?}\n{}", got, want, yaml),
+        }
     }
 
     #[test]
