@@ -478,9 +478,11 @@ fn outside_the_mesh_is_passthrough_and_a_service_vip_spreads_over_its_endpoints(
     let _meshed = c.serve("app-2-1", "8080");
     let meshed_url = format!("http://{}:8080/", c.pod_ip("app-2-1", false));
     // (The policy reaches node2's agent within a second of the apply.)
-    wait_for("plaintext to be refused in strict mode", Duration::from_secs(10), || {
-        (curl(&c, "app-1-2", &meshed_url).0 != 0).then_some(())
-    });
+    wait_for(
+        "plaintext to be refused in strict mode",
+        Duration::from_secs(10),
+        || (curl(&c, "app-1-2", &meshed_url).0 != 0).then_some(()),
+    );
     let refused = record(&c, "node2", "the strict refusal", |r| r["reason"] == "strict_mtls");
     assert_eq!(refused["policy"], "weft-system/default", "{refused}");
     assert_eq!(curl(&c, "app-1-1", &meshed_url).0, 0, "meshed clients still connect");

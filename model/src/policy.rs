@@ -301,10 +301,7 @@ impl Compiled {
     /// Whether the policy applies to `target`: in scope, and selected by its labels.
     pub fn applies_to(&self, target: Target<'_>) -> bool {
         (self.scope == Scope::Mesh || self.namespace == target.namespace)
-            && self
-                .selector
-                .as_ref()
-                .is_none_or(|s| selects(s, target.labels))
+            && self.selector.as_ref().is_none_or(|s| selects(s, target.labels))
     }
 
     /// Whether one of the policy's rules matches `conn` (whatever the action).
