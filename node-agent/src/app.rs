@@ -384,22 +384,16 @@ impl Reconciler {
         for cookie in networks.drop_vanished() {
             capture.unenroll(cookie);
         }
-        let wanted: BTreeSet<&str> = snapshot
-            .pods_on(&self.node)
-            .filter(|p| enrollment::is_enrolled(p, snapshot.namespace(&p.namespace)))
-            .map(|p| p.uid.as_str())
-            .collect();
+        let wanted = wanted_on(snapshot, &self.node);
         let live: BTreeSet<u64> = self.pods.values().map(InPod::netns_cookie).collect();
-        let mut unaccounted = 0;
-        for cookie in capture.enrolled_netns() {
-            if live.contains(&cookie) {
-                continue;
-            }
-            match networks.uid_of_cookie(cookie) {
-                Some(uid) if !wanted.contains(uid) => capture.unenroll(cookie),
-                Some(_) => {}
-                None => unaccounted += 1,
-            }
+        let (release, unaccounted) = to_release(
+            capture.enrolled_netns(),
+            &live,
+            |cookie| networks.uid_of_cookie(cookie),
+            &wanted,
+        );
+        for cookie in release {
+            capture.unenroll(cookie);
         }
         if unaccounted != self.unaccounted {
             self.unaccounted = unaccounted;
@@ -416,6 +410,38 @@ impl Reconciler {
             }
         }
     }
+}
+
+/// The uids of the pods the workload source wants enrolled on `node`.
+fn wanted_on<'a>(snapshot: &'a WorkloadSnapshot, node: &'a str) -> BTreeSet<&'a str> {
+    snapshot
+        .pods_on(node)
+        .filter(|p| enrollment::is_enrolled(p, snapshot.namespace(&p.namespace)))
+        .map(|p| p.uid.as_str())
+        .collect()
+}
+
+/// Of the `captured` network namespaces that no served pod holds (`served`), the ones to release:
+/// those whose pod (`uid_of`) is known and not `wanted`. A wanted pod's namespace stays captured
+/// even when the agent cannot serve it, and so does one the agent cannot name (its pod-network
+/// state lost): their connections are refused, never sent around the agent. Also returns how many
+/// could not be named.
+fn to_release<'a>(
+    captured: impl IntoIterator<Item = u64>,
+    served: &BTreeSet<u64>,
+    uid_of: impl Fn(u64) -> Option<&'a str>,
+    wanted: &BTreeSet<&str>,
+) -> (Vec<u64>, usize) {
+    let mut release = Vec::new();
+    let mut unaccounted = 0;
+    for cookie in captured.into_iter().filter(|c| !served.contains(c)) {
+        match uid_of(cookie) {
+            Some(uid) if !wanted.contains(uid) => release.push(cookie),
+            Some(_) => {}
+            None => unaccounted += 1,
+        }
+    }
+    (release, unaccounted)
 }
 
 fn raise_memlock() {
@@ -557,5 +583,26 @@ mod tests {
                 c.says
             );
         }
+    }
+
+    #[test]
+    fn only_a_known_unwanted_pods_namespace_is_released() {
+        let s = snapshot();
+        let wanted = wanted_on(&s, "node1");
+        assert_eq!(wanted, BTreeSet::from(["uid-web"]), "enrolled pods of this node only");
+        // Captured namespaces by cookie: 1 served; 2 wanted but not served (its enrollment failing);
+        // 3 a pod outside the mesh now; 4 a pod of another node; 5 a pod the source deleted; 6 one
+        // the agent cannot name (its pod-network state lost).
+        let uids = BTreeMap::from([
+            (1, "uid-web"),
+            (2, "uid-web"),
+            (3, "uid-legacy"),
+            (4, "uid-elsewhere"),
+            (5, "uid-gone"),
+        ]);
+        let served = BTreeSet::from([1]);
+        let (release, unaccounted) = to_release(1..=6, &served, |c| uids.get(&c).copied(), &wanted);
+        assert_eq!(release, [3, 4, 5]);
+        assert_eq!(unaccounted, 1);
     }
 }
