@@ -284,10 +284,20 @@ pub async fn serve_with_limits<H: Handler>(
         tokio::select! {
             next = connection.accept() => match next {
                 Some(next) => {
-                    let (req, respond) = next.map_err(|source| ServeError::Http { source })?;
+                    let (req, mut respond) = next.map_err(|source| ServeError::Http { source })?;
+                    // Checked here, before a task exists: a tunnel's task never holds the request.
+                    let (parts, recv) = req.into_parts();
+                    let target = match parse_connect(&parts.method, &parts.uri) {
+                        Ok(target) => target,
+                        Err(error) => {
+                            tracing::debug!(src.addr = %ctx.peer, src.identity = %ctx.identity, %error, "bad HBONE request");
+                            let _ = respond.send_response(status(StatusCode::BAD_REQUEST), true);
+                            continue;
+                        }
+                    };
                     let id = ctx.opened.fetch_add(1, Ordering::AcqRel);
                     ctx.table().insert(id, Open::default());
-                    let task = tokio::spawn(ctx.clone().handle(id, req, respond));
+                    let task = tokio::spawn(ctx.clone().handle(id, target, recv, respond));
                     ctx.set_abort(id, task.abort_handle());
                 }
                 None => break,
@@ -428,14 +438,14 @@ impl<H: Handler> Connection<H> {
         }
     }
 
-    async fn handle(self: Arc<Self>, id: u64, req: http::Request<RecvStream>, respond: SendResponse<Bytes>) {
+    async fn handle(self: Arc<Self>, id: u64, target: SocketAddr, recv: RecvStream, respond: SendResponse<Bytes>) {
         // Dropped however the task ends, a recheck stopping it included.
         let mut tunnel = Tunnel {
             conn: &self,
             id,
             session: None,
         };
-        tunnel.run(req, respond).await;
+        tunnel.run(target, recv, respond).await;
     }
 }
 
@@ -449,37 +459,13 @@ struct Tunnel<'a, H: Handler> {
 }
 
 impl<H: Handler> Tunnel<'_, H> {
-    async fn run(&mut self, req: http::Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+    async fn run(&mut self, target: SocketAddr, recv: RecvStream, mut respond: SendResponse<Bytes>) {
         let conn = self.conn;
-        let (parts, recv) = req.into_parts();
-        let target = parse_connect(&parts.method, &parts.uri);
-        // Not held for the tunnel's life: a task per tunnel carries only what it uses.
-        drop(parts);
-        let target = match target {
-            Ok(target) => target,
-            Err(error) => {
-                tracing::debug!(src.addr = %conn.peer, src.identity = %conn.identity, %error, "bad HBONE request");
-                let _ = respond.send_response(status(StatusCode::BAD_REQUEST), true);
-                return;
-            }
+        // Boxed: an async fn's state is as large as its largest await point, and the handler's
+        // authorization and connect would otherwise stay in every open tunnel's task for its life.
+        let Some(mut upstream) = Box::pin(self.open(target, &mut respond)).await else {
+            return;
         };
-        let request = conn.request(target);
-        // A client that resets the stream while we authorize and connect is gone: drop the attempt.
-        let (session, result) = tokio::select! {
-            opened = conn.handler.open(&request) => opened,
-            _ = poll_fn(|cx| respond.poll_reset(cx)) => return,
-        };
-        drop(request);
-        let mut upstream = match result {
-            Ok(upstream) => upstream,
-            Err(refusal) => {
-                conn.handler
-                    .closed(session, Err(io::Error::new(refusal.io_kind(), refusal)));
-                let _ = respond.send_response(status(refusal.status()), true);
-                return;
-            }
-        };
-        self.session = Some(session);
         // Best effort, as for the client side of the tunnel.
         let _ = upstream.set_nodelay(true);
         let span = tracing::debug_span!(
@@ -504,6 +490,30 @@ impl<H: Handler> Tunnel<'_, H> {
         drop(upstream);
         if let Some(session) = self.session.take() {
             conn.handler.closed(session, result);
+        }
+    }
+
+    /// Asks the handler to open the tunnel: its connection to the application, with the session kept
+    /// for the tunnel's end; or the refusal answered (none if the client reset the stream first).
+    async fn open(&mut self, target: SocketAddr, respond: &mut SendResponse<Bytes>) -> Option<TcpStream> {
+        let conn = self.conn;
+        let request = conn.request(target);
+        // A client that resets the stream while we authorize and connect is gone: drop the attempt.
+        let (session, result) = tokio::select! {
+            opened = conn.handler.open(&request) => opened,
+            _ = poll_fn(|cx| respond.poll_reset(cx)) => return None,
+        };
+        match result {
+            Ok(upstream) => {
+                self.session = Some(session);
+                Some(upstream)
+            }
+            Err(refusal) => {
+                conn.handler
+                    .closed(session, Err(io::Error::new(refusal.io_kind(), refusal)));
+                let _ = respond.send_response(status(refusal.status()), true);
+                None
+            }
         }
     }
 }
