@@ -30,6 +30,37 @@ impl std::fmt::Display for Invalid {
 
 impl std::error::Error for Invalid {}
 
+// === shared by policies and PeerAuthentications ===
+
+fn selector_to_wire(s: &policy::Selector) -> v1::Selector {
+    v1::Selector {
+        match_labels: s.match_labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    }
+}
+
+fn selector_from_wire(s: &v1::Selector) -> policy::Selector {
+    policy::Selector {
+        match_labels: s.match_labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    }
+}
+
+fn scope_to_wire(scope: policy::Scope) -> i32 {
+    let scope = match scope {
+        policy::Scope::Namespace => v1::Scope::Namespace,
+        policy::Scope::Mesh => v1::Scope::Mesh,
+    };
+    scope as i32
+}
+
+/// The scope a wire value names; none for a value this agent does not know.
+fn scope_from_wire(scope: i32) -> Option<policy::Scope> {
+    match v1::Scope::try_from(scope) {
+        Ok(v1::Scope::Namespace) => Some(policy::Scope::Namespace),
+        Ok(v1::Scope::Mesh) => Some(policy::Scope::Mesh),
+        Err(_) => None,
+    }
+}
+
 // === policy ===
 
 /// The wire form of a validated policy, with the scope the controller gives it.
@@ -37,9 +68,7 @@ pub fn policy_to_wire(p: &AuthorizationPolicy, scope: policy::Scope) -> v1::Poli
     v1::Policy {
         namespace: p.metadata.namespace.clone(),
         name: p.metadata.name.clone(),
-        selector: p.spec.selector.as_ref().map(|s| v1::Selector {
-            match_labels: s.match_labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        }),
+        selector: p.spec.selector.as_ref().map(selector_to_wire),
         action: match p.spec.action {
             policy::Action::Allow => v1::Action::Allow as i32,
             policy::Action::Deny => v1::Action::Deny as i32,
@@ -85,10 +114,7 @@ pub fn policy_to_wire(p: &AuthorizationPolicy, scope: policy::Scope) -> v1::Poli
                     .collect(),
             })
             .collect(),
-        scope: match scope {
-            policy::Scope::Namespace => v1::Scope::Namespace,
-            policy::Scope::Mesh => v1::Scope::Mesh,
-        } as i32,
+        scope: scope_to_wire(scope),
     }
 }
 
@@ -134,20 +160,14 @@ fn policy_from_wire(p: &v1::Policy) -> Result<(AuthorizationPolicy, policy::Scop
         Ok(v1::Action::Audit) => policy::Action::Audit,
         Err(_) => return Err(invalid("action", format!("unknown action {}", p.action))),
     };
-    let scope = match v1::Scope::try_from(p.scope) {
-        Ok(v1::Scope::Namespace) => policy::Scope::Namespace,
-        Ok(v1::Scope::Mesh) => policy::Scope::Mesh,
-        Err(_) => return Err(invalid("scope", format!("unknown scope {}", p.scope))),
-    };
+    let scope = scope_from_wire(p.scope).ok_or_else(|| invalid("scope", format!("unknown scope {}", p.scope)))?;
     let policy = AuthorizationPolicy {
         metadata: policy::Metadata {
             name: p.name.clone(),
             namespace: p.namespace.clone(),
         },
         spec: policy::Spec {
-            selector: p.selector.as_ref().map(|s| policy::Selector {
-                match_labels: s.match_labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            }),
+            selector: p.selector.as_ref().map(selector_from_wire),
             action,
             rules: p
                 .rules

@@ -8,7 +8,7 @@ use weft_model::{
     policy::{self, Scope},
 };
 
-use super::Invalid;
+use super::{Invalid, scope_from_wire, scope_to_wire, selector_from_wire, selector_to_wire};
 use crate::v1;
 
 /// The wire form of a validated PeerAuthentication, with the scope the controller gives it. A port
@@ -28,15 +28,10 @@ pub fn peer_authentication_to_wire(p: &PeerAuthentication, scope: Scope) -> v1::
     v1::PeerAuthentication {
         namespace: p.metadata.namespace.clone(),
         name: p.metadata.name.clone(),
-        selector: p.spec.selector.as_ref().map(|s| v1::Selector {
-            match_labels: s.match_labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        }),
+        selector: p.spec.selector.as_ref().map(selector_to_wire),
         mode: mode_to_wire(p.spec.mtls.as_ref().map_or(Mode::Unset, |m| m.mode)) as i32,
         port_level_mtls,
-        scope: match scope {
-            Scope::Namespace => v1::Scope::Namespace,
-            Scope::Mesh => v1::Scope::Mesh,
-        } as i32,
+        scope: scope_to_wire(scope),
     }
 }
 
@@ -80,11 +75,7 @@ fn from_wire(p: &v1::PeerAuthentication) -> Result<(PeerAuthentication, Scope), 
         Ok(v1::MtlsMode::MtlsStrict) => Ok(Mode::Strict),
         Err(_) => Err(invalid(field, format!("unknown mTLS mode {m}"))),
     };
-    let scope = match v1::Scope::try_from(p.scope) {
-        Ok(v1::Scope::Namespace) => Scope::Namespace,
-        Ok(v1::Scope::Mesh) => Scope::Mesh,
-        Err(_) => return Err(invalid("scope", format!("unknown scope {}", p.scope))),
-    };
+    let scope = scope_from_wire(p.scope).ok_or_else(|| invalid("scope", format!("unknown scope {}", p.scope)))?;
     let port_level_mtls = if p.port_level_mtls.is_empty() {
         None
     } else {
@@ -107,9 +98,7 @@ fn from_wire(p: &v1::PeerAuthentication) -> Result<(PeerAuthentication, Scope), 
             namespace: p.namespace.clone(),
         },
         spec: peer_auth::Spec {
-            selector: p.selector.as_ref().map(|s| policy::Selector {
-                match_labels: s.match_labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            }),
+            selector: p.selector.as_ref().map(selector_from_wire),
             mtls: Some(peer_auth::Mtls {
                 mode: mode("mode", p.mode)?,
             }),
