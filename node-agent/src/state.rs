@@ -46,22 +46,81 @@ pub struct State {
     namespaces: BTreeMap<String, Namespace>,
     workloads: BTreeMap<String, Arc<Workload>>,
     services: BTreeMap<String, Service>,
-    /// Compiled when received: a connection's decision parses nothing.
-    policies: BTreeMap<String, Arc<policy::Compiled>>,
+    policies: Scoped<policy::Compiled>,
+    peer_auths: Scoped<peer_auth::Compiled>,
     by_ip: HashMap<IpAddr, String>,
     by_vip: HashMap<IpAddr, String>,
-    /// Namespace-scoped policies by namespace, and the mesh-wide ones (the controller's root
-    /// namespace's), so that a connection's decision looks at few policies and allocates nothing.
-    policies_by_namespace: HashMap<String, Vec<Arc<policy::Compiled>>>,
-    mesh_policies: Vec<Arc<policy::Compiled>>,
-    /// PeerAuthentications, compiled when received, and indexed as the policies are.
-    peer_auths: BTreeMap<String, Arc<peer_auth::Compiled>>,
-    peer_auths_by_namespace: HashMap<String, Vec<Arc<peer_auth::Compiled>>>,
-    mesh_peer_auths: Vec<Arc<peer_auth::Compiled>>,
     /// Store revision of the last push applied.
     pub revision: u64,
     /// Whether a first (full) push has arrived since the agent started.
     pub synced: bool,
+}
+
+/// Compiled objects of one kind (compiled when received: a connection's decision parses nothing),
+/// by name and indexed by scope: the mesh-wide ones (the controller's root namespace's) and each
+/// namespace's own, so that a connection's decision looks at few of them and allocates nothing.
+#[derive(Clone, Debug)]
+struct Scoped<T> {
+    by_name: BTreeMap<String, Arc<T>>,
+    by_namespace: HashMap<String, Vec<Arc<T>>>,
+    mesh: Vec<Arc<T>>,
+}
+
+impl<T> Default for Scoped<T> {
+    fn default() -> Self {
+        Self {
+            by_name: BTreeMap::new(),
+            by_namespace: HashMap::new(),
+            mesh: Vec::new(),
+        }
+    }
+}
+
+/// What [`Scoped`] indexes by.
+trait ScopedObject {
+    fn scope(&self) -> Scope;
+    fn namespace(&self) -> &str;
+}
+
+impl ScopedObject for policy::Compiled {
+    fn scope(&self) -> Scope {
+        policy::Compiled::scope(self)
+    }
+    fn namespace(&self) -> &str {
+        policy::Compiled::namespace(self)
+    }
+}
+
+impl ScopedObject for peer_auth::Compiled {
+    fn scope(&self) -> Scope {
+        peer_auth::Compiled::scope(self)
+    }
+    fn namespace(&self) -> &str {
+        peer_auth::Compiled::namespace(self)
+    }
+}
+
+impl<T: ScopedObject> Scoped<T> {
+    fn reindex(&mut self) {
+        self.by_namespace.clear();
+        self.mesh.clear();
+        for o in self.by_name.values() {
+            match o.scope() {
+                Scope::Mesh => self.mesh.push(o.clone()),
+                Scope::Namespace => self
+                    .by_namespace
+                    .entry(o.namespace().to_owned())
+                    .or_default()
+                    .push(o.clone()),
+            }
+        }
+    }
+
+    /// The mesh-wide ones, then `namespace`'s own.
+    fn for_namespace<'a>(&'a self, namespace: &str) -> impl Iterator<Item = &'a T> + 'a {
+        let own = self.by_namespace.get(namespace).map_or(&[][..], Vec::as_slice);
+        self.mesh.iter().chain(own).map(|o| &**o)
+    }
 }
 
 /// Where an outbound connection goes, decided from the state alone.
@@ -163,11 +222,15 @@ impl State {
             }
             Some(Kind::Policy(p)) => {
                 let policy = policy::Compiled::try_from(p).map_err(|e| e.to_string())?;
-                self.policies.insert(key(&p.namespace, &p.name), Arc::new(policy));
+                self.policies
+                    .by_name
+                    .insert(key(&p.namespace, &p.name), Arc::new(policy));
             }
             Some(Kind::PeerAuthentication(p)) => {
                 let compiled = peer_auth::Compiled::try_from(p).map_err(|e| e.to_string())?;
-                self.peer_auths.insert(key(&p.namespace, &p.name), Arc::new(compiled));
+                self.peer_auths
+                    .by_name
+                    .insert(key(&p.namespace, &p.name), Arc::new(compiled));
             }
             None => return Err("resource without a body".into()),
         }
@@ -186,10 +249,10 @@ impl State {
                 self.services.remove(name);
             }
             types::POLICY => {
-                self.policies.remove(name);
+                self.policies.by_name.remove(name);
             }
             types::PEER_AUTHENTICATION => {
-                self.peer_auths.remove(name);
+                self.peer_auths.by_name.remove(name);
             }
             _ => {}
         }
@@ -205,8 +268,8 @@ impl State {
             types::NAMESPACE => copy(&self.namespaces, &mut next.namespaces, name),
             types::WORKLOAD => copy(&self.workloads, &mut next.workloads, name),
             types::SERVICE => copy(&self.services, &mut next.services, name),
-            types::POLICY => copy(&self.policies, &mut next.policies, name),
-            types::PEER_AUTHENTICATION => copy(&self.peer_auths, &mut next.peer_auths, name),
+            types::POLICY => copy(&self.policies.by_name, &mut next.policies.by_name, name),
+            types::PEER_AUTHENTICATION => copy(&self.peer_auths.by_name, &mut next.peer_auths.by_name, name),
             _ => {}
         }
     }
@@ -222,30 +285,8 @@ impl State {
             .iter()
             .flat_map(|(k, s)| s.vips.iter().map(move |ip| (*ip, k.clone())))
             .collect();
-        self.policies_by_namespace.clear();
-        self.mesh_policies.clear();
-        for p in self.policies.values() {
-            match p.scope() {
-                Scope::Mesh => self.mesh_policies.push(p.clone()),
-                Scope::Namespace => self
-                    .policies_by_namespace
-                    .entry(p.namespace().to_owned())
-                    .or_default()
-                    .push(p.clone()),
-            }
-        }
-        self.peer_auths_by_namespace.clear();
-        self.mesh_peer_auths.clear();
-        for p in self.peer_auths.values() {
-            match p.scope() {
-                Scope::Mesh => self.mesh_peer_auths.push(p.clone()),
-                Scope::Namespace => self
-                    .peer_auths_by_namespace
-                    .entry(p.namespace().to_owned())
-                    .or_default()
-                    .push(p.clone()),
-            }
-        }
+        self.policies.reindex();
+        self.peer_auths.reindex();
     }
 
     /// Namespaces and pods, for the enrollment reconciler.
@@ -277,18 +318,13 @@ impl State {
     /// The policies that can apply to a workload of `namespace`: the mesh-wide ones and the
     /// namespace's own; [`policy::decide`] checks which of them select the workload.
     pub fn policies_for<'a>(&'a self, namespace: &str) -> impl Iterator<Item = &'a policy::Compiled> + 'a {
-        let own = self.policies_by_namespace.get(namespace).map_or(&[][..], Vec::as_slice);
-        self.mesh_policies.iter().chain(own).map(|p| &**p)
+        self.policies.for_namespace(namespace)
     }
 
     /// The PeerAuthentications that can apply to a workload of `namespace`: the mesh-wide ones and
     /// the namespace's own; [`peer_auth::requirement`] resolves which of them speak for it.
     pub fn peer_auths_for<'a>(&'a self, namespace: &str) -> impl Iterator<Item = &'a peer_auth::Compiled> + 'a {
-        let own = self
-            .peer_auths_by_namespace
-            .get(namespace)
-            .map_or(&[][..], Vec::as_slice);
-        self.mesh_peer_auths.iter().chain(own).map(|p| &**p)
+        self.peer_auths.for_namespace(namespace)
     }
 
     /// Where a connection to `dst` goes. `pick` chooses among a service's endpoints (round robin
