@@ -72,7 +72,7 @@ pub async fn plaintext(ctx: Arc<PodContext>, downstream: TcpStream, peer: Socket
 /// A plaintext connection's decision under `state`: denied, naming the PeerAuthentication, when its
 /// port is now STRICT; otherwise as its AuthorizationPolicies decide. An open plaintext connection
 /// is closed as `revoked` when either changes against it.
-fn plaintext_decision(ctx: &PodContext, state: &State, authz: &Authz) -> Decision {
+fn plaintext_decision(ctx: &PodContext, state: &State, authz: &Authz<'_>) -> Decision {
     match state::mtls_requirement(state, &ctx.name, &ctx.uid, authz.destination.port()) {
         Requirement::Strict { policy } => Decision::Deny {
             policy: Some(policy.to_string()),
@@ -81,19 +81,20 @@ fn plaintext_decision(ctx: &PodContext, state: &State, authz: &Authz) -> Decisio
     }
 }
 
-/// What an inbound connection's authorization is decided on, kept to decide it again.
-struct Authz {
+/// What an inbound connection's authorization is decided on, kept to decide it again. Borrowed from
+/// the connection: deciding copies nothing.
+struct Authz<'a> {
     /// The verified client identity (HBONE), or none (plaintext).
-    principal: Option<String>,
+    principal: Option<&'a str>,
     source: IpAddr,
     destination: SocketAddr,
 }
 
-impl Authz {
+impl Authz<'_> {
     /// The decision for the pod as `state` has it (its current labels) under `state`'s policies.
     fn decide(&self, ctx: &PodContext, state: &State) -> Decision {
         let conn = Connection {
-            source_principal: self.principal.as_deref(),
+            source_principal: self.principal,
             source_ip: self.source,
             destination_ip: self.destination.ip(),
             destination_port: self.destination.port(),
@@ -218,20 +219,20 @@ impl Handler for Inbound {
     }
 }
 
-impl Authz {
+impl<'a> Authz<'a> {
     /// The authorization inputs of a tunnel.
-    fn of_request(req: &Request) -> Self {
+    fn of_request(req: &'a Request) -> Self {
         Self {
-            principal: Some(req.identity.to_string()),
+            principal: Some(req.identity.as_str()),
             source: req.peer.ip(),
             destination: req.target,
         }
     }
 
     /// The authorization inputs of an open tunnel, from its record.
-    fn of(record: &Record) -> Option<Self> {
+    fn of(record: &'a Record) -> Option<Self> {
         Some(Self {
-            principal: Some(record.peer_identity.as_ref()?.to_string()),
+            principal: Some(record.peer_identity.as_ref()?.as_str()),
             source: record.src.ip(),
             destination: record.dst?,
         })
