@@ -208,6 +208,13 @@ impl tracing::field::Visit for Fields {
     }
 }
 
+/// The client sees its connection end (closed or reset), within the deadline.
+async fn assert_ends(client: &mut TcpStream) {
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(DEADLINE, client.read(&mut buf)).await.unwrap();
+    assert!(matches!(read, Ok(0) | Err(_)), "the client sees its connection end");
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn an_hbone_tunnel_reaches_the_application_from_the_clients_address_and_only_the_pods_own() {
     if !needs_root("hbone_inbound_handler") {
@@ -296,9 +303,7 @@ async fn a_plaintext_connection_a_policy_denies_is_closed_before_the_application
     let (downstream, peer) = steered.accept().await.unwrap();
 
     super::inbound_plaintext(pod.ctx.clone(), downstream, peer).await;
-    let mut buf = [0u8; 1];
-    let read = tokio::time::timeout(DEADLINE, client.read(&mut buf)).await.unwrap();
-    assert!(matches!(read, Ok(0) | Err(_)), "the client sees its connection end");
+    assert_ends(&mut client).await;
     let record = records.one().await;
     assert_eq!(record["mode"], "plaintext");
     assert_eq!(record["reason"], "denied");
@@ -323,9 +328,7 @@ async fn an_outbound_connection_without_an_original_destination_is_refused() {
     let (downstream, _) = listener.accept().await.unwrap();
 
     super::outbound(pod.ctx.clone(), downstream, false).await;
-    let mut buf = [0u8; 1];
-    let read = tokio::time::timeout(DEADLINE, client.read(&mut buf)).await.unwrap();
-    assert!(matches!(read, Ok(0) | Err(_)), "the client sees its connection end");
+    assert_ends(&mut client).await;
     let record = records.one().await;
     assert_eq!(record["direction"], "outbound");
     assert_eq!(record["reason"], "no_original_dst");
