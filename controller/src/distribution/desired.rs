@@ -180,11 +180,16 @@ pub fn desired(state: &State, node: &str, mesh: Mesh<'_>, filter: &TypeFilter) -
         .filter(|p| p.node == node)
         .map(|p| p.namespace.as_str())
         .collect();
+    // Policies of both kinds go where they can apply: the root namespace's (mesh-wide) to every
+    // node, a namespace's own to the nodes with its pods.
+    let sent_here = |namespace: &str| {
+        let scope = Scope::of(namespace, mesh.root_namespace);
+        (scope == Scope::Mesh || local.contains(namespace)).then_some(scope)
+    };
     if filter.wants(types::PEER_AUTHENTICATION) {
         for p in state.peer_authentications() {
             let namespace = p.metadata.namespace.as_str();
-            let scope = Scope::of(namespace, mesh.root_namespace);
-            if scope == Scope::Mesh || local.contains(namespace) {
+            if let Some(scope) = sent_here(namespace) {
                 add(
                     types::PEER_AUTHENTICATION,
                     format!("{namespace}/{}", p.metadata.name),
@@ -196,8 +201,7 @@ pub fn desired(state: &State, node: &str, mesh: Mesh<'_>, filter: &TypeFilter) -
     if filter.wants(types::POLICY) {
         for p in state.policies() {
             let namespace = p.metadata.namespace.as_str();
-            let scope = Scope::of(namespace, mesh.root_namespace);
-            if scope == Scope::Mesh || local.contains(namespace) {
+            if let Some(scope) = sent_here(namespace) {
                 add(
                     types::POLICY,
                     format!("{namespace}/{}", p.metadata.name),
