@@ -372,18 +372,10 @@ impl State {
 /// what the agent knows now, never on what it knew when the pod was enrolled. A workload this state
 /// does not have (or has under another uid) is refused: there is nothing current to decide on.
 pub fn authorize(state: &State, key: &str, uid: &str, conn: &policy::Connection<'_>) -> policy::Decision {
-    let Some(workload) = state.workload(key).filter(|w| w.pod.uid == uid) else {
+    let Some(pod) = current_pod(state, key, uid) else {
         return policy::Decision::Deny { policy: None };
     };
-    let pod = &workload.pod;
-    policy::decide(
-        state.policies_for(&pod.namespace),
-        policy::Target {
-            namespace: &pod.namespace,
-            labels: &pod.labels,
-        },
-        conn,
-    )
+    policy::decide(state.policies_for(&pod.namespace), target(pod), conn)
 }
 
 /// What `port` of the workload `key` (`namespace/name`, with `uid`) requires of a connection's
@@ -392,18 +384,23 @@ pub fn authorize(state: &State, key: &str, uid: &str, conn: &policy::Connection<
 /// state does not have is [`Permissive`](peer_auth::Requirement::Permissive) here; [`authorize`]
 /// refuses it.
 pub fn mtls_requirement(state: &State, key: &str, uid: &str, port: u16) -> peer_auth::Requirement {
-    let Some(workload) = state.workload(key).filter(|w| w.pod.uid == uid) else {
+    let Some(pod) = current_pod(state, key, uid) else {
         return peer_auth::Requirement::Permissive;
     };
-    let pod = &workload.pod;
-    peer_auth::requirement(
-        state.peer_auths_for(&pod.namespace),
-        policy::Target {
-            namespace: &pod.namespace,
-            labels: &pod.labels,
-        },
-        port,
-    )
+    peer_auth::requirement(state.peer_auths_for(&pod.namespace), target(pod), port)
+}
+
+/// The workload `key` as `state` has it now, if it is still the pod `uid`.
+fn current_pod<'a>(state: &'a State, key: &str, uid: &str) -> Option<&'a Pod> {
+    state.workload(key).map(|w| &w.pod).filter(|p| p.uid == uid)
+}
+
+/// What policies select a workload by: its namespace and current labels.
+fn target(pod: &Pod) -> policy::Target<'_> {
+    policy::Target {
+        namespace: &pod.namespace,
+        labels: &pod.labels,
+    }
 }
 
 #[cfg(test)]
