@@ -413,9 +413,16 @@ impl<H: Handler> Connection<H> {
     /// closed as revoked.
     fn recheck(&self) {
         let mut table = self.table();
+        // One request for the connection, its target set per tunnel: no copy of the identity each.
+        let mut request: Option<Request> = None;
         for open in table.values_mut() {
             let Some(target) = open.target else { continue };
-            if open.revoked || self.handler.allowed(&self.request(target)) {
+            if open.revoked {
+                continue;
+            }
+            let request = request.get_or_insert_with(|| self.request(target));
+            request.target = target;
+            if self.handler.allowed(request) {
                 continue;
             }
             open.revoked = true;
