@@ -90,8 +90,19 @@ impl Admission {
         })
     }
 
-    /// Admits a connection from `source` if every bound allows it.
+    /// Admits a TLS connection from `source` if every bound allows it; it holds a handshake slot
+    /// until [`Admitted::handshake_done`].
     pub fn admit(self: &Arc<Self>, source: IpAddr) -> Result<Admitted, Refused> {
+        self.admit_as(source, true)
+    }
+
+    /// Admits a connection that has no handshake (plaintext) if the connection bounds allow it;
+    /// the handshake bounds do not apply.
+    pub fn admit_plain(self: &Arc<Self>, source: IpAddr) -> Result<Admitted, Refused> {
+        self.admit_as(source, false)
+    }
+
+    fn admit_as(self: &Arc<Self>, source: IpAddr, handshaking: bool) -> Result<Admitted, Refused> {
         let source = source.to_canonical();
         let mut state = self.lock();
         let per = state.sources.get(&source).copied().unwrap_or_default();
@@ -101,21 +112,23 @@ impl Admission {
         if state.connections >= self.limits.connections {
             return Err(Refused::Connections);
         }
-        if per.handshakes >= self.limits.handshakes_per_source {
-            return Err(Refused::SourceHandshakes);
+        if handshaking {
+            if per.handshakes >= self.limits.handshakes_per_source {
+                return Err(Refused::SourceHandshakes);
+            }
+            if state.handshakes >= self.limits.handshakes {
+                return Err(Refused::Handshakes);
+            }
+            state.handshakes += 1;
         }
-        if state.handshakes >= self.limits.handshakes {
-            return Err(Refused::Handshakes);
-        }
-        state.handshakes += 1;
         state.connections += 1;
         let per = state.sources.entry(source).or_default();
         per.connections += 1;
-        per.handshakes += 1;
+        per.handshakes += usize::from(handshaking);
         Ok(Admitted {
             admission: self.clone(),
             source,
-            handshaking: true,
+            handshaking,
         })
     }
 
@@ -203,6 +216,24 @@ mod tests {
             a.lock().sources.is_empty(),
             "no per-source entry outlives its connections"
         );
+    }
+
+    #[test]
+    fn a_plain_connection_takes_no_handshake_slot_and_counts_as_a_connection() {
+        let a = Admission::new(AdmissionLimits {
+            connections: 100,
+            handshakes: 0,
+            handshakes_per_source: 0,
+            connections_per_source: 2,
+        });
+        let x: IpAddr = "10.0.0.1".parse().unwrap();
+        let first = a.admit_plain(x).unwrap();
+        let _second = a.admit_plain(x).unwrap();
+        assert_eq!(a.handshakes(), 0);
+        assert_eq!(a.admit_plain(x).unwrap_err(), Refused::SourceConnections);
+        drop(first);
+        assert_eq!(a.connections(), 1);
+        assert!(a.admit_plain(x).is_ok(), "the slot came back");
     }
 
     #[test]

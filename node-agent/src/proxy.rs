@@ -37,20 +37,19 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What plaintext clients may hold on this node's 15006 listeners. Each connection costs the agent
 /// two sockets (the client's and one to the application) and a task, so one source may hold 512,
-/// and all sources together 16,384. Plaintext has no handshake: an admitted connection's
-/// "handshake" ends as it is admitted, and its connect to the application is bounded by
-/// `CONNECT_TIMEOUT`.
+/// and all sources together 16,384. Plaintext has no handshake (its connect to the application is
+/// bounded by `CONNECT_TIMEOUT`), so the handshake bounds are not used.
 pub const PLAINTEXT_ADMISSION: AdmissionLimits = AdmissionLimits {
     connections: 16_384,
-    handshakes: 1024,
-    handshakes_per_source: 512,
+    handshakes: 0,
+    handshakes_per_source: 0,
     connections_per_source: 512,
 };
 
 /// A connection steered to a pod's plaintext inbound listener (15006): admitted first, then
 /// authorized and proxied. One past its source's (or the node's) bound is closed at once.
 pub async fn inbound_plaintext(ctx: Arc<PodContext>, downstream: TcpStream, peer: SocketAddr) {
-    let mut admitted = match ctx.mesh.plaintext_admission.admit(peer.ip()) {
+    let _admitted = match ctx.mesh.plaintext_admission.admit_plain(peer.ip()) {
         Ok(admitted) => admitted,
         Err(refused) => {
             tracing::debug!(pod = %ctx.name, %peer, error = %refused, "plaintext connection refused");
@@ -59,7 +58,6 @@ pub async fn inbound_plaintext(ctx: Arc<PodContext>, downstream: TcpStream, peer
             return;
         }
     };
-    admitted.handshake_done();
     inbound::plaintext(ctx, downstream, peer).await;
 }
 
