@@ -6,5 +6,6 @@ pub mod app;
 pub mod auth;
 pub mod ca;
 pub mod distribution;
+pub mod k8s;
 pub mod listener;
 pub mod store;

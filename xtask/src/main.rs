@@ -11,6 +11,8 @@ use anyhow::{Context as _, bail, ensure};
 use clap::Parser;
 
 mod bench;
+mod images;
+mod kube;
 
 /// bpf-linker that links LLVM 22 bitcode (the pinned nightly's); newer ones need a newer LLVM.
 const BPF_LINKER_VERSION: &str = "0.10.4";
@@ -35,6 +37,15 @@ enum Cli {
     /// Formatting and clippy only.
     Lint,
     /// Release build, then what the mesh costs: each scenario direct and through the mesh, side by side.
+    /// Release build, then OCI image archives of Weft's binaries (what the Kubernetes cluster runs).
+    Images,
+    /// Writes Weft's CustomResourceDefinitions, generated from the Rust types, into deploy/.
+    Crds,
+    /// The local Kubernetes cluster (2 nodes, each in its own network namespace): up, down, status.
+    Kube {
+        #[command(subcommand)]
+        cmd: kube::Cmd,
+    },
     Bench {
         /// Every scenario briefly, once: proves the harness works (CI runs it), not the numbers.
         #[arg(long)]
@@ -56,6 +67,9 @@ fn main() -> anyhow::Result<()> {
             .and_then(|()| test())
             .and_then(|()| quick_bench()),
         Cli::Lint => setup().and_then(|()| lint()),
+        Cli::Images => setup().and_then(|()| build_release()).and_then(|()| images::build(&root()).map(drop)),
+        Cli::Crds => build().and_then(|()| crds()),
+        Cli::Kube { cmd } => setup().and_then(|()| kube::run(cmd)),
         Cli::Bench { quick, out } => setup()
             .and_then(|()| build_release())
             .and_then(|()| bench::bench(&root().join("target").join("release"), quick, &root().join(out))),
@@ -265,6 +279,15 @@ fn quick_bench() -> anyhow::Result<()> {
         true,
         &root().join("target").join("bench-quick"),
     )
+}
+
+/// `weft-controller crds` renders the CRDs from the Rust types; they are kept in deploy/.
+fn crds() -> anyhow::Result<()> {
+    let yaml = output(Command::new(root().join("target/debug/weft-controller")).arg("crds"))?;
+    let path = root().join("deploy").join("crds.yaml");
+    std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+    step(&format!("wrote {}", path.display()));
+    Ok(())
 }
 
 // === demo ===

@@ -1,0 +1,1 @@
+//! The Kubernetes source: the controller's model built from the API server (being written).
