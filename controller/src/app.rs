@@ -127,7 +127,7 @@ impl Controller {
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let config_service = ConfigService::new(
-            store.clone(),
+            store.subscribe(),
             tokens.clone(),
             config.trust_domain.clone(),
             config.root_namespace.clone(),
@@ -138,7 +138,7 @@ impl Controller {
         let agents = listener::server()
             .add_service(ConfigServer::new(config_service).max_decoding_message_size(listener::MAX_CONFIG_REQUEST))
             .add_service(
-                CaServer::new(CaService::new(ca.clone(), store.clone(), tokens.clone()))
+                CaServer::new(CaService::new(ca.clone(), store.subscribe(), tokens.clone()))
                     .max_decoding_message_size(listener::MAX_SIGN_REQUEST),
             )
             .serve_with_incoming_shutdown(

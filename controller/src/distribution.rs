@@ -1,9 +1,10 @@
 //! The `Config` gRPC service: streams each node agent the resources it should hold, xDS-like.
 //!
 //! Per stream: authenticate the node (bearer token), read its `Subscribe` (which must name that
-//! node), send a full push, then a delta after every store commit that changes what the node should
-//! hold. Each push waits for its ACK/NACK before the next one is sent; commits made meanwhile are
-//! coalesced. The store is never held up: streams watch its revisions through a watch channel.
+//! node), send a full push, then a delta after every new state that changes what the node should
+//! hold. Each push waits for its ACK/NACK before the next one is sent; states published meanwhile are
+//! coalesced. The source (the local store or the Kubernetes source) is never held up: streams watch
+//! its states through a watch channel.
 
 pub mod desired;
 pub mod session;
@@ -16,16 +17,13 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 use weft_api::v1::{self, Push, StreamRequest, config_server, stream_request};
 
-use crate::{
-    auth::NodeTokens,
-    store::{State, Store},
-};
+use crate::{auth::NodeTokens, store::State};
 use desired::TypeFilter;
 use session::{Acked, Session};
 
 /// The `Config` service.
 pub struct ConfigService {
-    store: Arc<Store>,
+    states: watch::Receiver<Arc<State>>,
     tokens: Arc<NodeTokens>,
     trust_domain: String,
     root_namespace: String,
@@ -33,17 +31,19 @@ pub struct ConfigService {
 }
 
 impl ConfigService {
-    /// `root_namespace`'s policies go to every node, marked mesh-wide. `shutdown` turning true ends
-    /// every stream (cleanly, status OK), so that the server can drain.
+    /// `states` is the model's source (the local store's [`subscribe`](crate::store::Store::subscribe)
+    /// or the Kubernetes source's): every stream follows it. `root_namespace`'s policies go to every
+    /// node, marked mesh-wide. `shutdown` turning true ends every stream (cleanly, status OK), so that
+    /// the server can drain.
     pub fn new(
-        store: Arc<Store>,
+        states: watch::Receiver<Arc<State>>,
         tokens: Arc<NodeTokens>,
         trust_domain: String,
         root_namespace: String,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Self {
-            store,
+            states,
             tokens,
             trust_domain,
             root_namespace,
@@ -67,7 +67,7 @@ impl config_server::Config for ConfigService {
             root_namespace: self.root_namespace.clone(),
             inbound: request.into_inner(),
             tx,
-            states: self.store.subscribe(),
+            states: self.states.clone(),
             shutdown: self.shutdown.clone(),
         };
         let span = tracing::info_span!("config_stream", node = %node, peer = ?peer);

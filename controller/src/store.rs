@@ -243,6 +243,17 @@ struct Plan {
 // === impl State ===
 
 impl State {
+    /// A state of another source of the same model (the Kubernetes source). `id` names that source's
+    /// store (agents follow one store and refuse pushes of another); `revision` orders its states and
+    /// must not go back. An object whose reference repeats replaces the earlier one.
+    pub fn new(id: String, revision: u64, objects: impl IntoIterator<Item = Object>) -> State {
+        State {
+            id,
+            revision,
+            objects: objects.into_iter().map(|o| (o.object_ref(), o)).collect(),
+        }
+    }
+
     pub fn objects(&self) -> impl Iterator<Item = &Object> {
         self.objects.values()
     }

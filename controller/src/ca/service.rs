@@ -1,23 +1,26 @@
 //! The `Ca` gRPC service: who may have which certificate. A node gets an identity only while a pod
-//! with that namespace and service account is scheduled on it in the store.
+//! with that namespace and service account is scheduled on it in the current state (of the local
+//! store or the Kubernetes source).
 
 use std::sync::Arc;
 
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use weft_api::v1::{SignRequest, SignResponse, ca_server};
 
 use super::{Ca, SignError, parse_identity};
-use crate::{auth::NodeTokens, store::Store};
+use crate::{auth::NodeTokens, store::State};
 
 pub struct CaService {
     ca: Arc<Ca>,
-    store: Arc<Store>,
+    states: watch::Receiver<Arc<State>>,
     tokens: Arc<NodeTokens>,
 }
 
 impl CaService {
-    pub fn new(ca: Arc<Ca>, store: Arc<Store>, tokens: Arc<NodeTokens>) -> Self {
-        Self { ca, store, tokens }
+    /// Decides every request on the latest state `states` holds.
+    pub fn new(ca: Arc<Ca>, states: watch::Receiver<Arc<State>>, tokens: Arc<NodeTokens>) -> Self {
+        Self { ca, states, tokens }
     }
 
     fn sign_for(&self, node: &str, req: &SignRequest) -> Result<SignResponse, Status> {
@@ -28,7 +31,7 @@ impl CaService {
                 self.ca.trust_domain()
             )));
         }
-        let state = self.store.snapshot();
+        let state = self.states.borrow().clone();
         let scheduled = state.pods().any(|p| {
             p.node == node && p.namespace == identity.namespace() && p.service_account == identity.service_account()
         });
