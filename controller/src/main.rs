@@ -4,16 +4,19 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use clap::Parser as _;
 use weft_controller::{
     app::{self, CaFiles},
-    ca, listener,
+    ca, k8s, listener,
 };
 
-/// Weft's controller: the local store, the mesh CA, and config distribution to node agents.
+/// Weft's controller: the model (a local store, or a Kubernetes cluster), the mesh CA, and config
+/// distribution to node agents.
 #[derive(clap::Parser, Debug)]
-#[command(name = "weft-controller", version)]
+#[command(name = "weft-controller", version, subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Directory for store.json, the CA (ca/root.pem, ca/root.key) and the published root.pem.
-    #[arg(long, env = "WEFT_STATE_DIR")]
-    state_dir: PathBuf,
+    #[arg(long, env = "WEFT_STATE_DIR", required = true)]
+    state_dir: Option<PathBuf>,
     /// Address for node agents (Config and Ca over TLS).
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], weft_api::CONTROLLER_PORT)))]
     listen: SocketAddr,
@@ -48,6 +51,13 @@ struct Args {
     /// --listen is fixed (see docs/architecture.md).
     #[arg(long, hide = true, value_parser = parse_handshake_timeout)]
     handshake_timeout: Option<Duration>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Print Weft's CustomResourceDefinitions (apiextensions.k8s.io/v1) as a YAML stream, for
+    /// `kubectl apply -f -`.
+    Crds,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -110,10 +120,27 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::Crds) = args.command {
+        return match k8s::crd::crds_yaml() {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("weft-controller: cannot render the CRDs: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    // clap enforces --state-dir unless a subcommand was given.
+    let Some(state_dir) = args.state_dir else {
+        eprintln!("weft-controller: --state-dir is required");
+        return ExitCode::FAILURE;
+    };
     init_logging(args.log_format);
     let config = app::Config {
-        admin_socket: args.admin_socket.unwrap_or_else(|| args.state_dir.join("admin.sock")),
-        state_dir: args.state_dir,
+        admin_socket: args.admin_socket.unwrap_or_else(|| state_dir.join("admin.sock")),
+        state_dir,
         listen: args.listen,
         trust_domain: args.trust_domain,
         root_namespace: args.root_namespace,

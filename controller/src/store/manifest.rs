@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_yaml_ng::Value;
 use weft_model::{
     peer_auth::{self, PeerAuthentication},
@@ -82,6 +82,94 @@ pub fn render<'a>(objects: impl IntoIterator<Item = &'a Object>) -> Result<Strin
     Ok(out)
 }
 
+/// What is wrong with one field of an object, before it is placed in a file: the Kubernetes source
+/// writes it (`<field>: <problem>`) into a custom resource's `Accepted` condition, the local store
+/// prefixes it with the file, the document and the object ([`Invalid`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldProblem {
+    /// `spec.rules[0].from`; `None` when the problem is the whole object's.
+    pub field: Option<String>,
+    pub problem: String,
+}
+
+impl fmt::Display for FieldProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.field {
+            Some(field) => write!(f, "{field}: {}", self.problem),
+            None => f.write_str(&self.problem),
+        }
+    }
+}
+
+/// Reads and checks an AuthorizationPolicy as written, the one rule for every source of the model:
+/// `spec` (absent or null: the empty spec) must be a [`policy::Spec`] (unknown fields are refused,
+/// named by their path), then the policy must [`validate`](AuthorizationPolicy::validate). The
+/// caller has checked `namespace` and `name` against its own naming rules (validation checks that
+/// both are DNS labels as well).
+pub fn authorization_policy<'de, D: Deserializer<'de>>(
+    namespace: &str,
+    name: &str,
+    spec: D,
+) -> Result<AuthorizationPolicy, FieldProblem> {
+    let spec: Option<policy::Spec> = deserialize_at(spec, "spec")?;
+    let p = AuthorizationPolicy {
+        metadata: policy::Metadata {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+        },
+        spec: spec.unwrap_or_default(),
+    };
+    p.validate().map_err(|e| FieldProblem {
+        field: Some(e.field),
+        problem: e.problem,
+    })?;
+    Ok(p)
+}
+
+/// As [`authorization_policy`], for a PeerAuthentication ([`peer_auth::Spec`],
+/// [`PeerAuthentication::validate`]).
+pub fn peer_authentication<'de, D: Deserializer<'de>>(
+    namespace: &str,
+    name: &str,
+    spec: D,
+) -> Result<PeerAuthentication, FieldProblem> {
+    let spec: Option<peer_auth::Spec> = deserialize_at(spec, "spec")?;
+    let p = PeerAuthentication {
+        metadata: policy::Metadata {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+        },
+        spec: spec.unwrap_or_default(),
+    };
+    p.validate().map_err(|e| FieldProblem {
+        field: Some(e.field),
+        problem: e.problem,
+    })?;
+    Ok(p)
+}
+
+/// Deserializes a value found at `at` (`""`: the document) into `T`, naming the failing field's
+/// path (`spec.rules[0].from`).
+fn deserialize_at<'de, T: Deserialize<'de>, D: Deserializer<'de>>(value: D, at: &str) -> Result<T, FieldProblem> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let inner = e.path().to_string();
+        let path = match (at, inner.as_str()) {
+            ("", p) => p.to_owned(),
+            (a, ".") => a.to_owned(),
+            (a, p) => format!("{a}.{p}"),
+        };
+        let field = if path.is_empty() || path == "." {
+            None
+        } else {
+            Some(path)
+        };
+        FieldProblem {
+            field,
+            problem: e.into_inner().to_string(),
+        }
+    })
+}
+
 // === parsing ===
 
 /// Where a document is, for error messages.
@@ -103,21 +191,13 @@ impl Ctx<'_> {
     }
 
     /// Deserializes `value` (found at `at`) into `T`, naming the failing field's path.
-    fn field<T: DeserializeOwned>(&self, value: Value, at: &str) -> Result<T, Invalid> {
-        serde_path_to_error::deserialize(value).map_err(|e| {
-            let inner = e.path().to_string();
-            let path = match (at, inner.as_str()) {
-                ("", p) => p.to_owned(),
-                (a, ".") => a.to_owned(),
-                (a, p) => format!("{a}.{p}"),
-            };
-            let path = if path.is_empty() || path == "." {
-                None
-            } else {
-                Some(path)
-            };
-            self.err(path, e.into_inner().to_string())
-        })
+    fn field<T: for<'de> Deserialize<'de>>(&self, value: Value, at: &str) -> Result<T, Invalid> {
+        deserialize_at(value, at).map_err(|p| self.place(p))
+    }
+
+    /// Places a field's problem in this document.
+    fn place(&self, p: FieldProblem) -> Invalid {
+        self.err(p.field, p.problem)
     }
 
     /// The namespace (defaulted; empty for a Namespace) and name of an object, both checked.
@@ -238,24 +318,16 @@ fn parse_object(ctx: &Ctx<'_>, kind: Kind, value: &Value) -> Result<Object, Inva
         Kind::Pod => Object::Pod(parse_pod(ctx, ctx.field(value, "")?)?),
         Kind::Service => Object::Service(parse_service(ctx, ctx.field(value, "")?)?),
         Kind::AuthorizationPolicy => {
-            let raw: RawPolicy = ctx.field(value, "")?;
+            let raw: RawPolicy<Value> = ctx.field(value, "")?;
             let (namespace, name) = ctx.names(kind, &raw.metadata)?;
-            let p = AuthorizationPolicy {
-                metadata: policy::Metadata { name, namespace },
-                spec: raw.spec.unwrap_or_default(),
-            };
-            p.validate().map_err(|e| ctx.err(e.field, e.problem))?;
-            Object::AuthorizationPolicy(p)
+            let spec = raw.spec.unwrap_or(Value::Null);
+            Object::AuthorizationPolicy(authorization_policy(&namespace, &name, spec).map_err(|p| ctx.place(p))?)
         }
         Kind::PeerAuthentication => {
-            let raw: RawPeerAuthentication = ctx.field(value, "")?;
+            let raw: RawPeerAuthentication<Value> = ctx.field(value, "")?;
             let (namespace, name) = ctx.names(kind, &raw.metadata)?;
-            let p = PeerAuthentication {
-                metadata: policy::Metadata { name, namespace },
-                spec: raw.spec.unwrap_or_default(),
-            };
-            p.validate().map_err(|e| ctx.err(e.field, e.problem))?;
-            Object::PeerAuthentication(p)
+            let spec = raw.spec.unwrap_or(Value::Null);
+            Object::PeerAuthentication(peer_authentication(&namespace, &name, spec).map_err(|p| ctx.place(p))?)
         }
     })
 }
@@ -618,24 +690,27 @@ enum IntOrString {
     String(String),
 }
 
+/// `S`: the spec as written (a YAML value, checked by [`authorization_policy`]) when parsing, the
+/// checked spec when rendering.
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
-struct RawPolicy {
+struct RawPolicy<S> {
     api_version: String,
     kind: String,
     #[serde(default)]
     metadata: RawMeta,
     #[serde(default)]
-    spec: Option<policy::Spec>,
+    spec: Option<S>,
 }
 
+/// As [`RawPolicy`].
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
-struct RawPeerAuthentication {
+struct RawPeerAuthentication<S> {
     api_version: String,
     kind: String,
     #[serde(default)]
     metadata: RawMeta,
     #[serde(default)]
-    spec: Option<peer_auth::Spec>,
+    spec: Option<S>,
 }
