@@ -67,9 +67,11 @@ fn main() -> anyhow::Result<()> {
             .and_then(|()| test())
             .and_then(|()| quick_bench()),
         Cli::Lint => setup().and_then(|()| lint()),
-        Cli::Images => setup().and_then(|()| build_release()).and_then(|()| images::build(&root()).map(drop)),
+        Cli::Images => setup()
+            .and_then(|()| build_release())
+            .and_then(|()| images::build(&root()).map(drop)),
         Cli::Crds => build().and_then(|()| crds()),
-        Cli::Kube { cmd } => setup().and_then(|()| kube::run(cmd)),
+        Cli::Kube { cmd } => setup().and_then(|()| kube::main(cmd)),
         Cli::Bench { quick, out } => setup()
             .and_then(|()| build_release())
             .and_then(|()| bench::bench(&root().join("target").join("release"), quick, &root().join(out))),
@@ -121,31 +123,7 @@ fn is_root() -> bool {
 // === setup ===
 
 fn setup() -> anyhow::Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| {
-            !Command::new("dpkg-query")
-                .args(["-W", "-f=${Status}", p])
-                .output()
-                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-        })
-        .collect();
-    if missing.is_empty() {
-        step("Debian packages: all present");
-    } else {
-        ensure!(
-            is_root(),
-            "Debian packages {} are missing and installing them needs root",
-            missing.join(", ")
-        );
-        step(&format!("installing Debian packages: {}", missing.join(" ")));
-        run(Command::new("apt-get").arg("update").arg("-qq"))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-qq"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    }
+    install_packages(DEBIAN_PACKAGES)?;
 
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
     if !toolchains.lines().any(|l| l.starts_with(EBPF_TOOLCHAIN)) {
@@ -194,6 +172,35 @@ fn setup() -> anyhow::Result<()> {
         run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
     }
     Ok(())
+}
+
+/// Installs the Debian packages of `packages` that are missing (idempotent).
+fn install_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        step(&format!("Debian packages: all present ({})", packages.join(" ")));
+        return Ok(());
+    }
+    ensure!(
+        is_root(),
+        "Debian packages {} are missing and installing them needs root",
+        missing.join(", ")
+    );
+    step(&format!("installing Debian packages: {}", missing.join(" ")));
+    run(Command::new("apt-get").arg("update").arg("-qq"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 /// `cargo` with the eBPF toolchain environment.
