@@ -13,3 +13,25 @@ pub mod status;
 
 pub use source::{Outputs, source};
 pub use status::{Conditions, StatusWriter, Verdict};
+
+/// A client from the in-cluster configuration, or `KUBECONFIG` ([`kube::Client::try_default`]).
+pub async fn client() -> Result<kube::Client, kube::Error> {
+    install_crypto_provider();
+    kube::Client::try_default().await
+}
+
+/// A client from `config`.
+pub fn client_from(config: kube::Config) -> Result<kube::Client, kube::Error> {
+    install_crypto_provider();
+    kube::Client::try_from(config)
+}
+
+/// kube's TLS takes rustls's process-wide provider, and with both of rustls's providers compiled
+/// into the workspace (HBONE's record layer is aws-lc's) there is no default: ring, which every
+/// other TLS configuration of the controller names, is installed (unless one already is).
+fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Another thread may have installed one meanwhile: either way there is one.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}

@@ -10,17 +10,27 @@ use weft_controller::{
 /// Weft's controller: the model (a local store, or a Kubernetes cluster), the mesh CA, and config
 /// distribution to node agents.
 #[derive(clap::Parser, Debug)]
-#[command(name = "weft-controller", version, subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "weft-controller",
+    version,
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
     #[command(subcommand)]
     command: Option<Command>,
     /// Directory for store.json, the CA (ca/root.pem, ca/root.key) and the published root.pem.
     #[arg(long, env = "WEFT_STATE_DIR", required = true)]
     state_dir: Option<PathBuf>,
+    /// Where the model comes from: `local` (the store in STATE_DIR, changed with weftctl over
+    /// --admin-socket) or `kubernetes` (the cluster's API server, by the in-cluster configuration or
+    /// KUBECONFIG; no admin socket is served).
+    #[arg(long, value_enum, default_value_t = SourceArg::Local)]
+    source: SourceArg,
     /// Address for node agents (Config and Ca over TLS).
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], weft_api::CONTROLLER_PORT)))]
     listen: SocketAddr,
-    /// Unix socket for the Store admin API (weftctl apply/delete/get), mode 0600 [default: STATE_DIR/admin.sock].
+    /// Unix socket for the Store admin API (weftctl apply/delete/get), mode 0600 [default: STATE_DIR/admin.sock]; local source only.
     #[arg(long)]
     admin_socket: Option<PathBuf>,
     /// SPIFFE trust domain of the workload identities.
@@ -58,6 +68,12 @@ enum Command {
     /// Print Weft's CustomResourceDefinitions (apiextensions.k8s.io/v1) as a YAML stream, for
     /// `kubectl apply -f -`.
     Crds,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum SourceArg {
+    Local,
+    Kubernetes,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -138,6 +154,15 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     };
     init_logging(args.log_format);
+    let source = match args.source {
+        SourceArg::Local => app::Source::Local,
+        SourceArg::Kubernetes => {
+            if args.admin_socket.is_some() {
+                tracing::warn!("--admin-socket is not served with --source kubernetes");
+            }
+            app::Source::Kubernetes
+        }
+    };
     let config = app::Config {
         admin_socket: args.admin_socket.unwrap_or_else(|| state_dir.join("admin.sock")),
         state_dir,
@@ -157,7 +182,7 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .map_err(anyhow::Error::from)
-        .and_then(|rt| rt.block_on(app::run(config)));
+        .and_then(|rt| rt.block_on(app::run(config, source)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -15,8 +15,7 @@
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use k8s_openapi::{
-    api::core::v1 as core, apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    apimachinery::pkg::util::intstr::IntOrString,
+    api::core::v1 as core, apimachinery::pkg::apis::meta::v1::ObjectMeta, apimachinery::pkg::util::intstr::IntOrString,
 };
 
 use super::crd;
@@ -337,13 +336,17 @@ fn name(meta: &ObjectMeta, kind: Kind) -> Result<String, Invalid> {
 
 fn names(meta: &ObjectMeta, kind: Kind) -> Result<(String, String), Invalid> {
     let name = name(meta, kind)?;
-    let namespace = meta.namespace.clone().filter(|n| !n.is_empty()).ok_or_else(|| Invalid {
-        object: object_ref(kind, meta),
-        problem: FieldProblem {
-            field: Some("metadata.namespace".into()),
-            problem: "required".into(),
-        },
-    })?;
+    let namespace = meta
+        .namespace
+        .clone()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| Invalid {
+            object: object_ref(kind, meta),
+            problem: FieldProblem {
+                field: Some("metadata.namespace".into()),
+                problem: "required".into(),
+            },
+        })?;
     Ok((namespace, name))
 }
 

@@ -41,13 +41,9 @@ pub const ACCEPTED: &str = "Accepted";
     status = "Status",
     category = "weft",
     doc = "L4 authorization with Istio's AuthorizationPolicy shape and semantics, enforced by Weft's node agents.",
-    printcolumn(name = "Action", type_ = "string", json_path = ".spec.action"),
-    printcolumn(
-        name = "Accepted",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
-    ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn = r#"{"name": "Action", "type": "string", "jsonPath": ".spec.action"}"#,
+    printcolumn = r#"{"name": "Accepted", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(transparent)]
 pub struct AuthorizationPolicySpec(pub RawSpec);
@@ -62,13 +58,9 @@ pub struct AuthorizationPolicySpec(pub RawSpec);
     status = "Status",
     category = "weft",
     doc = "Which workloads and ports accept plaintext and which require mutual TLS, with Istio's PeerAuthentication shape and semantics.",
-    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mtls.mode"),
-    printcolumn(
-        name = "Accepted",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
-    ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn = r#"{"name": "Mode", "type": "string", "jsonPath": ".spec.mtls.mode"}"#,
+    printcolumn = r#"{"name": "Accepted", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(transparent)]
 pub struct PeerAuthenticationSpec(pub RawSpec);
@@ -82,7 +74,9 @@ pub struct RawSpec(pub serde_json::Value);
 impl<'de> Deserialize<'de> for RawSpec {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<RawSpec, D::Error> {
         // Through `Option`: serde reads an absent field as `None` only for types that accept it.
-        Ok(RawSpec(Option::<serde_json::Value>::deserialize(d)?.unwrap_or_default()))
+        Ok(RawSpec(
+            Option::<serde_json::Value>::deserialize(d)?.unwrap_or_default(),
+        ))
     }
 }
 

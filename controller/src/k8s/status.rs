@@ -105,15 +105,20 @@ pub fn accepted(status: Option<&crd::Status>) -> Option<crd::Condition> {
 pub struct StatusWriter;
 
 impl StatusWriter {
-    /// Runs until `conditions` or `is_leader` is closed. Writes only while `is_leader` is true
-    /// (leader election decides it; a replica that is not the leader writes nothing, so replicas
-    /// do not fight over a status). Each write is conditional on the resource version the verdict
+    /// Runs until `conditions` is closed (the source stopped). Writes only while `is_leader` is
+    /// true (leader election decides it; a replica that is not the leader writes nothing, so
+    /// replicas do not fight over a status); a closed `is_leader` keeps its last value. Each write is conditional on the resource version the verdict
     /// was made on: a resource changed since is not overwritten with a stale verdict (the source
     /// decides again and the writer gets the new one). A write that fails otherwise is retried
     /// after a short delay; a resource that is gone is skipped.
-    pub async fn run(client: Client, mut conditions: watch::Receiver<Arc<Conditions>>, mut is_leader: watch::Receiver<bool>) {
+    pub async fn run(
+        client: Client,
+        mut conditions: watch::Receiver<Arc<Conditions>>,
+        mut is_leader: watch::Receiver<bool>,
+    ) {
         // What this replica wrote and the watch has not shown back yet, so as not to write it twice.
         let mut written: HashMap<ObjectRef, (String, crd::Condition)> = HashMap::new();
+        let mut leader_open = true;
         loop {
             let leader = *is_leader.borrow_and_update();
             let mut failed = false;
@@ -148,7 +153,7 @@ impl StatusWriter {
             }
             tokio::select! {
                 changed = conditions.changed() => if changed.is_err() { return },
-                changed = is_leader.changed() => if changed.is_err() { return },
+                changed = is_leader.changed(), if leader_open => leader_open = changed.is_ok(),
                 () = tokio::time::sleep(RETRY), if failed => {}
             }
         }
@@ -218,13 +223,26 @@ mod tests {
         assert!(v(Ok(()), 1, None).needs_write(), "no condition yet");
         assert!(!v(Ok(()), 1, Some(condition("True", "", 1, t))).needs_write());
         assert!(!v(Ok(()), 1, Some(condition("True", "", 1, "2030-01-01T00:00:00Z"))).needs_write());
-        assert!(v(Ok(()), 2, Some(condition("True", "", 1, t))).needs_write(), "new generation");
+        assert!(
+            v(Ok(()), 2, Some(condition("True", "", 1, t))).needs_write(),
+            "new generation"
+        );
         assert!(v(Err(&p), 1, Some(condition("True", "", 1, t))).needs_write(), "status");
         assert!(
-            !v(Err(&p), 1, Some(condition("False", "spec.rules[0].from: must not be empty", 1, t))).needs_write()
+            !v(
+                Err(&p),
+                1,
+                Some(condition("False", "spec.rules[0].from: must not be empty", 1, t))
+            )
+            .needs_write()
         );
         assert!(
-            v(Err(&p), 1, Some(condition("False", "spec.rules[1].from: must not be empty", 1, t))).needs_write(),
+            v(
+                Err(&p),
+                1,
+                Some(condition("False", "spec.rules[1].from: must not be empty", 1, t))
+            )
+            .needs_write(),
             "message"
         );
     }
@@ -234,12 +252,24 @@ mod tests {
         let t = "2025-01-01T00:00:00Z";
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let p = refused("spec.rules[0].from");
-        let same_status = Verdict::new("u".into(), "7".into(), Some(2), Err(&p), Some(condition("False", "old", 1, t)));
+        let same_status = Verdict::new(
+            "u".into(),
+            "7".into(),
+            Some(2),
+            Err(&p),
+            Some(condition("False", "old", 1, t)),
+        );
         let written = same_status.to_write(now);
         assert_eq!(written.last_transition_time.as_deref(), Some(t));
         assert_eq!(written.message, "spec.rules[0].from: must not be empty");
         assert_eq!(written.observed_generation, Some(2));
-        let flipped = Verdict::new("u".into(), "7".into(), Some(2), Ok(()), Some(condition("False", "old", 1, t)));
+        let flipped = Verdict::new(
+            "u".into(),
+            "7".into(),
+            Some(2),
+            Ok(()),
+            Some(condition("False", "old", 1, t)),
+        );
         assert_eq!(
             flipped.to_write(now).last_transition_time.as_deref(),
             Some("2027-01-15T08:00:00Z")

@@ -76,7 +76,14 @@ fn pods_become_workloads_once_scheduled_and_addressed_until_they_finish() {
         ("failed", pod_json(|v| v["status"]["phase"] = json!("Failed")), Ok(None)),
         (
             "no service account: default",
-            pod_json(|v| v["spec"].as_object_mut().unwrap().remove("serviceAccountName").map(drop).unwrap()),
+            pod_json(|v| {
+                v["spec"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("serviceAccountName")
+                    .map(drop)
+                    .unwrap()
+            }),
             Ok(model_pod(|p| p.service_account = "default".into())),
         ),
         (
@@ -124,7 +131,8 @@ fn a_weft_annotation_value_the_store_refuses_is_kept_with_a_warning() {
         c.warnings,
         vec![Warning {
             field: "metadata.annotations[\"weft.dev/dataplane-mode\"]".into(),
-            problem: "\"sidecar\" is not a dataplane mode (allowed: \"ambient\", \"none\"): read as no annotation".into(),
+            problem: "\"sidecar\" is not a dataplane mode (allowed: \"ambient\", \"none\"): read as no annotation"
+                .into(),
         }]
     );
 }
@@ -165,7 +173,11 @@ fn model_service(edit: impl FnOnce(&mut Service)) -> Object {
 
 #[test]
 fn services_keep_their_selector_addresses_and_tcp_ports() {
-    type Case = (&'static str, core::Service, Result<(Object, Vec<&'static str>), &'static str>);
+    type Case = (
+        &'static str,
+        core::Service,
+        Result<(Object, Vec<&'static str>), &'static str>,
+    );
     let cases: Vec<Case> = vec![
         ("dual stack", service_json(|_| {}), Ok((model_service(|_| {}), vec![]))),
         (
@@ -343,7 +355,11 @@ fn policies_are_refused_exactly_as_the_local_store_refuses_them() {
             json!({"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["other"]}}]}]}),
             None,
         ),
-        ("empty from", json!({"rules": [{"from": []}]}), Some("spec.rules[0].from")),
+        (
+            "empty from",
+            json!({"rules": [{"from": []}]}),
+            Some("spec.rules[0].from"),
+        ),
         (
             "misspelt field",
             json!({"rules": [{"from": [{"source": {"principal": ["x"]}}]}]}),
@@ -374,7 +390,11 @@ fn policies_are_refused_exactly_as_the_local_store_refuses_them() {
                 let e = got.expect_err(name);
                 assert_eq!(e.object.to_string(), "AuthorizationPolicy shop/p", "{name}");
                 assert_eq!(e.problem.field.as_deref(), Some(field), "{name}: {e}");
-                assert_eq!(Err(e.problem.to_string()), store, "{name}: the same text as the local store");
+                assert_eq!(
+                    Err(e.problem.to_string()),
+                    store,
+                    "{name}: the same text as the local store"
+                );
             }
         }
     }

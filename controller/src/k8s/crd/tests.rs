@@ -39,7 +39,9 @@ fn schemas_are_structural_without_cel_defaults_or_references() {
         nodes(&schema, crd.spec.names.kind.clone(), &mut all);
         assert!(all.len() > 10, "{all:?}");
         for (path, node) in all {
-            let obj = node.as_object().unwrap_or_else(|| panic!("{path}: not an object: {node}"));
+            let obj = node
+                .as_object()
+                .unwrap_or_else(|| panic!("{path}: not an object: {node}"));
             assert!(
                 obj.get("type").and_then(Value::as_str).is_some(),
                 "{path}: every node needs a type (structural schema): {node}"
@@ -72,8 +74,16 @@ fn schemas_are_structural_without_cel_defaults_or_references() {
                 assert!(!obj.contains_key("nullable"), "{path}: {node}");
             }
         }
-        let required: Vec<&Value> = schema.get("required").and_then(Value::as_array).into_iter().flatten().collect();
-        assert!(!required.contains(&&json!("spec")), "spec is optional, as in the local store");
+        let required: Vec<&Value> = schema
+            .get("required")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .collect();
+        assert!(
+            !required.contains(&&json!("spec")),
+            "spec is optional, as in the local store"
+        );
         let version = &crd.spec.versions[0];
         assert!(version.subresources.as_ref().unwrap().status.is_some());
         assert_eq!(crd.spec.group, GROUP);
@@ -237,9 +247,15 @@ fn modes() -> Vec<Value> {
 #[test]
 fn enums_list_exactly_the_model_values() {
     let [ap, pa] = crds();
-    assert_eq!(spec_schema(&ap)["properties"]["action"]["enum"], Value::Array(actions()));
+    assert_eq!(
+        spec_schema(&ap)["properties"]["action"]["enum"],
+        Value::Array(actions())
+    );
     let pa = spec_schema(&pa);
-    assert_eq!(pa["properties"]["mtls"]["properties"]["mode"]["enum"], Value::Array(modes()));
+    assert_eq!(
+        pa["properties"]["mtls"]["properties"]["mode"]["enum"],
+        Value::Array(modes())
+    );
     assert_eq!(
         pa["properties"]["portLevelMtls"]["additionalProperties"]["properties"]["mode"]["enum"],
         Value::Array(modes())

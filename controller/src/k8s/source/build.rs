@@ -92,7 +92,10 @@ impl Builder {
                 .push(format!("{}: left out of the model", e.problem)),
         };
         for ns in &snapshot.namespaces {
-            take(convert::namespace(ns).map(Some), convert::object_ref(Kind::Namespace, &ns.metadata));
+            take(
+                convert::namespace(ns).map(Some),
+                convert::object_ref(Kind::Namespace, &ns.metadata),
+            );
         }
         for sa in &snapshot.service_accounts {
             take(
@@ -101,7 +104,10 @@ impl Builder {
             );
         }
         for svc in &snapshot.services {
-            take(convert::service(svc).map(Some), convert::object_ref(Kind::Service, &svc.metadata));
+            take(
+                convert::service(svc).map(Some),
+                convert::object_ref(Kind::Service, &svc.metadata),
+            );
         }
         for pod in &snapshot.pods {
             take(convert::pod(pod), convert::object_ref(Kind::Pod, &pod.metadata));

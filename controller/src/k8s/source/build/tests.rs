@@ -13,7 +13,9 @@ fn cluster() -> Snapshot {
     Snapshot {
         namespaces: vec![
             arc(json!({"metadata": {"name": "kube-system", "uid": "cluster-1"}})),
-            arc(json!({"metadata": {"name": "shop", "uid": "ns-1", "annotations": {"weft.dev/dataplane-mode": "ambient"}}})),
+            arc(
+                json!({"metadata": {"name": "shop", "uid": "ns-1", "annotations": {"weft.dev/dataplane-mode": "ambient"}}}),
+            ),
         ],
         pods: vec![arc(json!({
             "metadata": {"name": "web", "namespace": "shop", "uid": UID_A, "labels": {"app": "web"}},
@@ -50,7 +52,11 @@ fn peer_auth(name: &str, created: &str, spec: Value) -> Arc<DeserializeGuard<crd
 fn r(kind: Kind, name: &str) -> ObjectRef {
     ObjectRef {
         kind,
-        namespace: if kind.is_namespaced() { "shop".into() } else { String::new() },
+        namespace: if kind.is_namespaced() {
+            "shop".into()
+        } else {
+            String::new()
+        },
         name: name.into(),
     }
 }
@@ -68,7 +74,8 @@ fn spec_of(built: &Built, name: &str) -> Option<weft_model::policy::Spec> {
     })
 }
 
-const DENY_OTHER: fn() -> Value = || json!({"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["other"]}}]}]});
+const DENY_OTHER: fn() -> Value =
+    || json!({"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["other"]}}]}]});
 const INVALID: fn() -> Value = || json!({"rules": [{"from": []}]});
 
 #[test]
@@ -131,7 +138,11 @@ fn a_policy_made_invalid_keeps_its_last_valid_version_until_deleted() {
 
     snapshot.policies = vec![policy("deny", UID_A, 2, INVALID())];
     let kept = builder.build(&snapshot);
-    assert_eq!(spec_of(&kept, "deny"), Some(enforced.clone()), "the last valid version stays");
+    assert_eq!(
+        spec_of(&kept, "deny"),
+        Some(enforced.clone()),
+        "the last valid version stays"
+    );
     let verdict = &kept.conditions[&r(Kind::AuthorizationPolicy, "deny")];
     assert_eq!(verdict.desired.status, "False");
     assert_eq!(verdict.desired.observed_generation, Some(2));
@@ -190,7 +201,11 @@ fn a_second_namespace_wide_peer_authentication_is_refused_naming_the_first() {
     let mut snapshot = cluster();
     snapshot.peer_authentications = vec![
         peer_auth("b-older", "2025-01-01T00:00:00Z", json!({"mtls": {"mode": "STRICT"}})),
-        peer_auth("a-newer", "2025-02-01T00:00:00Z", json!({"mtls": {"mode": "PERMISSIVE"}})),
+        peer_auth(
+            "a-newer",
+            "2025-02-01T00:00:00Z",
+            json!({"mtls": {"mode": "PERMISSIVE"}}),
+        ),
         peer_auth(
             "workload",
             "2025-03-01T00:00:00Z",
