@@ -124,7 +124,10 @@ impl Builder {
         let mut last_valid = HashMap::new();
         for res in &resources {
             let uid = res.meta.uid.clone().unwrap_or_default();
-            let verdict = &accepted[&res.object];
+            // Every resource has an entry (made from this same list just above).
+            let Some(verdict) = accepted.get(&res.object) else {
+                continue;
+            };
             conditions.insert(
                 res.object.clone(),
                 Verdict::new(
