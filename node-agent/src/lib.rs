@@ -9,6 +9,7 @@ pub mod discovery;
 pub mod errors;
 pub mod identity;
 pub mod inpod;
+pub mod kube;
 pub mod mesh;
 pub mod networks;
 pub mod pod;
