@@ -11,8 +11,11 @@ use std::{
 use super::{super::PAUSE_REFERENCE, TempDir, test_spec};
 use crate::images::{VERSION, pause_binary, specs};
 
-/// The containerd namespace the test's images and containers live in.
-const NAMESPACE: &str = "weft-images-test";
+/// The containerd namespace the test's images and containers live in; also the parent cgroup ctr
+/// puts containers under, hence one per test process.
+fn namespace() -> String {
+    format!("weft-images-test-{}", std::process::id())
+}
 /// Set in the container so that `inside_the_image` knows where it runs.
 const INSIDE: &str = "WEFT_INSIDE_IMAGE";
 
@@ -91,6 +94,7 @@ fn archives_import_into_containerd_and_their_binaries_run() {
         .spawn()
         .unwrap();
     containerd.wait_for_task("pause-test", "RUNNING");
+    // Still running a moment later: it waits for a signal rather than exiting at once.
     std::thread::sleep(Duration::from_millis(300));
     assert!(run.try_wait().unwrap().is_none(), "pause exited on its own");
     succeeded(
@@ -210,7 +214,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         let mut cmd = Command::new("ctr");
         cmd.arg("--address")
             .arg(&self.socket)
-            .args(["--namespace", NAMESPACE])
+            .arg("--namespace")
+            .arg(namespace())
             .args(args);
         cmd
     }
@@ -273,7 +278,7 @@ impl Drop for Containerd {
             let _ = Command::new("umount").arg("--lazy").arg(&mount).status();
         }
         // ctr puts each container's cgroup under /<namespace>; runc removed the container's own.
-        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(NAMESPACE));
+        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(namespace()));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
