@@ -12,22 +12,26 @@ use weft_dataplane::socket::CongestionControl;
 use weft_hbone::client::{Pool, PoolConfig};
 use weft_model::{
     Pod, WorkloadSnapshot,
-    cni::{PodEvent, Reply},
+    cni::{PodEvent, PodNetwork, Reply},
     enrollment,
 };
 
 use crate::{
+    adopt,
     capture::Capture,
     cni,
-    config::{Config, DEFAULT_TUNNEL_CONGESTION, TunnelCongestion},
-    controller::Controller,
+    config::{CgroupChoice, Config, ControllerTarget, DEFAULT_TUNNEL_CONGESTION, TunnelCongestion},
+    controller::{Controller, Deadlines},
     discovery,
     errors::display_chain,
     identity::Identities,
     inpod::InPod,
+    kube,
     mesh::Mesh,
     networks::{Loaded, Networks},
+    redirection,
     state::State,
+    uninstall::{self, Decision},
 };
 
 /// The congestion control HBONE connections get, checked against this kernel before anything is served:
@@ -65,7 +69,15 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "could not raise the open-file limit");
     }
     let tunnel_congestion = tunnel_congestion(&config.tunnel_congestion)?;
-    let own_cgroup = own_cgroup(&config)?;
+    let cgroup = match &config.cgroup {
+        CgroupChoice::Dir(dir) => dir.clone(),
+        CgroupChoice::Auto => {
+            let found = crate::cgroup::find()?;
+            tracing::info!(cgroup = %found.display(), "--cgroup auto: the cgroup of the node's pods");
+            found
+        }
+    };
+    let own_cgroup = own_cgroup(&cgroup)?;
     // One worker: a current-thread runtime runs woken tasks in order, so the tunnels' HTTP/2 connection task
     // runs after every stream that queued data in the same turn and sends their frames in one TLS write.
     // (The multi-thread scheduler runs a just-woken task next, one frame per write.)
@@ -78,29 +90,52 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     let runtime = builder.enable_all().build().context("starting the async runtime")?;
-    runtime.block_on(serve(config, tunnel_congestion, own_cgroup))
+    runtime.block_on(serve(config, tunnel_congestion, cgroup, own_cgroup))
 }
 
 async fn serve(
     config: Config,
     tunnel_congestion: Option<CongestionControl>,
+    cgroup: std::path::PathBuf,
     own_cgroup: std::path::PathBuf,
 ) -> anyhow::Result<()> {
     let agent_cgroup = weft_dataplane::cgroup::id(&own_cgroup)
         .with_context(|| format!("reading the id of cgroup {}", own_cgroup.display()))?;
-    let capture = Capture::start(&config.bpf_pin_dir, &config.cgroup, agent_cgroup).context("starting capture")?;
-    tracing::info!(node = %config.node, cgroup = %config.cgroup.display(), pins = %config.bpf_pin_dir.display(), "capture ready");
+    let capture = Capture::start(&config.bpf_pin_dir, &cgroup, agent_cgroup).context("starting capture")?;
+    tracing::info!(node = %config.node, cgroup = %cgroup.display(), pins = %config.bpf_pin_dir.display(), "capture ready");
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state directory {}", config.state_dir.display()))?;
     let state_file = config.state_dir.join("pod-networks.json");
     let networks = load_networks(&state_file, &capture);
     let mut cni_events = cni::spawn(&config.cni_socket).context("starting the CNI endpoint")?;
-    let controller = Controller::new(
-        &config.controller,
-        &config.controller_ca,
-        &config.controller_name,
-        &config.node_token_file,
-    )?;
+    let kube = match config.kubernetes {
+        true => Some(kube::Client::in_cluster().context("the Kubernetes API")?),
+        false => None,
+    };
+    let controller = match (&config.controller, &kube) {
+        (ControllerTarget::Url(url), _) => Controller::new(
+            url,
+            &config.controller_ca,
+            &config.controller_name,
+            &config.node_token_file,
+        )?,
+        (ControllerTarget::Endpoints(service), Some(kube)) => Controller::from_endpoints(
+            kube.clone(),
+            service.clone(),
+            &config.controller_ca,
+            &config.controller_name,
+            &config.node_token_file,
+            Deadlines::default(),
+        )?,
+        (ControllerTarget::Endpoints(_), None) => anyhow::bail!("--controller-endpoints needs --kubernetes"),
+    };
+    let daemonset = kube
+        .as_ref()
+        .map(|kube| uninstall::at_start(kube.clone(), config.daemonset.clone()));
+    let (plans, plans_rx) = watch::channel(BTreeMap::new());
+    if let Some(kube) = &kube {
+        tokio::spawn(redirection::run(kube.clone(), plans_rx));
+    }
     let (state_tx, mut states) = watch::channel(Arc::new(State::default()));
     tokio::spawn(discovery::run(controller.clone(), config.node.clone(), state_tx));
     tokio::spawn(return_freed_memory());
@@ -118,9 +153,12 @@ async fn serve(
         capture,
         networks,
         state_file,
+        kubernetes: config.kubernetes,
+        scan_netns: config.kubernetes,
         reconciler: Reconciler {
             node: config.node.clone(),
             pods: BTreeMap::new(),
+            failures: BTreeMap::new(),
             unaccounted: 0,
             mesh,
         },
@@ -129,7 +167,7 @@ async fn serve(
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut retry = tokio::time::interval(Duration::from_secs(1));
     let mut ready = false;
-    loop {
+    let stop = loop {
         let mut pending = None;
         tokio::select! {
             changed = states.changed() => {
@@ -146,20 +184,27 @@ async fn serve(
                 pending = Some((event, reply_tx));
             }
             _ = retry.tick() => {}
-            _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break Stop::Term,
+            _ = tokio::signal::ctrl_c() => break Stop::Interrupt,
         }
         let state = states.borrow_and_update().clone();
         // Entering pods' namespaces, binding, netlink, eBPF maps, fsync: off the proxies' threads.
         let event = pending.as_ref().map(|(e, _)| e.clone());
         let step_state = state.clone();
-        let (back, reply) = tokio::task::spawn_blocking(move || {
-            let reply = node.step(&step_state, event.as_ref());
-            (node, reply)
+        let (back, (reply, plan)) = tokio::task::spawn_blocking(move || {
+            let out = node.step(&step_state, event.as_ref());
+            (node, out)
         })
         .await
         .context("the enrollment step stopped")?;
         node = back;
+        if let Some(plan) = plan {
+            plans.send_if_modified(|p| {
+                let changed = *p != plan;
+                *p = plan;
+                changed
+            });
+        }
         if let (Some((_, reply_tx)), Some(reply)) = (pending, reply) {
             // Answered only now: a pod that must be captured is, before its containers start.
             let _ = reply_tx.send(reply);
@@ -172,9 +217,37 @@ async fn serve(
                 tracing::info!(revision = state.revision, pods = node.reconciler.pods.len(), "ready");
             }
         }
+    };
+    let decision = match (stop, &kube, daemonset) {
+        (Stop::Term, Some(kube), Some(at_start)) => {
+            let at_start = at_start.borrow().clone();
+            uninstall::check(kube, &config.daemonset, &at_start).await
+        }
+        (Stop::Term, ..) => Decision::Restart("SIGTERM, outside Kubernetes".into()),
+        (Stop::Interrupt, ..) => Decision::Restart("SIGINT: an operator's stop is always a restart".into()),
+    };
+    match decision {
+        Decision::Restart(why) => tracing::info!(
+            reason = %why,
+            "shutting down for a restart; capture stays attached and refuses connections until an agent returns"
+        ),
+        Decision::Uninstall(why) => {
+            tracing::info!(reason = %why, "uninstalling: releasing every pod and removing capture from this node");
+            tokio::task::spawn_blocking(move || node.uninstall())
+                .await
+                .context("the uninstall stopped")??;
+        }
     }
-    tracing::info!("shutting down; capture stays attached and refuses connections until an agent returns");
     Ok(())
+}
+
+/// What ended the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// SIGTERM: from kubelet, an uninstall or a restart ([`uninstall`]).
+    Term,
+    /// SIGINT: an operator's; always a restart.
+    Interrupt,
 }
 
 /// What enrollment owns on this node: capture, the known pod networks, the enrolled pods. Every step
@@ -183,13 +256,24 @@ struct NodeControl {
     capture: Capture,
     networks: Networks,
     state_file: std::path::PathBuf,
+    /// In Kubernetes: pods' redirection annotations are planned ([`redirection`]).
+    kubernetes: bool,
+    /// In Kubernetes, until the first synced state: find running pods' namespaces ([`adopt`]).
+    scan_netns: bool,
     reconciler: Reconciler,
 }
 
+/// Each pod's wanted `weft.dev/redirection`, by uid.
+type Plan = BTreeMap<String, redirection::Wanted>;
+
 impl NodeControl {
     /// Takes a CNI event if there is one, brings enrollment in line with `state`, and returns the
-    /// answer to the event.
-    fn step(&mut self, state: &State, event: Option<&PodEvent>) -> Option<Reply> {
+    /// answer to the event, and in Kubernetes what each pod's annotation should say.
+    fn step(&mut self, state: &State, event: Option<&PodEvent>) -> (Option<Reply>, Option<Plan>) {
+        if state.synced && self.scan_netns {
+            self.scan_netns = false;
+            self.adopt(state);
+        }
         let mut saved = Ok(());
         if let Some(event) = event {
             if let PodEvent::Delete { uid } = event
@@ -220,7 +304,81 @@ impl NodeControl {
             }
         }
         let served = |uid: &str| self.reconciler.pods.contains_key(uid);
-        event.map(|event| cni_reply(event, &snapshot, &self.reconciler.node, served, saved))
+        let plan = (self.kubernetes && state.synced)
+            .then(|| redirection::plan(&snapshot, &self.reconciler.node, served, &self.reconciler.failures));
+        let reply = event.map(|event| cni_reply(event, &snapshot, &self.reconciler.node, served, saved));
+        (reply, plan)
+    }
+
+    /// Gives each pod of this node that the agent has no network for the namespace, among the
+    /// node's pinned ones, that holds its address ([`adopt`]), as if the CNI plugin had reported it.
+    fn adopt(&mut self, state: &State) {
+        let snapshot = state.snapshot();
+        let unplaced: Vec<&Pod> = snapshot
+            .pods_on(&self.reconciler.node)
+            .filter(|p| self.networks.get(&p.uid).is_none())
+            .collect();
+        if unplaced.is_empty() {
+            return;
+        }
+        let known: BTreeSet<adopt::NsId> = self
+            .networks
+            .iter()
+            .filter_map(|(_, k)| adopt::ns_id(&k.network.netns).ok())
+            .collect();
+        let scanned = adopt::scan(std::path::Path::new(adopt::NETNS_DIR));
+        let pods: Vec<(&str, &[std::net::IpAddr])> =
+            unplaced.iter().map(|p| (p.uid.as_str(), p.ips.as_slice())).collect();
+        let (adopted, ambiguous) = adopt::matches(&pods, &scanned, &known);
+        for why in ambiguous {
+            tracing::warn!(reason = %why, "a running pod's network namespace is ambiguous: left to the CNI plugin");
+        }
+        if adopted.is_empty() {
+            return;
+        }
+        for a in adopted {
+            let Some(pod) = unplaced.iter().find(|p| p.uid == a.uid) else {
+                continue;
+            };
+            tracing::info!(pod = %pod.qualified_name(), netns = %a.netns.display(), "adopted a running pod's network namespace, found by its address");
+            self.networks.apply(&PodEvent::Add(PodNetwork {
+                uid: a.uid,
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                netns: a.netns,
+                ips: a.ips,
+            }));
+        }
+        if let Err(e) = self.networks.save(&self.state_file) {
+            tracing::error!(error = %display_chain(&e), "persisting pod networks");
+        }
+    }
+
+    /// Takes the mesh off this node for good: releases every captured pod, removes every eBPF pin
+    /// (so the kernel detaches the programs once the agent exits) and the state file.
+    fn uninstall(mut self) -> anyhow::Result<()> {
+        let served = std::mem::take(&mut self.reconciler.pods);
+        let pods = served.len();
+        for pod in served.into_values() {
+            pod.unenroll(&mut self.capture);
+        }
+        let others = self.capture.enrolled_netns();
+        for cookie in &others {
+            self.capture.unenroll(*cookie);
+        }
+        self.capture.remove().context("removing capture")?;
+        match std::fs::remove_file(&self.state_file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", self.state_file.display()));
+            }
+            _ => {}
+        }
+        tracing::info!(
+            pods,
+            other_namespaces = others.len(),
+            "uninstalled: no pod is captured, every pin and the state file are gone"
+        );
+        Ok(())
     }
 }
 
@@ -323,6 +481,8 @@ fn with_networks(mut snapshot: WorkloadSnapshot, networks: &Networks) -> Workloa
 struct Reconciler {
     node: String,
     pods: BTreeMap<String, InPod>,
+    /// The last enrollment error of each wanted pod the agent does not serve.
+    failures: BTreeMap<String, String>,
     /// Captured namespaces of no known pod, as last reported.
     unaccounted: usize,
     mesh: Arc<Mesh>,
@@ -351,6 +511,7 @@ impl Reconciler {
                 pod.unenroll(capture);
             }
         }
+        self.failures.retain(|uid, _| desired.contains_key(uid.as_str()));
         for (uid, pod) in desired {
             let Some(workload) = state.workload(&pod.qualified_name()) else {
                 continue;
@@ -369,8 +530,13 @@ impl Reconciler {
             match InPod::enroll(pod, &workload.identity, &self.mesh, capture) {
                 Ok(p) => {
                     self.pods.insert(uid.to_owned(), p);
+                    self.failures.remove(uid);
                 }
-                Err(e) => tracing::error!(error = %display_chain(&e), "enrolling pod; will retry"),
+                Err(e) => {
+                    let e = display_chain(&e);
+                    tracing::error!(error = %e, "enrolling pod; will retry");
+                    self.failures.insert(uid.to_owned(), e);
+                }
             }
         }
     }
@@ -468,13 +634,13 @@ async fn return_freed_memory() {
 
 /// The agent's own cgroup, checked against the one it captures: the getsockopt program only sees
 /// sockets whose cgroup is under the attach point. Capture exempts exactly this cgroup.
-fn own_cgroup(config: &Config) -> anyhow::Result<std::path::PathBuf> {
+fn own_cgroup(cgroup: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
     let own = weft_dataplane::cgroup::own().context("finding the agent's own cgroup v2 directory")?;
     let root = weft_dataplane::cgroup::v2_root().context("finding the cgroup v2 mount")?;
-    let target = config.cgroup.strip_prefix(&root).with_context(|| {
+    let target = cgroup.strip_prefix(&root).with_context(|| {
         format!(
             "--cgroup {} is not under the cgroup v2 root {}",
-            config.cgroup.display(),
+            cgroup.display(),
             root.display()
         )
     })?;

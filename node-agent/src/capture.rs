@@ -210,6 +210,21 @@ impl Capture {
         self.enrolled.keys().filter_map(Result::ok).collect()
     }
 
+    /// Takes capture off the node for good (an uninstall): removes every pin (maps, the cgroup links,
+    /// each pod's `sk_lookup` link) and the pin directory, then closes the agent's own references,
+    /// after which the kernel detaches and frees everything.
+    pub fn remove(self) -> Result<(), Error> {
+        match fs::remove_dir_all(&self.pin_dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(Error::BpfFs {
+                what: "removing",
+                path: self.pin_dir.clone(),
+                source,
+            }),
+        }
+    }
+
     fn pod_dir(&self, uid: &str) -> PathBuf {
         self.pin_dir.join("pods").join(uid)
     }

@@ -19,9 +19,25 @@ pub struct Args {
     /// Name of the node this agent serves; only pods on this node are captured.
     #[arg(long, env = "WEFT_NODE_NAME")]
     pub node: String,
+    /// The agent runs in a Kubernetes cluster (as a DaemonSet's pod) and uses its API: to find the
+    /// controller (`--controller-endpoints`), to write each pod's `weft.dev/redirection`
+    /// annotation, to tell an uninstall from a restart, and to find running pods' network
+    /// namespaces at start.
+    #[arg(long, env = "WEFT_KUBERNETES")]
+    pub kubernetes: bool,
     /// The controller's gRPC endpoint (config and CA), e.g. `https://172.30.0.1:15012`.
-    #[arg(long, env = "WEFT_CONTROLLER")]
-    pub controller: String,
+    #[arg(
+        long,
+        env = "WEFT_CONTROLLER",
+        required_unless_present = "controller_endpoints",
+        conflicts_with = "controller_endpoints"
+    )]
+    pub controller: Option<String>,
+    /// The controller's Service, `<namespace>/<service>` (with `--kubernetes`): the agent follows its
+    /// `Endpoints` and connects to a ready replica on the port named `grpc` (or the only port),
+    /// failing over to another one when it goes away.
+    #[arg(long, value_name = "NAMESPACE/SERVICE", requires = "kubernetes")]
+    pub controller_endpoints: Option<String>,
     /// The mesh root the controller's certificate is checked against (the controller publishes it
     /// as `<state-dir>/root.pem`).
     #[arg(long)]
@@ -29,9 +45,19 @@ pub struct Args {
     /// The name in the controller's certificate.
     #[arg(long, default_value = "weft-controller")]
     pub controller_name: String,
-    /// File holding this node's credential for the controller.
+    /// File holding this node's credential for the controller; read again for every call (a
+    /// projected service-account token is replaced by kubelet before it expires).
     #[arg(long)]
     pub node_token_file: PathBuf,
+    /// This agent's own DaemonSet, `<namespace>/<name>` (with `--kubernetes`): on SIGTERM, if it is
+    /// gone or being deleted, the agent uninstalls itself from the node.
+    #[arg(
+        long,
+        env = "WEFT_DAEMONSET",
+        value_name = "NAMESPACE/NAME",
+        default_value = "weft-system/weft-node"
+    )]
+    pub daemonset: String,
     /// The mesh's SPIFFE trust domain.
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
@@ -45,7 +71,9 @@ pub struct Args {
     #[arg(long, default_value = "/sys/fs/bpf/weft")]
     pub bpf_pin_dir: PathBuf,
     /// cgroup v2 directory whose processes are subject to capture; the agent must run inside it.
-    #[arg(long)]
+    /// `auto`: the nearest ancestor of the agent's own cgroup named `kubepods` or `kubepods.slice`
+    /// (Kubernetes' pod cgroups).
+    #[arg(long, value_name = "DIR|auto")]
     pub cgroup: PathBuf,
     #[arg(long, value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
@@ -58,6 +86,56 @@ pub struct Args {
     /// application's own connections to the agent keep their pod's default.
     #[arg(long, env = "WEFT_TUNNEL_CONGESTION_CONTROL", value_name = "NAME|system")]
     pub tunnel_congestion_control: Option<String>,
+}
+
+/// Where the controller is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ControllerTarget {
+    /// One URL (`--controller`).
+    Url(String),
+    /// The ready replicas behind a Kubernetes Service (`--controller-endpoints`).
+    Endpoints(ObjectName),
+}
+
+/// A namespaced Kubernetes object, written `<namespace>/<name>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::str::FromStr for ObjectName {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (namespace, name) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not <namespace>/<name>"))?;
+        if !weft_model::is_dns_label(namespace) {
+            return Err(format!("{s:?}: {namespace:?} is not a namespace name"));
+        }
+        if name.len() > 253 || !name.split('.').all(weft_model::is_dns_label) {
+            return Err(format!("{s:?}: {name:?} is not an object name"));
+        }
+        Ok(Self {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for ObjectName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The cgroup capture attaches to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CgroupChoice {
+    Dir(PathBuf),
+    /// Found at start: see [`crate::cgroup::kubepods`].
+    Auto,
 }
 
 /// What the HBONE connections' congestion control is asked to be.
@@ -83,15 +161,17 @@ const MAX_WORKER_THREADS: usize = 64;
 #[derive(Clone, Debug)]
 pub struct Config {
     pub node: String,
-    pub controller: String,
+    pub kubernetes: bool,
+    pub controller: ControllerTarget,
     pub controller_ca: PathBuf,
     pub controller_name: String,
     pub node_token_file: PathBuf,
+    pub daemonset: ObjectName,
     pub trust_domain: String,
     pub cni_socket: PathBuf,
     pub state_dir: PathBuf,
     pub bpf_pin_dir: PathBuf,
-    pub cgroup: PathBuf,
+    pub cgroup: CgroupChoice,
     pub log_format: LogFormat,
     pub worker_threads: usize,
     pub tunnel_congestion: TunnelCongestion,
@@ -108,15 +188,27 @@ impl Args {
                 self.bpf_pin_dir.display()
             ));
         }
-        if !self.cgroup.is_dir() {
+        let cgroup = if self.cgroup.as_os_str() == "auto" {
+            CgroupChoice::Auto
+        } else if self.cgroup.is_dir() {
+            CgroupChoice::Dir(self.cgroup)
+        } else {
             return Err(format!("--cgroup {} is not a directory", self.cgroup.display()));
-        }
-        if !self.controller.starts_with("https://") {
-            return Err(format!(
-                "--controller {} must be an https:// URL (the agent talks to the controller in TLS only)",
-                self.controller
-            ));
-        }
+        };
+        let controller = match (self.controller, self.controller_endpoints) {
+            (Some(url), None) if url.starts_with("https://") => ControllerTarget::Url(url),
+            (Some(url), None) => {
+                return Err(format!(
+                    "--controller {url} must be an https:// URL (the agent talks to the controller in TLS only)"
+                ));
+            }
+            (None, Some(service)) if self.kubernetes => {
+                ControllerTarget::Endpoints(service.parse().map_err(|e| format!("--controller-endpoints {e}"))?)
+            }
+            (None, Some(_)) => return Err("--controller-endpoints needs --kubernetes".into()),
+            _ => return Err("exactly one of --controller and --controller-endpoints is needed".into()),
+        };
+        let daemonset = self.daemonset.parse().map_err(|e| format!("--daemonset {e}"))?;
         if !weft_model::is_dns_label(&self.trust_domain.replace('.', "-")) {
             return Err(format!(
                 "--trust-domain {:?} is not a valid trust domain",
@@ -141,15 +233,17 @@ impl Args {
         };
         Ok(Config {
             node: self.node,
-            controller: self.controller,
+            kubernetes: self.kubernetes,
+            controller,
             controller_ca: self.controller_ca,
             controller_name: self.controller_name,
             node_token_file: self.node_token_file,
+            daemonset,
             trust_domain: self.trust_domain,
             cni_socket: self.cni_socket,
             state_dir: self.state_dir,
             bpf_pin_dir: self.bpf_pin_dir,
-            cgroup: self.cgroup,
+            cgroup,
             log_format: self.log_format,
             worker_threads,
             tunnel_congestion,
@@ -204,5 +298,77 @@ mod tests {
             .validate()
             .expect_err("upper case");
         assert!(err.starts_with("--tunnel-congestion-control: \"BBR\" is not"), "{err}");
+    }
+
+    /// `argv` after the program name, parsed and validated.
+    fn parse(argv: &[&str]) -> Result<Config, String> {
+        let args = Args::try_parse_from(std::iter::once("weft-node").chain(argv.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        args.validate()
+    }
+
+    const KUBERNETES: &[&str] = &[
+        "--node",
+        "node1",
+        "--kubernetes",
+        "--controller-endpoints",
+        "weft-system/weft-controller",
+        "--controller-ca",
+        "/etc/weft/ca/root.pem",
+        "--node-token-file",
+        "/var/run/secrets/weft/token",
+        "--cgroup",
+        "auto",
+    ];
+
+    #[test]
+    fn the_daemonsets_command_line_follows_the_controllers_endpoints() {
+        let config = parse(KUBERNETES).expect("valid");
+        assert!(config.kubernetes);
+        assert_eq!(
+            config.controller,
+            ControllerTarget::Endpoints(ObjectName {
+                namespace: "weft-system".into(),
+                name: "weft-controller".into()
+            })
+        );
+        assert_eq!(config.cgroup, CgroupChoice::Auto);
+        assert_eq!(config.daemonset.to_string(), "weft-system/weft-node");
+        let local = args(&[]).validate().expect("valid");
+        assert_eq!(
+            local.controller,
+            ControllerTarget::Url("https://127.0.0.1:15012".into())
+        );
+        assert!(!local.kubernetes);
+    }
+
+    #[test]
+    fn exactly_one_way_to_the_controller_is_accepted() {
+        let without = |flag: &str, arity: usize| {
+            let i = KUBERNETES.iter().position(|a| *a == flag).expect("present");
+            let mut argv = KUBERNETES.to_vec();
+            argv.drain(i..i + arity);
+            argv
+        };
+        let both = [KUBERNETES, &["--controller", "https://10.0.0.1:15012"]].concat();
+        let err = parse(&both).expect_err("both");
+        assert!(err.contains("cannot be used with"), "{err}");
+        let err = parse(&without("--controller-endpoints", 2)).expect_err("neither");
+        assert!(
+            err.contains("required arguments were not provided") && err.contains("--controller"),
+            "{err}"
+        );
+        let err = parse(&without("--kubernetes", 1)).expect_err("endpoints without kubernetes");
+        assert!(err.contains("--kubernetes"), "{err}");
+        let mut bad = KUBERNETES.to_vec();
+        bad[4] = "weft-controller";
+        let err = parse(&bad).expect_err("no namespace");
+        assert!(
+            err.starts_with("--controller-endpoints \"weft-controller\" is not <namespace>/<name>"),
+            "{err}"
+        );
+        let bad = [KUBERNETES, &["--daemonset", "weft-system/Weft"]].concat();
+        let err = parse(&bad).expect_err("bad name");
+        assert!(err.contains("\"Weft\" is not an object name"), "{err}");
     }
 }

@@ -1,7 +1,9 @@
 //! The node agent: captures enrolled pods' traffic with eBPF and proxies it.
 
+pub mod adopt;
 pub mod app;
 pub mod capture;
+pub mod cgroup;
 pub mod cni;
 pub mod config;
 pub mod controller;
@@ -14,5 +16,7 @@ pub mod mesh;
 pub mod networks;
 pub mod pod;
 pub mod proxy;
+pub mod redirection;
 pub mod state;
 pub mod telemetry;
+pub mod uninstall;

@@ -69,7 +69,12 @@ impl Networks {
             Err(source) => return Err(Self::set_aside(path, source)),
         };
         match serde_json::from_slice::<BTreeMap<String, Known>>(&bytes) {
-            Ok(by_uid) => Ok(Loaded::Read(Self { by_uid })),
+            Ok(mut by_uid) => {
+                for known in by_uid.values_mut() {
+                    known.network.netns = reachable(&known.network.netns, Path::exists);
+                }
+                Ok(Loaded::Read(Self { by_uid }))
+            }
             Err(e) => Err(Self::set_aside(path, io::Error::new(io::ErrorKind::InvalidData, e))),
         }
     }
@@ -101,10 +106,12 @@ impl Networks {
         match event {
             PodEvent::Add(network) => {
                 tracing::info!(pod = %format!("{}/{}", network.namespace, network.name), netns = %network.netns.display(), "CNI add");
+                let mut network = network.clone();
+                network.netns = reachable(&network.netns, Path::exists);
                 self.by_uid.insert(
                     network.uid.clone(),
                     Known {
-                        network: network.clone(),
+                        network,
                         netns_cookie: None,
                     },
                 );
@@ -118,6 +125,11 @@ impl Networks {
 
     pub fn get(&self, uid: &str) -> Option<&Known> {
         self.by_uid.get(uid)
+    }
+
+    /// Every known pod network, by pod uid.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Known)> {
+        self.by_uid.iter().map(|(uid, k)| (uid.as_str(), k))
     }
 
     /// Records the cookie a pod was captured under; returns whether that changed anything.
@@ -152,6 +164,17 @@ impl Networks {
             .filter_map(|uid| self.by_uid.remove(uid))
             .filter_map(|k| k.netns_cookie)
             .collect()
+    }
+}
+
+/// The path under which the agent can open a network namespace the runtime named. containerd
+/// reports `/var/run/netns/cni-<uuid>`; on the host `/var/run` is a link to `/run`, but the agent's
+/// container has no `/var/run`, and mounts the host's `/run/netns` at `/run/netns`. So a `/var/run/`
+/// path that does not `exist` is taken as the `/run/` one.
+pub fn reachable(path: &Path, exists: impl Fn(&Path) -> bool) -> PathBuf {
+    match path.strip_prefix("/var/run") {
+        Ok(rest) if !exists(path) => Path::new("/run").join(rest),
+        _ => path.to_path_buf(),
     }
 }
 
@@ -208,6 +231,17 @@ mod tests {
             b"{\"u1\": {\"uid\": tru"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_var_run_path_the_agent_cannot_see_is_read_under_run() {
+        let none = |_: &Path| false;
+        let all = |_: &Path| true;
+        let var_run = Path::new("/var/run/netns/cni-1");
+        assert_eq!(reachable(var_run, none), Path::new("/run/netns/cni-1"));
+        assert_eq!(reachable(var_run, all), var_run, "the host's own link");
+        let other = Path::new("/proc/42/ns/net");
+        assert_eq!(reachable(other, none), other);
     }
 
     #[test]
