@@ -48,7 +48,27 @@ fn fail(code: u32, msg: impl Into<String>) -> Failure {
     Failure { code, msg: msg.into() }
 }
 
+mod install;
+
 fn main() -> ExitCode {
+    // Not called by a runtime: the DaemonSet installs or removes the plugin on its node.
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(verb @ ("install" | "uninstall")) = argv.first().map(String::as_str) {
+        let result = install::parse(&argv[1..]).and_then(|o| {
+            if verb == "install" {
+                install::install(&o)
+            } else {
+                install::uninstall(&o)
+            }
+        });
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("weft-cni {verb}: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let mut stdin = String::new();
     let _ = std::io::stdin().read_to_string(&mut stdin);
     let version = serde_json::from_str::<Value>(&stdin)

@@ -4,6 +4,7 @@
 
 pub mod annotations;
 pub mod cni;
+pub mod cni_config;
 pub mod enrollment;
 pub mod identity;
 pub mod peer_auth;
