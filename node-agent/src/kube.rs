@@ -560,4 +560,6 @@ pub fn query_value(value: &str) -> String {
 }
 
 #[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
 mod tests;

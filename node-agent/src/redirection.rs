@@ -261,6 +261,54 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn the_writer_writes_only_what_differs_from_the_pod_and_retries_a_failure() {
+        let mut server = crate::kube::testing::Server::start("redirection").await;
+        let wanted = |name: &str, value: Option<&str>, observed: Option<&str>| Wanted {
+            namespace: "shop".into(),
+            name: name.into(),
+            value: value.map(str::to_owned),
+            observed: observed.map(str::to_owned),
+        };
+        // cart already says so; web needs its value.
+        let (plans, rx) = watch::channel(BTreeMap::from([
+            ("u1".to_owned(), wanted("cart", Some(ACTIVE), Some(ACTIVE))),
+            ("u2".to_owned(), wanted("web", Some(ACTIVE), None)),
+        ]));
+        let writer = tokio::spawn(run(server.client(), rx));
+        let seen = server.next().await;
+        assert_eq!(seen.uri, "/api/v1/namespaces/shop/pods/web/status");
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&seen.body).expect("JSON"),
+            patch("u2", Some(ACTIVE))
+        );
+        seen.answer(http::StatusCode::INTERNAL_SERVER_ERROR, r#"{"message":"etcd is away"}"#);
+        // Retried after 2 s.
+        let seen = server.next().await;
+        assert_eq!(seen.uri, "/api/v1/namespaces/shop/pods/web/status");
+        seen.answer(http::StatusCode::OK, "{}");
+
+        // The source reports what was written: nothing to do. Then cart changes: one write.
+        plans.send_replace(BTreeMap::from([
+            ("u1".to_owned(), wanted("cart", Some(ACTIVE), Some(ACTIVE))),
+            ("u2".to_owned(), wanted("web", Some(ACTIVE), Some(ACTIVE))),
+        ]));
+        plans.send_replace(BTreeMap::from([
+            ("u1".to_owned(), wanted("cart", None, Some(ACTIVE))),
+            ("u2".to_owned(), wanted("web", Some(ACTIVE), Some(ACTIVE))),
+        ]));
+        let seen = server.next().await;
+        assert_eq!(seen.uri, "/api/v1/namespaces/shop/pods/cart/status");
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&seen.body).expect("JSON"),
+            patch("u1", None)
+        );
+        seen.answer(http::StatusCode::OK, "{}");
+        let more = tokio::time::timeout(Duration::from_millis(1500), server.requests.recv()).await;
+        assert!(more.is_err(), "nothing else to write");
+        writer.abort();
+    }
+
     #[test]
     fn the_patch_names_the_uid_and_removes_with_null() {
         assert_eq!(

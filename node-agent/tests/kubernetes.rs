@@ -1,10 +1,10 @@
 //! The agent's Kubernetes side against a real API server (Kubernetes 1.20 and etcd, started by
-//! [`apiserver::ApiServer`]), as the agent's service account with only the RBAC the DaemonSet's
-//! manifests grant it: the redirection annotation through `pods/status`, the uninstall-or-restart
-//! decision on the agent's DaemonSet, watches that resume and list again when the API server can no
-//! longer resume them, and the config stream failing over between the controller replicas of a
-//! Service's Endpoints. Without the Kubernetes binaries these tests skip with a note, or fail with
-//! `CI=true`.
+//! [`apiserver::ApiServer`]), as the agent's service account with only the RBAC the agent needs
+//! ([`apiserver::AGENT_RBAC`]): the redirection annotation through `pods/status`, the
+//! uninstall-or-restart decision on the agent's DaemonSet, watches that resume and list again when
+//! the API server can no longer resume them, and the config stream failing over between the
+//! controller replicas of a Service's Endpoints. Without the Kubernetes binaries these tests skip
+//! with a note, or fail with `CI=true`.
 
 #[path = "kubernetes/apiserver.rs"]
 mod apiserver;
@@ -74,15 +74,11 @@ async fn pod_status_carries_the_redirection_annotation_with_only_the_agents_perm
     };
     server.apply(POD);
     let agent = server.agent(kube::Deadlines::default());
+    let admin = server.admin();
     let path = "/api/v1/namespaces/shop/pods/cart";
-    let uid = agent
-        .get::<Object>(path)
-        .await
-        .expect("the agent may get pods")
-        .metadata
-        .uid;
+    let uid = admin.get::<Object>(path).await.expect("the pod").metadata.uid;
     let annotation = async || {
-        let pod: Object = agent.get(path).await.expect("the agent may get pods");
+        let pod: Object = admin.get(path).await.expect("the pod");
         pod.metadata.annotations.get(ANNOTATION).cloned()
     };
     let wanted = |value: Option<&str>, observed: Option<&str>| Wanted {

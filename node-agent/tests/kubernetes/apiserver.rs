@@ -4,7 +4,7 @@
 //! a fresh directory: a self-signed CA and serving certificate (SAN IP 127.0.0.1), service-account
 //! keys, and static tokens for an administrator (`system:masters`, used through `kubectl` to set the
 //! scene) and for the agent (`system:serviceaccount:weft-system:weft-node`, with only the RBAC the
-//! DaemonSet's manifests grant it, [`AGENT_RBAC`]).
+//! least RBAC the agent needs, [`AGENT_RBAC`]).
 //!
 //! Both processes are killed by PID when the [`ApiServer`] is dropped (also when a test panics; and
 //! by the kernel if the test process dies first, `PR_SET_PDEATHSIG`), then the directory is removed.
@@ -29,7 +29,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(90);
 const ADMIN_TOKEN: &str = "weft-test-admin-token";
 const AGENT_TOKEN: &str = "weft-test-agent-token";
 
-/// What the agent's service account may do: exactly what the DaemonSet's manifests grant it.
+/// What the agent's service account may do: the least the agent needs (the manifests may grant
+/// more), so that the tests fail if the agent needs anything else.
 pub const AGENT_RBAC: &str = r#"
 apiVersion: v1
 kind: Namespace
@@ -39,7 +40,6 @@ apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRole
 metadata: {name: weft-node}
 rules:
-- {apiGroups: [""], resources: [pods], verbs: [get, list, watch]}
 - {apiGroups: [""], resources: [pods/status], verbs: [patch]}
 ---
 apiVersion: rbac.authorization.k8s.io/v1
@@ -52,7 +52,7 @@ apiVersion: rbac.authorization.k8s.io/v1
 kind: Role
 metadata: {name: weft-node, namespace: weft-system}
 rules:
-- {apiGroups: [""], resources: [endpoints], verbs: [get, list, watch]}
+- {apiGroups: [""], resources: [endpoints], verbs: [list, watch]}
 - {apiGroups: [apps], resources: [daemonsets], verbs: [get]}
 ---
 apiVersion: rbac.authorization.k8s.io/v1
