@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Parser as _;
 
 mod dev;
+mod install;
 mod store;
 
 #[derive(clap::Parser)]
@@ -19,6 +20,12 @@ enum Cli {
     Delete(store::DeleteArgs),
     /// Show the controller's local store as YAML.
     Get(store::GetArgs),
+    /// Install Weft on the Kubernetes cluster of KUBECONFIG (or print its manifests: --dry-run).
+    Install(install::InstallArgs),
+    /// Remove Weft from the Kubernetes cluster: agents first (each releases its node), then the rest.
+    Uninstall(install::UninstallArgs),
+    /// Whether this node's kernel has what Weft needs (BPF program and map types, BTF, cgroup v2, bpffs).
+    Check,
 }
 
 fn main() -> ExitCode {
@@ -32,6 +39,9 @@ fn main() -> ExitCode {
         Cli::Apply(args) => store::run_apply(args),
         Cli::Delete(args) => store::run_delete(args),
         Cli::Get(args) => store::run_get(args),
+        Cli::Install(args) => install::run_install(args),
+        Cli::Uninstall(args) => install::run_uninstall(args),
+        Cli::Check => install::check::run(),
     };
     match result {
         Ok(code) => code,

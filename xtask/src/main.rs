@@ -41,6 +41,8 @@ enum Cli {
     Images,
     /// Writes Weft's CustomResourceDefinitions, generated from the Rust types, into deploy/.
     Crds,
+    /// Writes deploy/, the default install as a kustomize base (`weftctl install --dry-run`).
+    Manifests,
     /// The local Kubernetes cluster (2 nodes, each in its own network namespace): up, down, status.
     Kube {
         #[command(subcommand)]
@@ -71,6 +73,7 @@ fn main() -> anyhow::Result<()> {
             .and_then(|()| build_release())
             .and_then(|()| images::build(&root()).map(drop)),
         Cli::Crds => build().and_then(|()| crds()),
+        Cli::Manifests => build().and_then(|()| manifests()),
         Cli::Kube { cmd } => setup().and_then(|()| kube::main(cmd)),
         Cli::Bench { quick, out } => setup()
             .and_then(|()| build_release())
@@ -295,6 +298,13 @@ fn crds() -> anyhow::Result<()> {
     std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
     step(&format!("wrote {}", path.display()));
     Ok(())
+}
+
+/// deploy/ is what `weftctl install --dry-run` renders with the default options.
+fn manifests() -> anyhow::Result<()> {
+    run(Command::new(root().join("target/debug/weftctl"))
+        .args(["install", "--dry-run", "--output-dir"])
+        .arg(root().join("deploy")))
 }
 
 // === demo ===
