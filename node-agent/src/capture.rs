@@ -412,7 +412,90 @@ mod raw {
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, Instant};
+
     use super::*;
+
+    /// The attach types of the programs attached to `cgroup`, and the `sk_lookup` links of the
+    /// namespace with inode `netns_ino`, as bpftool sees them.
+    fn attached(cgroup: &Path, netns_ino: u64) -> (usize, usize) {
+        let json = |args: &[&str]| -> serde_json::Value {
+            let out = std::process::Command::new("bpftool")
+                .arg("-j")
+                .args(args)
+                .output()
+                .expect("bpftool");
+            serde_json::from_slice(&out.stdout).unwrap_or_default()
+        };
+        let cgroup = cgroup.to_str().expect("utf-8");
+        let programs = json(&["cgroup", "show", cgroup]).as_array().map_or(0, Vec::len);
+        let links = json(&["link", "show"]).as_array().map_or(0, |a| {
+            a.iter()
+                .filter(|l| l["type"] == "netns" && l["netns_ino"] == netns_ino)
+                .count()
+        });
+        (programs, links)
+    }
+
+    #[test]
+    fn removing_capture_detaches_every_program_and_unpins_everything() {
+        // SAFETY: plain getter.
+        let root = unsafe { libc::geteuid() } == 0;
+        let bpftool = std::process::Command::new("bpftool").arg("version").output().is_ok();
+        if !root || !bpftool {
+            eprintln!("note: skipped, needs root and bpftool");
+            return;
+        }
+        /// Removes what the test made, also when it fails.
+        struct Scratch {
+            cgroup: PathBuf,
+            pins: PathBuf,
+            netns: String,
+        }
+        impl Drop for Scratch {
+            fn drop(&mut self) {
+                let _ = fs::remove_dir_all(&self.pins);
+                let _ = std::process::Command::new("ip")
+                    .args(["netns", "del", &self.netns])
+                    .status();
+                let _ = fs::remove_dir(&self.cgroup);
+            }
+        }
+        let id = std::process::id();
+        let scratch = Scratch {
+            cgroup: weft_dataplane::cgroup::v2_root()
+                .expect("cgroup v2")
+                .join(format!("weft-capture-test-{id}")),
+            pins: PathBuf::from(format!("/sys/fs/bpf/weft-capture-test-{id}")),
+            netns: format!("weft-capture-test-{id}"),
+        };
+        let (cgroup, pins, netns) = (&scratch.cgroup, &scratch.pins, &scratch.netns);
+        fs::create_dir_all(cgroup).expect("a cgroup");
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "add", netns])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip netns add");
+        let netns_path = Path::new("/run/netns").join(netns);
+        let ino = std::os::unix::fs::MetadataExt::ino(&fs::metadata(&netns_path).expect("pinned"));
+
+        let mut capture = Capture::start(pins, cgroup, 1).expect("capture starts");
+        let ns = NetNs::open(&netns_path).expect("the namespace");
+        capture.attach_pod("u1", &ns).expect("sk_lookup attaches");
+        capture.enroll(42).expect("enrolled");
+        assert_eq!(attached(cgroup, ino), (names::CGROUP_PROGRAMS.len(), 1));
+        assert!(pins.join("maps").join(names::MAP_ENROLLED).exists());
+
+        capture.remove().expect("removed");
+        assert!(!pins.exists(), "the pin directory is gone");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while attached(cgroup, ino) != (0, 0) {
+            assert!(Instant::now() < deadline, "still attached: {:?}", attached(cgroup, ino));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(ns);
+        drop(scratch);
+    }
 
     #[test]
     fn listener_keys_use_mapped_ipv4() {
