@@ -13,6 +13,7 @@ use std::{
 
 use serde_json::Value;
 
+pub mod kube;
 pub mod wire;
 
 /// Directory holding the built binaries (`weftctl`, `weft-node`, `weft-probe`).

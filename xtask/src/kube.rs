@@ -750,6 +750,28 @@ impl Cluster {
     }
 }
 
+/// A cluster brought up for a test run, torn down when dropped (also when the run fails).
+pub struct Guard(Cluster);
+
+impl Guard {
+    pub fn up(cluster: Cluster, images: &[PathBuf]) -> anyhow::Result<Guard> {
+        // Someone else's cluster is never taken down.
+        ensure!(!cluster.is_up(), "a local Kubernetes cluster is already up");
+        // Dropped on error too: a half-made cluster is removed.
+        let guard = Guard(cluster);
+        guard.0.up(images)?;
+        Ok(guard)
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.down() {
+            eprintln!("tearing down the test cluster: {e:#}");
+        }
+    }
+}
+
 const CONTAINERD_CONFIG: &str = r#"version = 2
 # Paths are containerd's defaults: the node's mount namespace makes them the node's own.
 [metrics]
@@ -813,6 +835,9 @@ fn kubernetes_dir() -> PathBuf {
 /// Installs what a cluster needs: Debian packages, then the Kubernetes binaries (built once).
 pub fn install() -> anyhow::Result<()> {
     crate::install_packages(DEBIAN_PACKAGES)?;
+    if Command::new("kubectl").arg("version").arg("--client").output().is_err() {
+        crate::install_packages(&["kubernetes-client"])?;
+    }
     let script = root().join("xtask").join("scripts").join("kubernetes-build.sh");
     run(Command::new(script).arg(kubernetes_dir()))
 }

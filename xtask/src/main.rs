@@ -242,9 +242,37 @@ fn test() -> anyhow::Result<()> {
         println!("note: not root; the end-to-end tests will be skipped (they need network namespaces and eBPF)");
     }
     step("running every test (unit, integration, end-to-end)");
+    // The Kubernetes tests run after, against a cluster brought up for them.
+    let (mut passed, mut failed, mut ok) = cargo_test(&["test"], &[("WEFT_KUBE_TESTS", "deferred")])?;
+    if is_root() {
+        step("the Kubernetes tests: a real local cluster (cargo xtask kube up) running Weft from its images");
+        let cluster = kube::Cluster::new();
+        ensure!(
+            !cluster.is_up(),
+            "a local Kubernetes cluster is already up; the tests bring up their own (cargo xtask kube down first)"
+        );
+        build_release()?;
+        let images = images::build(&root())?;
+        let guard = kube::Guard::up(cluster, &images)?;
+        let (p, f, k) = cargo_test(&["test", "-p", "weft-e2e", "--test", "kubernetes"], &[])?;
+        drop(guard);
+        passed += p;
+        failed += f;
+        ok &= k;
+    }
+    // One closing line for the whole run (cargo's last line is often an empty doc-test run).
+    println!("tests: {passed} passed, {failed} failed");
+    ensure!(ok, "cargo test failed");
+    Ok(())
+}
+
+/// Runs `cargo args` (a test run), echoing its output; the passed and failed counts of its
+/// `test result:` lines, and whether it succeeded.
+fn cargo_test(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<(u64, u64, bool)> {
     let mut child = cargo()
-        .args(["test"])
+        .args(args)
         .env("WEFT_BIN_DIR", root().join("target").join("debug"))
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .spawn()
         .context("running cargo test")?;
@@ -270,10 +298,7 @@ fn test() -> anyhow::Result<()> {
         }
     }
     let status = child.wait()?;
-    // One closing line for the whole run (cargo's last line is often an empty doc-test run).
-    println!("tests: {passed} passed, {failed} failed");
-    ensure!(status.success(), "cargo test failed ({status})");
-    Ok(())
+    Ok((passed, failed, status.success()))
 }
 
 /// `cargo xtask bench --quick`: proves the benchmark harness runs end to end; asserts no number.

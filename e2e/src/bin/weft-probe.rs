@@ -5,7 +5,7 @@
 //! - `connect --addr IP --ports P[-Q] [--count N] [--concurrency C]`: N connections (bounded), each a
 //!   request to one port in turn; checks every answer names the port it was sent to; prints a JSON
 //!   summary and exits non-zero if any failed.
-//! - `get --addr IP:PORT [--mark N]`: one request, from a socket with `SO_MARK` N if given; prints
+//! - `get --addr IP:PORT [--mark N] [--marker S]`: one request (carrying S), from a socket with `SO_MARK` N if given; prints
 //!   `local_port=<its own port> <the server's answer>`, so a test can tell whether it was captured.
 //! - `echo --port P`: echoes every byte back until the client closes (dual stack).
 //! - `stream --addr IP:PORT --seconds S [--connections N]`: N connections open at once to an echo
@@ -54,6 +54,9 @@ enum Cli {
         /// `SO_MARK` of the client socket (decimal or 0x hex).
         #[arg(long, value_parser = parse_mark)]
         mark: Option<u32>,
+        /// Sent in the request (header `x-weft-marker`), for a test to look for on the wire.
+        #[arg(long)]
+        marker: Option<String>,
     },
     Echo {
         #[arg(long)]
@@ -105,7 +108,7 @@ async fn main() -> anyhow::Result<()> {
             count,
             concurrency,
         } => connect(addr, ports, count, concurrency).await,
-        Cli::Get { addr, mark } => get(addr, mark).await,
+        Cli::Get { addr, mark, marker } => get(addr, mark, marker.as_deref()).await,
         Cli::Echo { port } => echo(port).await,
         Cli::Stream {
             addr,
@@ -238,7 +241,7 @@ async fn connect(addr: IpAddr, (first, last): (u16, u16), count: usize, concurre
     Ok(())
 }
 
-async fn get(to: SocketAddr, mark: Option<u32>) -> anyhow::Result<()> {
+async fn get(to: SocketAddr, mark: Option<u32>, marker: Option<&str>) -> anyhow::Result<()> {
     let socket = match to {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
@@ -252,7 +255,7 @@ async fn get(to: SocketAddr, mark: Option<u32>) -> anyhow::Result<()> {
         .await
         .context("connect timed out")??;
     let local_port = s.local_addr()?.port();
-    let body = tokio::time::timeout(Duration::from_secs(5), exchange(s))
+    let body = tokio::time::timeout(Duration::from_secs(5), exchange_marked(s, marker))
         .await
         .context("request timed out")??;
     println!("local_port={local_port} {}", body.trim());
@@ -263,8 +266,13 @@ async fn request(to: SocketAddr) -> anyhow::Result<String> {
     exchange(TcpStream::connect(to).await?).await
 }
 
-async fn exchange(mut s: TcpStream) -> anyhow::Result<String> {
-    s.write_all(b"GET / HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")
+async fn exchange(s: TcpStream) -> anyhow::Result<String> {
+    exchange_marked(s, None).await
+}
+
+async fn exchange_marked(mut s: TcpStream, marker: Option<&str>) -> anyhow::Result<String> {
+    let marker = marker.map(|m| format!("x-weft-marker: {m}\r\n")).unwrap_or_default();
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: probe\r\n{marker}Connection: close\r\n\r\n").as_bytes())
         .await?;
     let mut out = Vec::new();
     s.read_to_end(&mut out).await?;
