@@ -1,10 +1,11 @@
 //! Wires the controller together: state directory, the model's source (the local store, or the
-//! Kubernetes source and its status writer), CA, node tokens, the agent-facing gRPC server (Config +
-//! Ca, TLS) and, on the local store, the admin server (Store, unix socket).
+//! Kubernetes source and its status writer), CA, node authentication, the agent-facing gRPC server
+//! (Config + Ca, TLS) and, on the local store, the admin server (Store, unix socket). On Kubernetes
+//! also leader election, the CA Secret and the published roots.
 
 use std::{
     fs, io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     os::unix::fs::{DirBuilderExt as _, FileTypeExt as _},
     path::{Path, PathBuf},
     sync::Arc,
@@ -19,10 +20,10 @@ use weft_api::v1::{ca_server::CaServer, config_server::ConfigServer, store_serve
 
 use crate::{
     admin::StoreService,
-    auth::NodeTokens,
+    auth::{NodeAuth, NodeTokens},
     ca::{Ca, service::CaService},
     distribution::ConfigService,
-    k8s::{self, StatusWriter},
+    k8s::{self, StatusWriter, TokenReviewer, ca_root, leader},
     listener,
     store::{State, Store},
 };
@@ -44,7 +45,8 @@ pub struct Config {
     /// namespace); [`weft_model::policy::DEFAULT_ROOT_NAMESPACE`] unless told otherwise.
     pub root_namespace: String,
     pub cert_lifetime: Duration,
-    /// `{"<node>": "<token>"}`; `None`: no node can authenticate.
+    /// `{"<node>": "<token>"}`; `None`: no node can authenticate. Local source only: on Kubernetes
+    /// nodes authenticate with service-account tokens ([`k8s::token_review`]).
     pub node_tokens: Option<PathBuf>,
     /// An operator-supplied CA instead of the generated root.
     pub ca: Option<CaFiles>,
@@ -62,14 +64,29 @@ pub struct CaFiles {
 }
 
 /// Where the model comes from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Source {
     /// The local store (`<state-dir>/store.json`), changed through the admin socket.
     #[default]
     Local,
     /// A Kubernetes cluster's API server, reached with the in-cluster configuration or
     /// `KUBECONFIG` ([`kube::Client::try_default`]). No admin socket is served.
-    Kubernetes,
+    Kubernetes(KubernetesSettings),
+}
+
+/// Where a replica on Kubernetes is: its namespace (the Lease [`leader::LEASE`], the Secret
+/// [`ca_root::CA_SECRET`], the ConfigMap [`ca_root::ROOTS_CONFIG_MAP`], the node agents'
+/// ServiceAccount [`k8s::token_review::NODE_SERVICE_ACCOUNT`]), its name and its address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubernetesSettings {
+    /// `None`: the client's default namespace (in a pod, the pod's own).
+    pub namespace: Option<String>,
+    /// This replica's holder identity in the Lease: its pod's name (see
+    /// [`leader::default_identity`] otherwise). Two replicas must never share one.
+    pub identity: String,
+    /// Its pod's address, an IP SAN of its serving certificate (besides `--listen`'s, if specified).
+    pub pod_ip: Option<IpAddr>,
+    pub election: leader::Timings,
 }
 
 /// A running controller on the local store.
@@ -83,6 +100,8 @@ pub struct Controller {
 pub struct KubernetesController {
     core: Core,
     states: watch::Receiver<Arc<State>>,
+    is_leader: watch::Receiver<bool>,
+    roots: Vec<String>,
 }
 
 /// What both kinds of controller run: the agent-facing server and the tasks that feed it.
@@ -90,14 +109,19 @@ struct Core {
     listen_addr: SocketAddr,
     roots_path: PathBuf,
     shutdown: watch::Sender<bool>,
-    tasks: JoinSet<(&'static str, Result<(), tonic::transport::Error>)>,
+    tasks: Tasks,
 }
+
+/// The tasks a controller runs, each returning its name and how it ended.
+type Tasks = JoinSet<(&'static str, Result<(), tonic::transport::Error>)>;
 
 /// The parts made from the configuration before anything is served.
 struct Prepared {
     ca: Arc<Ca>,
     roots_path: PathBuf,
-    tokens: Arc<NodeTokens>,
+    auth: Arc<NodeAuth>,
+    /// The IP SANs of the serving certificate (unspecified ones are left out).
+    serving_ips: Vec<IpAddr>,
 }
 
 /// Starts the controller on `source`, runs it until SIGTERM or SIGINT, and shuts it down
@@ -109,11 +133,11 @@ pub async fn run(config: Config, source: Source) -> anyhow::Result<()> {
     let starting = async {
         anyhow::Ok(match source {
             Source::Local => Running::Local(Controller::start(config).await?),
-            Source::Kubernetes => {
+            Source::Kubernetes(settings) => {
                 let client = k8s::client()
                     .await
                     .context("cannot configure a Kubernetes client (in-cluster configuration or KUBECONFIG)")?;
-                Running::Kubernetes(KubernetesController::start(config, client).await?)
+                Running::Kubernetes(KubernetesController::start(config, settings, client).await?)
             }
         })
     };
@@ -214,17 +238,44 @@ impl Controller {
 // === impl KubernetesController ===
 
 impl KubernetesController {
-    /// Sets up the CA and node credentials, starts the Kubernetes source on `client`, waits for its
-    /// first complete state (every initial list done: an agent is never served a partial model),
-    /// then serves agents and writes each custom resource's `Accepted` condition. Until leader
-    /// election exists, this replica is always the status writer. No admin socket: the cluster is
-    /// changed through its API server.
-    pub async fn start(config: Config, client: kube::Client) -> anyhow::Result<KubernetesController> {
+    /// Starts leader election and the Kubernetes source on `client`, loads the CA (the operator's,
+    /// or the Secret's, which the leader creates if there is none: [`ca_root`]), waits for the
+    /// source's first complete state (every initial list done: an agent is never served a partial
+    /// model), then serves agents, authenticated by TokenReview ([`k8s::token_review`]), whether
+    /// leading or not. While leading it also writes each custom resource's `Accepted` condition and
+    /// publishes the roots in a ConfigMap. No admin socket: the cluster is changed through its API
+    /// server. Fails when the state directory or the operator's CA is unusable, the CA Secret
+    /// exists but cannot be used, `--listen` cannot be bound, or the source stops before its first
+    /// state; the election then releases what it took.
+    pub async fn start(
+        config: Config,
+        settings: KubernetesSettings,
+        client: kube::Client,
+    ) -> anyhow::Result<KubernetesController> {
         create_state_dir(&config)?;
-        let prepared = prepare(&config)?;
-        let (outputs, source) = k8s::source(client.clone());
+        if config.node_tokens.is_some() {
+            tracing::warn!(
+                "--node-tokens is not used on Kubernetes: node agents authenticate with service-account tokens"
+            );
+        }
+        let namespace = settings
+            .namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_owned());
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let mut tasks = JoinSet::new();
+        let mut tasks: Tasks = JoinSet::new();
+        let (is_leader, election) = leader::elect(
+            client.clone(),
+            &namespace,
+            &settings.identity,
+            settings.election,
+            shutdown_rx.clone(),
+        );
+        tasks.spawn(async move {
+            election.await;
+            ("leader election", Ok(()))
+        });
+        let (outputs, source) = k8s::source(client.clone());
         let stop = shutdown_rx.clone();
         tasks.spawn(async move {
             tokio::select! {
@@ -233,18 +284,71 @@ impl KubernetesController {
             }
             ("Kubernetes source", Ok(()))
         });
-        tracing::info!("waiting for the cluster's initial lists");
-        let states = outputs
-            .states
-            .await
-            .context("the Kubernetes source stopped before its first state")?;
+        let ready = async {
+            let ca = match &config.ca {
+                Some(files) => Ca::from_files(&files.cert, &files.key, &config.trust_domain, config.cert_lifetime)
+                    .context("--ca-cert/--ca-key")?,
+                None => ca_root::load_or_create(
+                    client.clone(),
+                    &namespace,
+                    &config.trust_domain,
+                    config.cert_lifetime,
+                    is_leader.clone(),
+                )
+                .await
+                .context("the mesh CA")?,
+            };
+            let roots_path = ca.publish_roots(&config.state_dir)?;
+            tracing::info!("waiting for the cluster's initial lists");
+            let states = outputs
+                .states
+                .await
+                .context("the Kubernetes source stopped before its first state")?;
+            let prepared = Prepared {
+                ca: Arc::new(ca),
+                roots_path,
+                auth: Arc::new(NodeAuth::Kubernetes(Box::new(TokenReviewer::new(
+                    client.clone(),
+                    &namespace,
+                )))),
+                serving_ips: [Some(config.listen.ip()), settings.pod_ip]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
+            };
+            anyhow::Ok((prepared, states))
+        };
+        let (prepared, states) = match ready.await {
+            Ok(ready) => ready,
+            Err(e) => {
+                stop_tasks(shutdown, tasks).await;
+                return Err(e);
+            }
+        };
+        let roots = prepared.ca.roots_pem().to_vec();
         let mut core =
-            Core::serve_with(&config, prepared, states.clone(), shutdown, shutdown_rx.clone(), tasks).await?;
-        let (_, is_leader) = watch::channel(true);
-        let conditions = outputs.conditions;
+            match Core::serve_with(&config, prepared, states.clone(), shutdown, shutdown_rx.clone(), tasks).await {
+                Ok(core) => core,
+                Err((e, shutdown, tasks)) => {
+                    stop_tasks(shutdown, tasks).await;
+                    return Err(e);
+                }
+            };
+        let publisher = ca_root::publish_roots(client.clone(), namespace.clone(), roots.concat(), is_leader.clone());
+        let stop = shutdown_rx.clone();
         core.tasks.spawn(async move {
             tokio::select! {
-                () = StatusWriter::run(client, conditions, is_leader) => {}
+                () = publisher => {}
+                () = stopped(stop) => {}
+            }
+            ("roots publisher", Ok(()))
+        });
+        let conditions = outputs.conditions;
+        let leader = is_leader.clone();
+        let manager = format!("weft-controller/{}", settings.identity);
+        core.tasks.spawn(async move {
+            tokio::select! {
+                () = StatusWriter::run(client, conditions, leader, &manager) => {}
                 () = stopped(shutdown_rx) => {}
             }
             ("status writer", Ok(()))
@@ -255,12 +359,30 @@ impl KubernetesController {
             roots = %core.roots_path.display(),
             trust_domain = config.trust_domain,
             root_namespace = config.root_namespace,
+            namespace,
+            identity = settings.identity,
+            leader = *is_leader.borrow(),
             cluster = state.id,
             revision = state.revision,
             source = "kubernetes",
             "controller started"
         );
-        Ok(KubernetesController { core, states })
+        Ok(KubernetesController {
+            core,
+            states,
+            is_leader,
+            roots,
+        })
+    }
+
+    /// Whether this replica leads (it changes as the election goes).
+    pub fn is_leader(&self) -> watch::Receiver<bool> {
+        self.is_leader.clone()
+    }
+
+    /// The mesh roots (PEM) this replica's CA chains to.
+    pub fn roots(&self) -> &[String] {
+        &self.roots
     }
 
     /// The bound agent-facing address.
@@ -278,8 +400,9 @@ impl KubernetesController {
         self.states.clone()
     }
 
-    /// Ends every config stream, stops the source and the status writer, and lets the server
-    /// drain (at most a few seconds).
+    /// Stops leading (releasing the Lease, so that another replica takes over at once), ends every
+    /// config stream, stops the source and the status writer, and lets the server drain (at most a
+    /// few seconds).
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.core.shutdown().await;
         Ok(())
@@ -291,28 +414,43 @@ impl KubernetesController {
 impl Core {
     async fn serve(config: &Config, prepared: Prepared, states: watch::Receiver<Arc<State>>) -> anyhow::Result<Core> {
         let (shutdown, shutdown_rx) = watch::channel(false);
-        Core::serve_with(config, prepared, states, shutdown, shutdown_rx, JoinSet::new()).await
+        Core::serve_with(config, prepared, states, shutdown, shutdown_rx, JoinSet::new())
+            .await
+            .map_err(|(e, _, _)| e)
     }
 
-    /// Binds `--listen` and serves Config and Ca on `states`, alongside `tasks`.
+    /// Binds `--listen` and serves Config and Ca on `states`, alongside `tasks`. On failure the
+    /// shutdown sender and the tasks come back with the error, for the caller to stop.
     async fn serve_with(
         config: &Config,
         prepared: Prepared,
         states: watch::Receiver<Arc<State>>,
         shutdown: watch::Sender<bool>,
         shutdown_rx: watch::Receiver<bool>,
-        mut tasks: JoinSet<(&'static str, Result<(), tonic::transport::Error>)>,
-    ) -> anyhow::Result<Core> {
-        let Prepared { ca, roots_path, tokens } = prepared;
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("--listen: cannot bind {}", config.listen))?;
-        let listen_addr = listener.local_addr().context("--listen: no local address")?;
-        let (cert, key) = ca.serving_cert(&config.server_name, config.listen.ip())?;
-        let tls = listener::tls_config(&cert, &key).context("--listen")?;
+        mut tasks: Tasks,
+    ) -> Result<Core, (anyhow::Error, watch::Sender<bool>, Tasks)> {
+        let Prepared {
+            ca,
+            roots_path,
+            auth,
+            serving_ips,
+        } = prepared;
+        let bound = async {
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("--listen: cannot bind {}", config.listen))?;
+            let listen_addr = listener.local_addr().context("--listen: no local address")?;
+            let (cert, key) = ca.serving_cert_for(&config.server_name, &serving_ips)?;
+            let tls = listener::tls_config(&cert, &key).context("--listen")?;
+            anyhow::Ok((listener, listen_addr, tls))
+        };
+        let (listener, listen_addr, tls) = match bound.await {
+            Ok(bound) => bound,
+            Err(e) => return Err((e, shutdown, tasks)),
+        };
         let config_service = ConfigService::new(
             states.clone(),
-            tokens.clone(),
+            auth.clone(),
             config.trust_domain.clone(),
             config.root_namespace.clone(),
             shutdown_rx.clone(),
@@ -322,12 +460,12 @@ impl Core {
         let agents = listener::server()
             .add_service(ConfigServer::new(config_service).max_decoding_message_size(listener::MAX_CONFIG_REQUEST))
             .add_service(
-                CaServer::new(CaService::new(ca.clone(), states, tokens.clone()))
+                CaServer::new(CaService::new(ca.clone(), states, auth.clone()))
                     .max_decoding_message_size(listener::MAX_SIGN_REQUEST),
             )
             .serve_with_incoming_shutdown(listener::incoming(listener, tls, config.limits), stopped(shutdown_rx));
         tasks.spawn(async move { ("agent server", agents.await) });
-        tracing::info!(nodes = tokens.len(), "serving node agents");
+        tracing::info!(nodes = auth.describe(), "serving node agents");
         Ok(Core {
             listen_addr,
             roots_path,
@@ -348,22 +486,26 @@ impl Core {
 
     /// Ends every config stream and every task, and lets the servers drain (at most a few seconds).
     async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
-        let mut tasks = self.tasks;
-        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-            while let Some(joined) = tasks.join_next().await {
-                match joined {
-                    Ok((_, Ok(()))) => {}
-                    Ok((name, Err(e))) => tracing::warn!(error = %e, "the {name} failed while stopping"),
-                    Err(e) => tracing::warn!(error = %e, "a task panicked"),
-                }
-            }
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!("the servers did not drain in time");
-        }
+        stop_tasks(self.shutdown, self.tasks).await;
         tracing::info!("controller stopped");
+    }
+}
+
+/// Asks every task to stop and waits for them (at most [`DRAIN_TIMEOUT`]).
+async fn stop_tasks(shutdown: watch::Sender<bool>, mut tasks: Tasks) {
+    let _ = shutdown.send(true);
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((_, Ok(()))) => {}
+                Ok((name, Err(e))) => tracing::warn!(error = %e, "the {name} failed while stopping"),
+                Err(e) => tracing::warn!(error = %e, "a task panicked"),
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("the servers did not drain in time");
     }
 }
 
@@ -377,7 +519,8 @@ fn create_state_dir(config: &Config) -> anyhow::Result<()> {
         .with_context(|| format!("--state-dir: cannot create {}", config.state_dir.display()))
 }
 
-/// The CA (generated or the operator's), the published roots, and the node credentials.
+/// The CA (generated or the operator's), the published roots, and the node credentials of the
+/// local source.
 fn prepare(config: &Config) -> anyhow::Result<Prepared> {
     let ca = match &config.ca {
         Some(files) => Ca::from_files(&files.cert, &files.key, &config.trust_domain, config.cert_lifetime)
@@ -396,7 +539,8 @@ fn prepare(config: &Config) -> anyhow::Result<Prepared> {
     Ok(Prepared {
         ca,
         roots_path,
-        tokens: Arc::new(tokens),
+        auth: Arc::new(NodeAuth::Tokens(tokens)),
+        serving_ips: vec![config.listen.ip()],
     })
 }
 

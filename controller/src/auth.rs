@@ -1,5 +1,6 @@
 //! Node authentication for the agent-facing services: gRPC metadata `authorization: Bearer <token>`
-//! maps to a node name through the `--node-tokens` file.
+//! maps to a node name, through the `--node-tokens` file (local source) or a TokenReview of the
+//! agent's service-account token (Kubernetes source, [`crate::k8s::token_review`]).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -10,6 +11,51 @@ use std::{
 };
 
 use tonic::{Status, metadata::MetadataMap};
+
+use crate::k8s::TokenReviewer;
+
+/// How the agent-facing services learn which node calls them.
+pub enum NodeAuth {
+    /// `--node-tokens`: a static token per node.
+    Tokens(NodeTokens),
+    /// The agent's projected service-account token, checked by the API server (TokenReview) and
+    /// tied to the agent's pod, whose node is the caller's.
+    Kubernetes(Box<TokenReviewer>),
+}
+
+impl NodeAuth {
+    /// The node the request's bearer token belongs to: UNAUTHENTICATED naming why not, or
+    /// UNAVAILABLE when it cannot be decided now (the API server cannot be asked).
+    pub async fn authenticate(&self, metadata: &MetadataMap) -> Result<String, Status> {
+        match self {
+            NodeAuth::Tokens(tokens) => tokens.authenticate(metadata),
+            NodeAuth::Kubernetes(reviewer) => reviewer.authenticate(metadata).await,
+        }
+    }
+
+    /// What a start-up log line says about it.
+    pub fn describe(&self) -> String {
+        match self {
+            NodeAuth::Tokens(tokens) => format!("{} node tokens", tokens.len()),
+            NodeAuth::Kubernetes(reviewer) => format!("TokenReview of {}", reviewer.username()),
+        }
+    }
+}
+
+/// The token of `authorization: Bearer <token>`, or UNAUTHENTICATED; `what` names the token the
+/// caller should have sent.
+pub fn bearer<'m>(metadata: &'m MetadataMap, what: &str) -> Result<&'m str, Status> {
+    let header = metadata
+        .get("authorization")
+        .ok_or_else(|| Status::unauthenticated(format!("missing authorization metadata (Bearer <{what}>)")))?;
+    header
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| Status::unauthenticated(format!("authorization metadata is not \"Bearer <{what}>\"")))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -138,22 +184,16 @@ impl NodeTokens {
 
     /// The node the request's bearer token belongs to, or UNAUTHENTICATED.
     pub fn authenticate(&self, metadata: &MetadataMap) -> Result<String, Status> {
-        let header = metadata
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("missing authorization metadata (Bearer <node token>)"))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("authorization metadata is not \"Bearer <node token>\""))?;
+        let token = bearer(metadata, "node token")?;
         self.by_digest
-            .get(&digest(token.trim()))
+            .get(&digest(token))
             .cloned()
             .ok_or_else(|| Status::unauthenticated("unknown node token"))
     }
 }
 
-fn digest(token: &str) -> Vec<u8> {
+/// SHA-256 of a token: what tables and caches of tokens hold instead of the token.
+pub fn digest(token: &str) -> Vec<u8> {
     ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
         .as_ref()
         .to_vec()

@@ -51,6 +51,9 @@ pub enum Error {
     },
     #[error("{path}: {problem}")]
     BadFile { path: PathBuf, problem: String },
+    /// CA material held elsewhere than in a file (a Kubernetes Secret's key) cannot be used.
+    #[error("{what}: {problem}")]
+    Unusable { what: String, problem: String },
     /// The private key cannot be read, or group or others may access it.
     #[error(transparent)]
     Key(#[from] SecretFileError),
@@ -137,8 +140,35 @@ impl Ca {
         }
         let cert_pem = read(&cert_path)?;
         let key_pem = read_key(&key_path)?;
-        let ca = Self::from_pem(&cert_pem, &cert_path, &key_pem, &key_path, trust_domain, lifetime)?;
+        let ca = Self::from_pem(
+            &cert_pem,
+            Origin::File(&cert_path),
+            &key_pem,
+            Origin::File(&key_path),
+            trust_domain,
+            lifetime,
+        )?;
         Ok(ca)
+    }
+
+    /// A CA from PEM held elsewhere than in files (a Kubernetes Secret): the same rules as
+    /// [`Ca::from_files`]; `cert_name` and `key_name` say where each came from, for errors.
+    pub fn from_pem_named(
+        cert_pem: &str,
+        cert_name: &str,
+        key_pem: &str,
+        key_name: &str,
+        trust_domain: &str,
+        lifetime: Duration,
+    ) -> Result<Ca, Error> {
+        Self::from_pem(
+            cert_pem,
+            Origin::Named(cert_name),
+            key_pem,
+            Origin::Named(key_name),
+            trust_domain,
+            lifetime,
+        )
     }
 
     /// An operator-supplied CA: `cert_path` holds the CA certificate first, optionally followed by
@@ -149,54 +179,67 @@ impl Ca {
     pub fn from_files(cert_path: &Path, key_path: &Path, trust_domain: &str, lifetime: Duration) -> Result<Ca, Error> {
         let cert_pem = read(cert_path)?;
         let key_pem = read_key(key_path)?;
-        Self::from_pem(&cert_pem, cert_path, &key_pem, key_path, trust_domain, lifetime)
+        Self::from_pem(
+            &cert_pem,
+            Origin::File(cert_path),
+            &key_pem,
+            Origin::File(key_path),
+            trust_domain,
+            lifetime,
+        )
     }
 
     fn from_pem(
         cert_pem: &str,
-        cert_path: &Path,
+        cert_origin: Origin<'_>,
         key_pem: &str,
-        key_path: &Path,
+        key_origin: Origin<'_>,
         trust_domain: &str,
         lifetime: Duration,
     ) -> Result<Ca, Error> {
-        let bad = |path: &Path, problem: String| Error::BadFile {
-            path: path.to_owned(),
-            problem,
+        let bad = |origin: Origin<'_>, problem: String| match origin {
+            Origin::File(path) => Error::BadFile {
+                path: path.to_owned(),
+                problem,
+            },
+            Origin::Named(what) => Error::Unusable {
+                what: what.to_owned(),
+                problem,
+            },
         };
-        let key = KeyPair::from_pem(key_pem).map_err(|e| bad(key_path, format!("not a usable private key: {e}")))?;
+        let key = KeyPair::from_pem(key_pem).map_err(|e| bad(key_origin, format!("not a usable private key: {e}")))?;
         let mut certs = Vec::new();
         for pem in x509_parser::pem::Pem::iter_from_buffer(cert_pem.as_bytes()) {
-            let pem = pem.map_err(|e| bad(cert_path, format!("not PEM: {e}")))?;
+            let pem = pem.map_err(|e| bad(cert_origin, format!("not PEM: {e}")))?;
             if pem.label == "CERTIFICATE" {
                 certs.push(pem);
             }
         }
         let Some(first) = certs.first() else {
-            return Err(bad(cert_path, "no CERTIFICATE in it".into()));
+            return Err(bad(cert_origin, "no CERTIFICATE in it".into()));
         };
         let ca_cert = first
             .parse_x509()
-            .map_err(|e| bad(cert_path, format!("first certificate does not parse: {e}")))?;
+            .map_err(|e| bad(cert_origin, format!("first certificate does not parse: {e}")))?;
         if ca_cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
             return Err(bad(
-                key_path,
-                format!("does not match the certificate in {}", cert_path.display()),
+                key_origin,
+                format!("does not match the certificate in {cert_origin}"),
             ));
         }
         if !ca_cert.is_ca() {
             return Err(bad(
-                cert_path,
+                cert_origin,
                 "first certificate is not a CA (basicConstraints CA:TRUE)".into(),
             ));
         }
         let mut pems: Vec<String> = certs.iter().map(|p| to_pem(&p.contents)).collect();
         let issuer = Issuer::from_ca_cert_pem(&pems[0], key)
-            .map_err(|e| bad(cert_path, format!("cannot use the CA certificate: {e}")))?;
+            .map_err(|e| bad(cert_origin, format!("cannot use the CA certificate: {e}")))?;
         let (intermediates, roots) = if pems.len() == 1 {
             if ca_cert.subject() != ca_cert.issuer() || ca_cert.verify_signature(None).is_err() {
                 return Err(bad(
-                    cert_path,
+                    cert_origin,
                     "the CA is not self-signed: append its issuers up to the root after it".into(),
                 ));
             }
@@ -262,6 +305,12 @@ impl Ca {
     /// The controller's serving certificate: a fresh P-256 key, DNS SAN `server_name`, plus `ip` as
     /// an IP SAN unless it is unspecified; valid one year. Returns (certificate chain PEM, key PEM).
     pub fn serving_cert(&self, server_name: &str, ip: IpAddr) -> Result<(String, String), Error> {
+        self.serving_cert_for(server_name, &[ip])
+    }
+
+    /// [`Ca::serving_cert`] with an IP SAN for each of `ips` that is specified (a replica's
+    /// `--listen` address and its pod's address), each once.
+    pub fn serving_cert_for(&self, server_name: &str, ips: &[IpAddr]) -> Result<(String, String), Error> {
         let generate = |source| Error::Generate {
             what: "the serving certificate",
             source,
@@ -271,8 +320,11 @@ impl Ca {
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, server_name);
         params.subject_alt_names = vec![SanType::DnsName(server_name.try_into().map_err(generate)?)];
-        if !ip.is_unspecified() {
-            params.subject_alt_names.push(SanType::IpAddress(ip));
+        for ip in ips.iter().filter(|ip| !ip.is_unspecified()) {
+            let san = SanType::IpAddress(*ip);
+            if !params.subject_alt_names.contains(&san) {
+                params.subject_alt_names.push(san);
+            }
         }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
@@ -319,7 +371,8 @@ fn verified_csr_key(pem: &str) -> Result<rcgen::SubjectPublicKeyInfo, SignError>
     Ok(key)
 }
 
-fn generate_root(cert_path: &Path, key_path: &Path, trust_domain: &str) -> Result<(), Error> {
+/// A new mesh root, ECDSA P-256, self-signed, valid 10 years: (certificate PEM, PKCS#8 key PEM).
+pub fn generate_root_pem(trust_domain: &str) -> Result<(String, String), Error> {
     let generate = |source| Error::Generate {
         what: "the mesh root",
         source,
@@ -341,6 +394,11 @@ fn generate_root(cert_path: &Path, key_path: &Path, trust_domain: &str) -> Resul
     params.not_after = now + ROOT_LIFETIME;
     params.serial_number = Some(random_serial().map_err(generate)?);
     let cert = params.self_signed(&key).map_err(generate)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+fn generate_root(cert_path: &Path, key_path: &Path, trust_domain: &str) -> Result<(), Error> {
+    let (cert_pem, key_pem) = generate_root_pem(trust_domain)?;
     if let Some(dir) = cert_path.parent() {
         fs::DirBuilder::new()
             .recursive(true)
@@ -352,9 +410,25 @@ fn generate_root(cert_path: &Path, key_path: &Path, trust_domain: &str) -> Resul
             })?;
     }
     // The key first: a crash between the two leaves no certificate, and the next start begins over.
-    write_atomic(key_path, key.serialize_pem().as_bytes(), 0o600)?;
-    write_atomic(cert_path, cert.pem().as_bytes(), 0o644)?;
+    write_atomic(key_path, key_pem.as_bytes(), 0o600)?;
+    write_atomic(cert_path, cert_pem.as_bytes(), 0o644)?;
     Ok(())
+}
+
+/// Where CA material came from, for errors.
+#[derive(Clone, Copy)]
+enum Origin<'a> {
+    File(&'a Path),
+    Named(&'a str),
+}
+
+impl std::fmt::Display for Origin<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::File(path) => write!(f, "{}", path.display()),
+            Origin::Named(what) => f.write_str(what),
+        }
+    }
 }
 
 /// 16 random bytes, positive and without a leading zero byte.

@@ -1,6 +1,6 @@
 //! The `Config` gRPC service: streams each node agent the resources it should hold, xDS-like.
 //!
-//! Per stream: authenticate the node (bearer token), read its `Subscribe` (which must name that
+//! Per stream: authenticate the node (bearer token: [`NodeAuth`]), read its `Subscribe` (which must name that
 //! node), send a full push, then a delta after every new state that changes what the node should
 //! hold. Each push waits for its ACK/NACK before the next one is sent; states published meanwhile are
 //! coalesced. The source (the local store or the Kubernetes source) is never held up: streams watch
@@ -17,14 +17,14 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 use weft_api::v1::{self, Push, StreamRequest, config_server, stream_request};
 
-use crate::{auth::NodeTokens, store::State};
+use crate::{auth::NodeAuth, store::State};
 use desired::TypeFilter;
 use session::{Acked, Session};
 
 /// The `Config` service.
 pub struct ConfigService {
     states: watch::Receiver<Arc<State>>,
-    tokens: Arc<NodeTokens>,
+    auth: Arc<NodeAuth>,
     trust_domain: String,
     root_namespace: String,
     shutdown: watch::Receiver<bool>,
@@ -37,14 +37,14 @@ impl ConfigService {
     /// the server can drain.
     pub fn new(
         states: watch::Receiver<Arc<State>>,
-        tokens: Arc<NodeTokens>,
+        auth: Arc<NodeAuth>,
         trust_domain: String,
         root_namespace: String,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Self {
             states,
-            tokens,
+            auth,
             trust_domain,
             root_namespace,
             shutdown,
@@ -57,7 +57,7 @@ impl config_server::Config for ConfigService {
     type StreamStream = ReceiverStream<Result<Push, Status>>;
 
     async fn stream(&self, request: Request<Streaming<StreamRequest>>) -> Result<Response<Self::StreamStream>, Status> {
-        let node = self.tokens.authenticate(request.metadata())?;
+        let node = self.auth.authenticate(request.metadata()).await?;
         let peer = request.remote_addr();
         // One push in flight at a time, so a small buffer is enough.
         let (tx, rx) = mpsc::channel(2);

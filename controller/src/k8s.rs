@@ -4,15 +4,22 @@
 //! - [`crd`]: Weft's custom resources (`AuthorizationPolicy`, `PeerAuthentication`) and their CRDs;
 //! - [`convert`]: Kubernetes objects into the model's objects (pure);
 //! - [`source`]: the watchers, and the model they publish;
-//! - [`status`]: each custom resource's `Accepted` condition, and its writer.
+//! - [`status`]: each custom resource's `Accepted` condition, and its writer;
+//! - [`leader`]: leader election among replicas (a Lease);
+//! - [`ca_root`]: the CA in a Secret, and the roots published in a ConfigMap;
+//! - [`token_review`]: node agents' identity from their service-account tokens.
 
+pub mod ca_root;
 pub mod convert;
 pub mod crd;
+pub mod leader;
 pub mod source;
 pub mod status;
+pub mod token_review;
 
 pub use source::{Outputs, source};
 pub use status::{Conditions, StatusWriter, Verdict};
+pub use token_review::TokenReviewer;
 
 /// A client from the in-cluster configuration, or `KUBECONFIG` ([`kube::Client::try_default`]).
 pub async fn client() -> Result<kube::Client, kube::Error> {

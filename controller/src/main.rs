@@ -1,9 +1,14 @@
 //! `weft-controller`: parses flags, sets up logging, and hands over to [`weft_controller::app`].
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
 
 use clap::Parser as _;
 use weft_controller::{
-    app::{self, CaFiles},
+    app::{self, CaFiles, KubernetesSettings},
     ca, k8s, listener,
 };
 
@@ -43,8 +48,23 @@ struct Args {
     #[arg(long, default_value = "24h", value_parser = parse_lifetime)]
     cert_lifetime: Duration,
     /// JSON object {"<node>": "<token>"} of node credentials; must not be readable by group or others.
+    /// Local source only: on Kubernetes node agents send their service-account tokens (audience
+    /// weft-controller, ServiceAccount weft-node of --namespace), checked by TokenReview.
     #[arg(long, env = "WEFT_NODE_TOKENS")]
     node_tokens: Option<PathBuf>,
+    /// The controller's namespace on Kubernetes: Lease weft-controller (leader election), Secret
+    /// weft-ca (the CA), ConfigMap weft-root-ca (the published roots), ServiceAccount weft-node (node
+    /// agents) [default: the client's namespace: in a pod, its own].
+    #[arg(long, env = "POD_NAMESPACE", value_parser = parse_namespace)]
+    namespace: Option<String>,
+    /// This replica's identity in leader election (Kubernetes): its pod's name [default: the host
+    /// name and a random suffix].
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// This replica's pod address (Kubernetes): an IP SAN of its serving certificate, for agents
+    /// that connect to it by address.
+    #[arg(long, env = "POD_IP")]
+    pod_ip: Option<IpAddr>,
     /// Operator-supplied CA certificate (PEM: the CA first, then its issuers up to the root).
     #[arg(long, requires = "ca_key")]
     ca_cert: Option<PathBuf>,
@@ -160,7 +180,23 @@ fn main() -> ExitCode {
             if args.admin_socket.is_some() {
                 tracing::warn!("--admin-socket is not served with --source kubernetes");
             }
-            app::Source::Kubernetes
+            let identity = match args.pod_name.filter(|n| !n.trim().is_empty()) {
+                Some(name) => name.trim().to_owned(),
+                None => {
+                    let identity = k8s::leader::default_identity();
+                    tracing::warn!(
+                        identity,
+                        "no --pod-name (POD_NAME): leader election uses a made-up identity"
+                    );
+                    identity
+                }
+            };
+            app::Source::Kubernetes(KubernetesSettings {
+                namespace: args.namespace,
+                identity,
+                pod_ip: args.pod_ip,
+                election: k8s::leader::Timings::default(),
+            })
         }
     };
     let config = app::Config {

@@ -326,6 +326,7 @@ async fn the_source_publishes_the_cluster_and_enforces_only_valid_policies() {
         client.clone(),
         outputs.conditions,
         is_leader,
+        "weft-controller/test",
     )));
     let mut states = tokio::time::timeout(TIMEOUT, outputs.states)
         .await

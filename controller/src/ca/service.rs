@@ -9,18 +9,18 @@ use tonic::{Request, Response, Status};
 use weft_api::v1::{SignRequest, SignResponse, ca_server};
 
 use super::{Ca, SignError, parse_identity};
-use crate::{auth::NodeTokens, store::State};
+use crate::{auth::NodeAuth, store::State};
 
 pub struct CaService {
     ca: Arc<Ca>,
     states: watch::Receiver<Arc<State>>,
-    tokens: Arc<NodeTokens>,
+    auth: Arc<NodeAuth>,
 }
 
 impl CaService {
-    /// Decides every request on the latest state `states` holds.
-    pub fn new(ca: Arc<Ca>, states: watch::Receiver<Arc<State>>, tokens: Arc<NodeTokens>) -> Self {
-        Self { ca, states, tokens }
+    /// Decides every request on the latest state `states` holds, for the node `auth` says calls.
+    pub fn new(ca: Arc<Ca>, states: watch::Receiver<Arc<State>>, auth: Arc<NodeAuth>) -> Self {
+        Self { ca, states, auth }
     }
 
     fn sign_for(&self, node: &str, req: &SignRequest) -> Result<SignResponse, Status> {
@@ -65,7 +65,7 @@ fn to_status(e: SignError) -> Status {
 #[tonic::async_trait]
 impl ca_server::Ca for CaService {
     async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
-        let node = self.tokens.authenticate(request.metadata())?;
+        let node = self.auth.authenticate(request.metadata()).await?;
         let result = self.sign_for(&node, request.get_ref());
         if let Err(status) = &result {
             tracing::warn!(

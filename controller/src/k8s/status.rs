@@ -104,18 +104,31 @@ pub fn accepted(status: Option<&crd::Status>) -> Option<crd::Condition> {
 /// ([`Verdict::needs_write`]), and only while this replica is the writer.
 pub struct StatusWriter;
 
+/// The longest field manager name the API server takes.
+const MAX_FIELD_MANAGER: usize = 128;
+
 impl StatusWriter {
     /// Runs until `conditions` is closed (the source stopped). Writes only while `is_leader` is
     /// true (leader election decides it; a replica that is not the leader writes nothing, so
     /// replicas do not fight over a status); a closed `is_leader` keeps its last value. Each write is conditional on the resource version the verdict
     /// was made on: a resource changed since is not overwritten with a stale verdict (the source
     /// decides again and the writer gets the new one). A write that fails otherwise is retried
-    /// after a short delay; a resource that is gone is skipped.
+    /// after a short delay; a resource that is gone is skipped. Writes are made as field manager
+    /// `manager` (cut to 128 bytes), which names the replica in each resource's `managedFields`.
     pub async fn run(
         client: Client,
         mut conditions: watch::Receiver<Arc<Conditions>>,
         mut is_leader: watch::Receiver<bool>,
+        manager: &str,
     ) {
+        let mut manager = manager.to_owned();
+        while manager.len() > MAX_FIELD_MANAGER {
+            manager.pop();
+        }
+        let params = PatchParams {
+            field_manager: Some(manager).filter(|m| !m.is_empty()),
+            ..PatchParams::default()
+        };
         // What this replica wrote and the watch has not shown back yet, so as not to write it twice.
         let mut written: HashMap<ObjectRef, (String, crd::Condition)> = HashMap::new();
         let mut leader_open = true;
@@ -134,7 +147,7 @@ impl StatusWriter {
                     if written.get(r) == Some(&token) {
                         continue;
                     }
-                    match write(&client, r, verdict).await {
+                    match write(&client, &params, r, verdict).await {
                         Ok(()) => {
                             tracing::debug!(object = %r, status = verdict.desired.status, "wrote the Accepted condition");
                             written.insert(r.clone(), token);
@@ -166,19 +179,18 @@ enum WriteError {
     Other(kube::Error),
 }
 
-async fn write(client: &Client, r: &ObjectRef, verdict: &Verdict) -> Result<(), WriteError> {
+async fn write(client: &Client, params: &PatchParams, r: &ObjectRef, verdict: &Verdict) -> Result<(), WriteError> {
     let patch = json!({
         "metadata": {"resourceVersion": verdict.resource_version},
         "status": {"conditions": [verdict.to_write(SystemTime::now())]},
     });
-    let params = PatchParams::default();
     let result = match r.kind {
         Kind::AuthorizationPolicy => Api::<crd::AuthorizationPolicy>::namespaced(client.clone(), &r.namespace)
-            .patch_status(&r.name, &params, &Patch::Merge(&patch))
+            .patch_status(&r.name, params, &Patch::Merge(&patch))
             .await
             .map(drop),
         Kind::PeerAuthentication => Api::<crd::PeerAuthentication>::namespaced(client.clone(), &r.namespace)
-            .patch_status(&r.name, &params, &Patch::Merge(&patch))
+            .patch_status(&r.name, params, &Patch::Merge(&patch))
             .await
             .map(drop),
         // The source gives verdicts on custom resources only.
