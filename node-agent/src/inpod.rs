@@ -231,6 +231,24 @@ impl Drop for InPod {
     }
 }
 
+/// Where the host's `/proc/sys` is mounted in the agent's container (a DaemonSet pod that is not
+/// privileged has its own `/proc/sys` read-only).
+const HOST_PROC_SYS: &str = "/host/proc/sys";
+
+/// Writes the sysctl at `rel` (under `/proc/sys`) for the calling thread's network namespace: in
+/// `/proc/sys`, or where that is read-only in [`HOST_PROC_SYS`]. Either shows the namespace of the
+/// thread that opens the file, not the one of the process that mounted it.
+fn write_sysctl(rel: &str, value: &str) -> std::io::Result<()> {
+    match std::fs::write(std::path::Path::new("/proc/sys").join(rel), value) {
+        Err(e)
+            if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem && std::path::Path::new(HOST_PROC_SYS).is_dir() =>
+        {
+            std::fs::write(std::path::Path::new(HOST_PROC_SYS).join(rel), value)
+        }
+        r => r,
+    }
+}
+
 /// Inside the pod: accepted sockets inherit the SYN's mark (`tcp_fwmark_accept`), the kernel's own
 /// replies to a packet that found no socket (the reset answering a SYN to a closed port) carry that
 /// packet's mark (`fwmark_reflect`), and packets marked `LOCAL_REPLY` are delivered locally. The
@@ -239,9 +257,9 @@ impl Drop for InPod {
 /// agent learns at once, as the client would without the mesh. Idempotent.
 fn install_reply_routing(netns: &NetNs) -> std::io::Result<()> {
     netns.run(|| -> std::io::Result<()> {
-        std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")?;
-        std::fs::write("/proc/sys/net/ipv4/fwmark_reflect", "1")?;
-        match std::fs::write("/proc/sys/net/ipv6/fwmark_reflect", "1") {
+        write_sysctl("net/ipv4/tcp_fwmark_accept", "1")?;
+        write_sysctl("net/ipv4/fwmark_reflect", "1")?;
+        match write_sysctl("net/ipv6/fwmark_reflect", "1") {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {} // IPv6 disabled in the pod
             r => r?,
         }
