@@ -153,6 +153,7 @@ async fn serve(
         capture,
         networks,
         state_file,
+        cni_dirs: config.cni_dirs.clone(),
         kubernetes: config.kubernetes,
         scan_netns: config.kubernetes,
         reconciler: Reconciler {
@@ -256,6 +257,8 @@ struct NodeControl {
     capture: Capture,
     networks: Networks,
     state_file: std::path::PathBuf,
+    /// The node's CNI directories: the uninstall takes `weft-cni` out of them.
+    cni_dirs: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// In Kubernetes: pods' redirection annotations are planned ([`redirection`]).
     kubernetes: bool,
     /// In Kubernetes, until the first synced state: find running pods' namespaces ([`adopt`]).
@@ -357,6 +360,28 @@ impl NodeControl {
     /// Takes the mesh off this node for good: releases every captured pod, removes every eBPF pin
     /// (so the kernel detaches the programs once the agent exits) and the state file.
     fn uninstall(mut self) -> anyhow::Result<()> {
+        // First out of the node's CNI chain: a pod created from now on starts without the mesh
+        // instead of waiting for an agent that will not come back.
+        if let Some((conf, bin)) = &self.cni_dirs {
+            let plugin = std::env::current_exe()
+                .context("finding weft-node's own path")?
+                .with_file_name("weft-cni");
+            let out = std::process::Command::new(&plugin)
+                .arg("uninstall")
+                .arg("--conf-dir")
+                .arg(conf)
+                .arg("--bin-dir")
+                .arg(bin)
+                .output()
+                .with_context(|| format!("running {} uninstall", plugin.display()))?;
+            anyhow::ensure!(
+                out.status.success(),
+                "{} uninstall: {}",
+                plugin.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            tracing::info!(output = %String::from_utf8_lossy(&out.stdout).trim(), "weft-cni removed from the node's CNI configuration");
+        }
         let served = std::mem::take(&mut self.reconciler.pods);
         let pods = served.len();
         for pod in served.into_values() {

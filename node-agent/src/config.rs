@@ -58,6 +58,14 @@ pub struct Args {
         default_value = "weft-system/weft-node"
     )]
     pub daemonset: String,
+    /// The node's CNI configuration directory (as mounted in the agent): on an uninstall the agent
+    /// takes `weft-cni` out of its chain (with `--cni-bin-dir`, the plugin too) before releasing
+    /// any pod, so that no new pod asks an agent that is gone.
+    #[arg(long, requires = "cni_bin_dir")]
+    pub cni_conf_dir: Option<PathBuf>,
+    /// The node's CNI plugin directory (as mounted in the agent).
+    #[arg(long, requires = "cni_conf_dir")]
+    pub cni_bin_dir: Option<PathBuf>,
     /// The mesh's SPIFFE trust domain.
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
@@ -167,6 +175,8 @@ pub struct Config {
     pub controller_name: String,
     pub node_token_file: PathBuf,
     pub daemonset: ObjectName,
+    /// `(conf dir, bin dir)` of the node's CNI, for the uninstall.
+    pub cni_dirs: Option<(PathBuf, PathBuf)>,
     pub trust_domain: String,
     pub cni_socket: PathBuf,
     pub state_dir: PathBuf,
@@ -239,6 +249,7 @@ impl Args {
             controller_name: self.controller_name,
             node_token_file: self.node_token_file,
             daemonset,
+            cni_dirs: self.cni_conf_dir.zip(self.cni_bin_dir),
             trust_domain: self.trust_domain,
             cni_socket: self.cni_socket,
             state_dir: self.state_dir,

@@ -323,6 +323,8 @@ fn node(o: &Options) -> Value {
                             "--state-dir", "/var/lib/weft/node",
                             "--bpf-pin-dir", "/sys/fs/bpf/weft",
                             "--cni-socket", "/run/weft/cni.sock",
+                            "--cni-conf-dir", "/host/etc/cni/net.d",
+                            "--cni-bin-dir", "/host/opt/cni/bin",
                             "--log-format", "json",
                         ],
                         "env": [
