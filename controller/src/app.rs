@@ -34,7 +34,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// The controller's settings, validated by the caller (the binary's flag parser).
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Holds `store.json`, `ca/`, and the published `root.pem`.
+    /// Holds `store.json`, `ca/`, and the published `root.pem`. On Kubernetes only `root.pem` (the
+    /// roots are in ConfigMap `weft-root-ca` as well), and it may be empty: nothing is written.
     pub state_dir: PathBuf,
     /// The agent-facing gRPC address (TLS). Port 0 picks one; see [`Controller::listen_addr`].
     pub listen: SocketAddr,
@@ -92,6 +93,7 @@ pub struct KubernetesSettings {
 /// A running controller on the local store.
 pub struct Controller {
     core: Core,
+    roots_path: PathBuf,
     admin_socket: PathBuf,
     store: Arc<Store>,
 }
@@ -102,12 +104,12 @@ pub struct KubernetesController {
     states: watch::Receiver<Arc<State>>,
     is_leader: watch::Receiver<bool>,
     roots: Vec<String>,
+    roots_path: Option<PathBuf>,
 }
 
 /// What both kinds of controller run: the agent-facing server and the tasks that feed it.
 struct Core {
     listen_addr: SocketAddr,
-    roots_path: PathBuf,
     shutdown: watch::Sender<bool>,
     tasks: Tasks,
 }
@@ -118,7 +120,8 @@ type Tasks = JoinSet<(&'static str, Result<(), tonic::transport::Error>)>;
 /// The parts made from the configuration before anything is served.
 struct Prepared {
     ca: Arc<Ca>,
-    roots_path: PathBuf,
+    /// Where the roots were written, if anywhere.
+    roots_path: Option<PathBuf>,
     auth: Arc<NodeAuth>,
     /// The IP SANs of the serving certificate (unspecified ones are left out).
     serving_ips: Vec<IpAddr>,
@@ -181,6 +184,7 @@ impl Controller {
         create_state_dir(&config)?;
         let store = Arc::new(Store::open(&config.state_dir)?);
         let prepared = prepare(&config)?;
+        let roots_path = prepared.roots_path.clone().unwrap_or_default();
         let admin = bind_admin_socket(&config.admin_socket).await?;
         let mut core = Core::serve(&config, prepared, store.subscribe()).await?;
         let admin_server = Server::builder()
@@ -190,7 +194,7 @@ impl Controller {
         tracing::info!(
             listen = %core.listen_addr,
             admin_socket = %config.admin_socket.display(),
-            roots = %core.roots_path.display(),
+            roots = %roots_path.display(),
             trust_domain = config.trust_domain,
             root_namespace = config.root_namespace,
             revision = store.snapshot().revision,
@@ -199,6 +203,7 @@ impl Controller {
         );
         Ok(Controller {
             core,
+            roots_path,
             admin_socket: config.admin_socket,
             store,
         })
@@ -215,7 +220,7 @@ impl Controller {
 
     /// `<state-dir>/root.pem`: what agents trust.
     pub fn roots_path(&self) -> &Path {
-        &self.core.roots_path
+        &self.roots_path
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -252,7 +257,10 @@ impl KubernetesController {
         settings: KubernetesSettings,
         client: kube::Client,
     ) -> anyhow::Result<KubernetesController> {
-        create_state_dir(&config)?;
+        let write_roots = !config.state_dir.as_os_str().is_empty();
+        if write_roots {
+            create_state_dir(&config)?;
+        }
         if config.node_tokens.is_some() {
             tracing::warn!(
                 "--node-tokens is not used on Kubernetes: node agents authenticate with service-account tokens"
@@ -298,7 +306,11 @@ impl KubernetesController {
                 .await
                 .context("the mesh CA")?,
             };
-            let roots_path = ca.publish_roots(&config.state_dir)?;
+            let roots_path = if write_roots {
+                Some(ca.publish_roots(&config.state_dir)?)
+            } else {
+                None
+            };
             tracing::info!("waiting for the cluster's initial lists");
             let states = outputs
                 .states
@@ -326,6 +338,7 @@ impl KubernetesController {
             }
         };
         let roots = prepared.ca.roots_pem().to_vec();
+        let roots_path = prepared.roots_path.clone();
         let mut core =
             match Core::serve_with(&config, prepared, states.clone(), shutdown, shutdown_rx.clone(), tasks).await {
                 Ok(core) => core,
@@ -356,7 +369,7 @@ impl KubernetesController {
         let state = states.borrow().clone();
         tracing::info!(
             listen = %core.listen_addr,
-            roots = %core.roots_path.display(),
+            roots = roots_path.as_deref().map(|p| p.display().to_string()),
             trust_domain = config.trust_domain,
             root_namespace = config.root_namespace,
             namespace,
@@ -372,6 +385,7 @@ impl KubernetesController {
             states,
             is_leader,
             roots,
+            roots_path,
         })
     }
 
@@ -390,9 +404,9 @@ impl KubernetesController {
         self.core.listen_addr
     }
 
-    /// `<state-dir>/root.pem`: what agents trust.
-    pub fn roots_path(&self) -> &Path {
-        &self.core.roots_path
+    /// `<state-dir>/root.pem`, unless the state directory was left empty.
+    pub fn roots_path(&self) -> Option<&Path> {
+        self.roots_path.as_deref()
     }
 
     /// The states the source publishes.
@@ -430,10 +444,7 @@ impl Core {
         mut tasks: Tasks,
     ) -> Result<Core, (anyhow::Error, watch::Sender<bool>, Tasks)> {
         let Prepared {
-            ca,
-            roots_path,
-            auth,
-            serving_ips,
+            ca, auth, serving_ips, ..
         } = prepared;
         let bound = async {
             let listener = tokio::net::TcpListener::bind(config.listen)
@@ -468,7 +479,6 @@ impl Core {
         tracing::info!(nodes = auth.describe(), "serving node agents");
         Ok(Core {
             listen_addr,
-            roots_path,
             shutdown,
             tasks,
         })
@@ -538,7 +548,7 @@ fn prepare(config: &Config) -> anyhow::Result<Prepared> {
     };
     Ok(Prepared {
         ca,
-        roots_path,
+        roots_path: Some(roots_path),
         auth: Arc::new(NodeAuth::Tokens(tokens)),
         serving_ips: vec![config.listen.ip()],
     })

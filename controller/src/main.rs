@@ -25,7 +25,9 @@ struct Args {
     #[command(subcommand)]
     command: Option<Command>,
     /// Directory for store.json, the CA (ca/root.pem, ca/root.key) and the published root.pem.
-    #[arg(long, env = "WEFT_STATE_DIR", required = true)]
+    /// Required with the local source; with --source kubernetes it only gets root.pem, and without
+    /// it nothing is written to disk (the CA is in Secret weft-ca, the roots in ConfigMap weft-root-ca).
+    #[arg(long, env = "WEFT_STATE_DIR", required_if_eq("source", "local"))]
     state_dir: Option<PathBuf>,
     /// Where the model comes from: `local` (the store in STATE_DIR, changed with weftctl over
     /// --admin-socket) or `kubernetes` (the cluster's API server, by the in-cluster configuration or
@@ -168,10 +170,14 @@ fn main() -> ExitCode {
             }
         };
     }
-    // clap enforces --state-dir unless a subcommand was given.
-    let Some(state_dir) = args.state_dir else {
-        eprintln!("weft-controller: --state-dir is required");
-        return ExitCode::FAILURE;
+    // clap enforces --state-dir for the local source unless a subcommand was given.
+    let state_dir = match (args.state_dir, args.source) {
+        (Some(dir), _) => dir,
+        (None, SourceArg::Kubernetes) => PathBuf::new(),
+        (None, SourceArg::Local) => {
+            eprintln!("weft-controller: --state-dir is required");
+            return ExitCode::FAILURE;
+        }
     };
     init_logging(args.log_format);
     let source = match args.source {

@@ -15,14 +15,11 @@ use std::{
 };
 
 use apiserver::ApiServer;
-use k8s_openapi::{
-    api::core::v1::{Namespace, Pod, Service, ServiceAccount},
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
 use kube::{
     Api, Client,
     api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams},
-    runtime::wait::{await_condition, conditions},
+    runtime::wait::await_condition,
 };
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -34,28 +31,8 @@ use weft_controller::{
 /// How long any one condition may take to hold.
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Installs the CRDs of a YAML stream and waits until the API server serves them.
 async fn install_crds(client: &Client, yaml: &str) {
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let mut names = Vec::new();
-    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
-        let crd: CustomResourceDefinition = serde::Deserialize::deserialize(doc).unwrap();
-        let created = api
-            .create(&PostParams::default(), &crd)
-            .await
-            .unwrap_or_else(|e| panic!("the API server refused CRD {:?}: {e}", crd.metadata.name));
-        names.push(created.metadata.name.unwrap());
-    }
-    assert_eq!(names.len(), 2, "{names:?}");
-    for name in names {
-        tokio::time::timeout(
-            TIMEOUT,
-            await_condition(api.clone(), &name, conditions::is_crd_established()),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("CRD {name} not Established within {TIMEOUT:?}"))
-        .unwrap();
-    }
+    ApiServer::install_crds(client, yaml).await
 }
 
 fn dynamic(client: &Client, namespace: &str, resource: ApiResource) -> Api<DynamicObject> {
@@ -160,17 +137,30 @@ async fn crds_from_the_binary_are_established_and_the_api_server_refuses_wrong_t
     bare.data = json!({});
     api.create(&PostParams::default(), &bare).await.unwrap();
 
-    the_binary_starts_on_the_cluster(&server);
+    the_binary_starts_on_the_cluster(&server, &client).await;
     eprintln!("crds test took {:?}", started.elapsed());
 }
 
-/// `weft-controller --source kubernetes` with `KUBECONFIG`: starts once the cluster is listed,
-/// serves no admin socket, and stops cleanly on SIGTERM.
-fn the_binary_starts_on_the_cluster(server: &ApiServer) {
-    let state = tempfile::tempdir().unwrap();
+/// `weft-controller --source kubernetes --namespace default` with `KUBECONFIG` and the downward
+/// API's environment, as the manifests run it (no state directory): starts once the cluster is
+/// listed, leads (its pod name holds the Lease), writes nothing to disk and serves no admin socket,
+/// and on SIGTERM releases the Lease and stops cleanly.
+async fn the_binary_starts_on_the_cluster(server: &ApiServer, client: &Client) {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let cwd = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_weft-controller"))
-        .args(["--source", "kubernetes", "--listen", "127.0.0.1:0", "--state-dir"])
-        .arg(state.path())
+        .args([
+            "--source",
+            "kubernetes",
+            "--namespace",
+            "default",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .current_dir(cwd.path())
+        .env_remove("WEFT_STATE_DIR")
+        .env("POD_NAME", "weft-controller-0")
+        .env("POD_IP", "127.0.0.1")
         .env("KUBECONFIG", &server.kubeconfig)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
@@ -197,20 +187,30 @@ fn the_binary_starts_on_the_cluster(server: &ApiServer) {
     });
     let deadline = Instant::now() + TIMEOUT;
     let mut seen = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) if line.contains("controller started") && line.contains("kubernetes") => break,
-            Ok(line) => seen.push(line),
-            Err(e) => panic!(
-                "the controller did not start on the cluster ({e}); its log:\n{}",
-                seen.join("\n")
-            ),
+    tokio::task::block_in_place(|| {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains("controller started") && line.contains("kubernetes") => break,
+                Ok(line) => seen.push(line),
+                Err(e) => panic!(
+                    "the controller did not start on the cluster ({e}); its log:\n{}",
+                    seen.join("\n")
+                ),
+            }
         }
+    });
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+    let holder = |lease: Lease| lease.spec.and_then(|s| s.holder_identity);
+    let deadline = Instant::now() + TIMEOUT;
+    while holder(leases.get("weft-controller").await.unwrap()).as_deref() != Some("weft-controller-0") {
+        assert!(Instant::now() < deadline, "the binary does not lead");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(
-        !state.path().join("admin.sock").exists(),
-        "no admin socket in kubernetes mode"
+    assert_eq!(
+        std::fs::read_dir(cwd.path()).unwrap().count(),
+        0,
+        "nothing on disk (and no admin socket) in kubernetes mode without --state-dir"
     );
     // SAFETY: a plain kill(2) of our own child's PID.
     assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) }, 0);
@@ -220,9 +220,14 @@ fn the_binary_starts_on_the_cluster(server: &ApiServer) {
             break status;
         }
         assert!(Instant::now() < deadline, "the controller did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(status.success(), "{status}");
+    assert_eq!(
+        holder(leases.get("weft-controller").await.unwrap()),
+        None,
+        "the Lease is released on SIGTERM"
+    );
 }
 
 // === the source ===

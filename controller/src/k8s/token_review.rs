@@ -18,13 +18,14 @@
 //!   keeps its agent authenticated for at most a minute, as a revoked token does.
 //! - **Bounded.** At most [`MAX_CONCURRENT_REVIEWS`] reviews (each a TokenReview and a pod read) are
 //!   in flight; a caller waits at most [`QUEUE_TIMEOUT`] for its turn and each review has
-//!   [`REVIEW_TIMEOUT`]. A flood of bogus tokens costs the API server that many requests at a time,
-//!   and a token repeated costs one review per [`REFUSED_TTL`]. When the API server cannot decide
+//!   [`REVIEW_TIMEOUT`]. Concurrent calls with one token share one review. A flood of bogus tokens
+//!   costs the API server that many requests at a time, and a token repeated costs one review per
+//!   [`REFUSED_TTL`]. When the API server cannot decide
 //!   (unreachable, slow, forbidden) the call fails with UNAVAILABLE and nothing is cached.
 
 use std::{
     collections::HashMap,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -35,7 +36,10 @@ use k8s_openapi::api::{
 };
 use kube::{Api, Client, api::PostParams};
 use serde_json::Value;
-use tokio::{sync::Semaphore, time::Instant};
+use tokio::{
+    sync::{OnceCell, Semaphore},
+    time::Instant,
+};
 use tonic::{Status, metadata::MetadataMap};
 
 use crate::auth::{bearer, digest};
@@ -113,6 +117,19 @@ pub struct TokenReviewer {
     username: String,
     permits: Semaphore,
     caches: Mutex<Caches>,
+    /// The reviews in progress, by token digest.
+    inflight: Mutex<HashMap<Vec<u8>, Arc<OnceCell<Outcome>>>>,
+}
+
+/// What a review decided, for every call that waited for it.
+#[derive(Clone, Debug)]
+enum Outcome {
+    /// The node.
+    Accepted(String),
+    /// Why not (UNAUTHENTICATED).
+    Refused(String),
+    /// Why it could not be decided (UNAVAILABLE).
+    Unavailable(String),
 }
 
 /// A review that could not be made: not the token's fault, so nothing is cached.
@@ -135,6 +152,7 @@ impl TokenReviewer {
             username: format!("system:serviceaccount:{namespace}:{NODE_SERVICE_ACCOUNT}"),
             permits: Semaphore::new(MAX_CONCURRENT_REVIEWS),
             caches: Mutex::new(Caches::default()),
+            inflight: Mutex::new(HashMap::new()),
         }
     }
 
@@ -152,15 +170,36 @@ impl TokenReviewer {
             return hit;
         }
         let claims = precheck(token, SystemTime::now()).map_err(|r| Status::unauthenticated(r.to_string()))?;
-        let Ok(Ok(_permit)) = tokio::time::timeout(QUEUE_TIMEOUT, self.permits.acquire()).await else {
-            return Err(Status::unavailable(format!(
-                "more than {MAX_CONCURRENT_REVIEWS} token reviews in flight for {QUEUE_TIMEOUT:?}: retry later"
-            )));
+        // Calls with one token share one review: the first runs it, the others wait for it (and
+        // if the first goes away, the next runs it).
+        let review = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            inflight.entry(key.clone()).or_default().clone()
         };
-        // Another call may have reviewed the same token while this one waited.
-        if let Some(hit) = self.cached(&key) {
-            return hit;
+        let outcome = review
+            .get_or_init(|| self.review_once(token, &key, &claims))
+            .await
+            .clone();
+        {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            if inflight.get(&key).is_some_and(|r| Arc::ptr_eq(r, &review)) {
+                inflight.remove(&key);
+            }
         }
+        match outcome {
+            Outcome::Accepted(node) => Ok(node),
+            Outcome::Refused(message) => Err(Status::unauthenticated(message)),
+            Outcome::Unavailable(message) => Err(Status::unavailable(message)),
+        }
+    }
+
+    /// Reviews `token` (digest `key`) once a review slot is free, and caches the verdict.
+    async fn review_once(&self, token: &str, key: &[u8], claims: &Claims) -> Outcome {
+        let Ok(Ok(_permit)) = tokio::time::timeout(QUEUE_TIMEOUT, self.permits.acquire()).await else {
+            return Outcome::Unavailable(format!(
+                "{MAX_CONCURRENT_REVIEWS} token reviews were in flight for {QUEUE_TIMEOUT:?}: retry later"
+            ));
+        };
         let started = Instant::now();
         let reviewed = match tokio::time::timeout(REVIEW_TIMEOUT, self.review(token)).await {
             Ok(reviewed) => reviewed,
@@ -172,19 +211,21 @@ impl TokenReviewer {
                 let until = accepted_until(now, claims.exp, SystemTime::now());
                 tracing::debug!(node, pod, took = ?now - started, "authenticated a node agent by TokenReview");
                 let mut caches = self.caches.lock().unwrap_or_else(|e| e.into_inner());
-                caches.accepted.insert(key, node.clone(), until, now);
-                Ok(node)
+                caches.accepted.insert(key.to_vec(), node.clone(), until, now);
+                Outcome::Accepted(node)
             }
             Ok(Err(refusal)) => {
                 tracing::info!(error = %refusal, took = ?now - started, "refused a node agent's token");
                 let message = refusal.to_string();
                 let mut caches = self.caches.lock().unwrap_or_else(|e| e.into_inner());
-                caches.refused.insert(key, message.clone(), now + REFUSED_TTL, now);
-                Err(Status::unauthenticated(message))
+                caches
+                    .refused
+                    .insert(key.to_vec(), message.clone(), now + REFUSED_TTL, now);
+                Outcome::Refused(message)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot review a node agent's token");
-                Err(Status::unavailable(e.to_string()))
+                Outcome::Unavailable(e.to_string())
             }
         }
     }

@@ -18,6 +18,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::{
+    Api, Client,
+    api::PostParams,
+    runtime::wait::{await_condition, conditions},
+};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
 
 /// How long the API server has to answer `/readyz` (about 5 s on an idle machine).
@@ -139,11 +145,54 @@ impl ApiServer {
     /// A client acting as the administrator.
     pub async fn client(&self) -> kube::Client {
         let yaml = fs::read_to_string(&self.kubeconfig).unwrap();
-        let kubeconfig = kube::config::Kubeconfig::from_yaml(&yaml).unwrap();
+        Self::client_from_yaml(&yaml).await
+    }
+
+    /// A client authenticating with `token` (a service account's, from the TokenRequest API).
+    #[allow(dead_code, reason = "not every test binary acts as a service account")]
+    pub async fn client_with_token(&self, token: &str) -> kube::Client {
+        let yaml = fs::read_to_string(&self.kubeconfig)
+            .unwrap()
+            .replace(ADMIN_TOKEN, token);
+        Self::client_from_yaml(&yaml).await
+    }
+
+    /// The private key (PKCS#8 PEM, ECDSA P-256) the API server signs service-account tokens with.
+    #[allow(dead_code, reason = "not every test binary forges tokens")]
+    pub fn service_account_key(&self) -> String {
+        fs::read_to_string(self.dir().join("sa.key")).unwrap()
+    }
+
+    async fn client_from_yaml(yaml: &str) -> kube::Client {
+        let kubeconfig = kube::config::Kubeconfig::from_yaml(yaml).unwrap();
         let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
             .await
             .unwrap();
         weft_controller::k8s::client_from(config).unwrap()
+    }
+
+    /// Installs the CRDs of a YAML stream and waits until the API server serves them.
+    pub async fn install_crds(client: &Client, yaml: &str) {
+        let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+        let mut names = Vec::new();
+        for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
+            let crd: CustomResourceDefinition = serde::Deserialize::deserialize(doc).unwrap();
+            let created = api
+                .create(&PostParams::default(), &crd)
+                .await
+                .unwrap_or_else(|e| panic!("the API server refused CRD {:?}: {e}", crd.metadata.name));
+            names.push(created.metadata.name.unwrap());
+        }
+        assert_eq!(names.len(), 2, "{names:?}");
+        for name in names {
+            tokio::time::timeout(
+                READY_TIMEOUT,
+                await_condition(api.clone(), &name, conditions::is_crd_established()),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("CRD {name} not Established within {READY_TIMEOUT:?}"))
+            .unwrap();
+        }
     }
 
     fn dir(&self) -> &Path {
