@@ -476,6 +476,27 @@ async fn replicas_elect_one_leader_and_a_stopped_leader_hands_over_at_once() {
         "taken over before the lease expired: {takeover:?}"
     );
     assert!(takeover <= Duration::from_secs(18), "{takeover:?}");
+
+    // A leader whose renewals fail (here: forbidden) stops leading at the renew deadline, before
+    // its lease could expire for the others.
+    let revoked = Instant::now();
+    Api::<DynamicObject>::namespaced_with(
+        c.admin.clone(),
+        NS,
+        &ApiResource::from_gvk_with_plural(
+            &kube::api::GroupVersionKind::gvk("rbac.authorization.k8s.io", "v1", "RoleBinding"),
+            "rolebindings",
+        ),
+    )
+    .delete("weft-controller", &DeleteParams::default())
+    .await
+    .unwrap();
+    until("y steps down", Duration::from_secs(15), || !*y_leads.borrow()).await;
+    let stepped_down = revoked.elapsed();
+    eprintln!("step-down after renewals began to fail: {stepped_down:?} (renew deadline 10 s)");
+    assert!(stepped_down >= Duration::from_secs(7), "{stepped_down:?}");
+    assert!(stepped_down <= Duration::from_secs(11), "{stepped_down:?}");
+    assert_eq!(holder(&self::lease(&c.admin).await).as_deref(), Some("survivor-y"));
     y.abort();
     eprintln!("leader test took {:?}", started.elapsed());
 }
