@@ -77,9 +77,12 @@ pub fn service_account(sa: &core::ServiceAccount) -> Result<Converted, Invalid> 
     })
 }
 
-/// A pod is a mesh workload (`Some`) once it is scheduled (`spec.nodeName`) and has an address
-/// (`status.podIPs`, or `status.podIP` from an API server that sets only that), until it finishes
-/// (phase `Succeeded` or `Failed`: its address may be another pod's next). A pod on the host's
+/// A pod is a mesh workload (`Some`) once it is scheduled (`spec.nodeName`), with or without an
+/// address yet, until it finishes (phase `Succeeded` or `Failed`: its address may be another pod's
+/// next). A scheduled pod has no address while its sandbox is made, and that is when the CNI plugin
+/// asks its node's agent about it: the agent must know the pod then (it takes the addresses from
+/// the CNI report), or the pod could not start. Addresses: `status.podIPs`, or `status.podIP` from
+/// an API server that sets only that. A pod on the host's
 /// network is never one: its address is the node's. Node: `spec.nodeName`; service account:
 /// `spec.serviceAccountName`, or `default`; addresses: the first of each family, in the order
 /// given.
@@ -130,9 +133,6 @@ pub fn pod(pod: &core::Pod) -> Result<Option<Converted>, Invalid> {
         if !ips.iter().any(|seen| seen.is_ipv4() == ip.is_ipv4()) {
             ips.push(ip);
         }
-    }
-    if ips.is_empty() {
-        return Ok(None);
     }
     let uid = pod.metadata.uid.clone().unwrap_or_default();
     weft_model::workload::validate_uid(&uid).map_err(|p| invalid("metadata.uid", p))?;

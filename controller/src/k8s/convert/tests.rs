@@ -57,12 +57,17 @@ fn pods_become_workloads_once_scheduled_and_addressed_until_they_finish() {
             pod_json(|v| v["spec"].as_object_mut().unwrap().remove("nodeName").map(drop).unwrap()),
             Ok(None),
         ),
+        // Known while its sandbox is made: the CNI plugin asks the node's agent about it then.
         (
             "scheduled, no address yet",
             pod_json(|v| v["status"] = json!({"phase": "Pending"})),
-            Ok(None),
+            Ok(model_pod(|p| p.ips.clear())),
         ),
-        ("no status at all", pod_json(|v| v["status"] = Value::Null), Ok(None)),
+        (
+            "no status at all",
+            pod_json(|v| v["status"] = Value::Null),
+            Ok(model_pod(|p| p.ips.clear())),
+        ),
         (
             "host network",
             pod_json(|v| v["spec"]["hostNetwork"] = json!(true)),
