@@ -51,29 +51,37 @@ fn main() -> ExitCode {
     // Whatever an earlier run left (it never should).
     let _ = k.kubectl_output(&["delete", "namespace", NS, "--wait=true", "--timeout=60s"]);
 
-    let installed = t.step("install_brings_up_the_controller_and_every_nodes_agent_from_weft_images", || {
-        install(&k)
-    });
+    let installed = t.step(
+        "install_brings_up_the_controller_and_every_nodes_agent_from_weft_images",
+        || install(&k),
+    );
     if installed {
         t.step("the_workloads_start_on_different_nodes", || workloads(&k));
         t.step(
             "annotating_a_namespace_enrolls_its_running_pods_and_only_tls_crosses_between_nodes",
             || enroll(&k),
         );
-        t.step("a_pod_created_in_an_enrolled_namespace_is_captured_from_its_first_connection", || {
-            fresh_pod(&k, "fresh", false)
-        });
+        t.step(
+            "a_pod_created_in_an_enrolled_namespace_is_captured_from_its_first_connection",
+            || fresh_pod(&k, "fresh", false),
+        );
         t.step(
             "a_pod_created_while_its_nodes_agent_restarts_starts_captured_once_the_agent_is_back",
             || fresh_pod(&k, "fresh-restart", true),
         );
-        t.step("an_authorization_policy_applied_with_kubectl_takes_effect_within_2s", || policy(&k));
-        t.step("deleting_the_leader_controller_hands_over_the_lease_and_traffic_keeps_working", || {
-            failover(&k)
-        });
+        t.step(
+            "an_authorization_policy_applied_with_kubectl_takes_effect_within_2s",
+            || policy(&k),
+        );
+        t.step(
+            "deleting_the_leader_controller_hands_over_the_lease_and_traffic_keeps_working",
+            || failover(&k),
+        );
         t.step("removing_the_annotation_unenrolls_the_pods", || unenroll(&k));
     }
-    t.step("uninstall_leaves_no_weft_object_pin_cni_entry_or_captured_pod", || uninstall(&k));
+    t.step("uninstall_leaves_no_weft_object_pin_cni_entry_or_captured_pod", || {
+        uninstall(&k)
+    });
     let _ = k.kubectl_output(&["delete", "namespace", NS, "--wait=true", "--timeout=60s"]);
     println!("(Kubernetes tests took {:.1} s)", started.elapsed().as_secs_f64());
     t.finish()
@@ -87,7 +95,11 @@ struct Runner {
 
 impl Runner {
     fn step(&mut self, name: &str, f: impl FnOnce()) -> bool {
-        if self.filter.as_deref().is_some_and(|f| !name.contains(f) && !name.starts_with("install")) {
+        if self
+            .filter
+            .as_deref()
+            .is_some_and(|f| !name.contains(f) && !name.starts_with("install"))
+        {
             return true;
         }
         let started = Instant::now();
@@ -131,9 +143,16 @@ fn install(k: &Kube) {
         "weftctl install: {}\n{}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
-        k.kubectl_output(&["-n", SYSTEM, "get", "pods", "-o", "wide"]).stdout.escape_ascii()
+        k.kubectl_output(&["-n", SYSTEM, "get", "pods", "-o", "wide"])
+            .stdout
+            .escape_ascii()
     );
-    let controllers = k.wait_ready(SYSTEM, "app.kubernetes.io/name=weft-controller", 2, Duration::from_secs(10));
+    let controllers = k.wait_ready(
+        SYSTEM,
+        "app.kubernetes.io/name=weft-controller",
+        2,
+        Duration::from_secs(10),
+    );
     let agents = k.wait_ready(SYSTEM, "app.kubernetes.io/name=weft-node", 2, Duration::from_secs(10));
     let mut nodes: Vec<String> = agents.iter().map(kube::node).collect();
     nodes.sort();
@@ -310,17 +329,32 @@ fn enroll(k: &Kube) {
     let cap = Capture::start("before");
     let answer = get(k, "client", "weft-marker-before").expect("the server answers before enrollment");
     let pcap = cap.stop();
-    assert!(contains(&pcap, "weft-marker-before"), "the capture must see plaintext before enrollment");
-    assert!(answer.contains(&format!("peer={}:", kube::ip(&pod(k, "client")))), "{answer}");
+    assert!(
+        contains(&pcap, "weft-marker-before"),
+        "the capture must see plaintext before enrollment"
+    );
+    assert!(
+        answer.contains(&format!("peer={}:", kube::ip(&pod(k, "client")))),
+        "{answer}"
+    );
 
     let started = Instant::now();
-    k.kubectl(&["annotate", "namespace", NS, "weft.dev/dataplane-mode=ambient", "--overwrite"]);
+    k.kubectl(&[
+        "annotate",
+        "namespace",
+        NS,
+        "weft.dev/dataplane-mode=ambient",
+        "--overwrite",
+    ]);
     for app in ["client", "server"] {
         wait_for(&format!("{app} to be captured"), Duration::from_secs(5), || {
             (annotation(&pod(k, app)) == "active").then_some(())
         });
     }
-    println!("    enrolled in {:.2} s (annotation to both pods `weft.dev/redirection: active`)", started.elapsed().as_secs_f64());
+    println!(
+        "    enrolled in {:.2} s (annotation to both pods `weft.dev/redirection: active`)",
+        started.elapsed().as_secs_f64()
+    );
     assert!(
         annotation(&pod(k, "optout")).is_empty() || !annotation(&pod(k, "optout")).starts_with("active"),
         "the pod annotated `none` is not captured"
@@ -329,7 +363,10 @@ fn enroll(k: &Kube) {
     let cap = Capture::start("enrolled");
     let answer = get(k, "client", "weft-marker-enrolled").expect("the server answers through the mesh");
     let pcap = cap.stop();
-    assert!(!contains(&pcap, "weft-marker-enrolled"), "the enrolled client's request crossed in plaintext");
+    assert!(
+        !contains(&pcap, "weft-marker-enrolled"),
+        "the enrolled client's request crossed in plaintext"
+    );
     only_tls_between_pods(&pcap);
     assert!(
         answer.contains(&format!("peer={}:", kube::ip(&pod(k, "client")))),
@@ -339,7 +376,10 @@ fn enroll(k: &Kube) {
     let cap = Capture::start("optout");
     get(k, "optout", "weft-marker-optout").expect("the opted-out pod still reaches the server");
     let pcap = cap.stop();
-    assert!(contains(&pcap, "weft-marker-optout"), "the pod annotated none is not captured");
+    assert!(
+        contains(&pcap, "weft-marker-optout"),
+        "the pod annotated none is not captured"
+    );
 }
 
 fn fresh_pod(k: &Kube, name: &str, restart_agent: bool) {
@@ -376,8 +416,14 @@ spec:
     let ip = kube::ip(&k.json(&["-n", NS, "get", "pod", name]));
     let pcap = cap.stop();
     assert_eq!(phase, "Succeeded", "{name}: {logs}");
-    assert!(logs.contains(&format!("peer={ip}:")), "the server saw {name}'s address: {logs}");
-    assert!(!contains(&pcap, &marker), "{name}'s first connection crossed in plaintext");
+    assert!(
+        logs.contains(&format!("peer={ip}:")),
+        "the server saw {name}'s address: {logs}"
+    );
+    assert!(
+        !contains(&pcap, &marker),
+        "{name}'s first connection crossed in plaintext"
+    );
     if restart_agent {
         k.wait_ready(SYSTEM, "app.kubernetes.io/name=weft-node", 2, Duration::from_secs(60));
     }
@@ -404,7 +450,10 @@ spec:
     wait_for("the policy to deny the client", Duration::from_secs(2), || {
         get(k, "client", "weft-marker-policy").is_err().then_some(())
     });
-    println!("    policy enforced {:.2} s after kubectl apply", started.elapsed().as_secs_f64());
+    println!(
+        "    policy enforced {:.2} s after kubectl apply",
+        started.elapsed().as_secs_f64()
+    );
 
     // Valid for the API server's schema, invalid for Weft: refused by name, nothing changes.
     let invalid = format!(
@@ -419,19 +468,30 @@ spec:
 "#
     );
     let out = k.apply(&invalid);
-    assert!(out.status.success(), "the schema accepts it: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the schema accepts it: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let condition = wait_for("an Accepted=False condition", Duration::from_secs(10), || {
         let p = k.json(&["-n", NS, "get", "authorizationpolicy", "deny-client"]);
         p["status"]["conditions"].as_array().and_then(|cs| {
             cs.iter()
-                .find(|c| c["type"] == "Accepted" && c["status"] == "False" && c["observedGeneration"] == p["metadata"]["generation"])
+                .find(|c| {
+                    c["type"] == "Accepted"
+                        && c["status"] == "False"
+                        && c["observedGeneration"] == p["metadata"]["generation"]
+                })
                 .cloned()
         })
     });
     let message = condition["message"].as_str().unwrap_or_default();
     assert!(message.contains("from"), "the condition names the field: {condition}");
     std::thread::sleep(Duration::from_millis(1500)); // let a wrong enforcement show, if there were one
-    assert!(get(k, "client", "weft-marker-policy-invalid").is_err(), "the last valid policy stays enforced");
+    assert!(
+        get(k, "client", "weft-marker-policy-invalid").is_err(),
+        "the last valid policy stays enforced"
+    );
 
     k.kubectl(&["-n", NS, "delete", "authorizationpolicy", "deny-client"]);
     wait_for("access to come back", Duration::from_secs(5), || {
@@ -441,9 +501,17 @@ spec:
 
 fn failover(k: &Kube) {
     let holder = || {
-        k.kubectl(&["-n", SYSTEM, "get", "lease", "weft-controller", "-o", "jsonpath={.spec.holderIdentity}"])
-            .trim()
-            .to_owned()
+        k.kubectl(&[
+            "-n",
+            SYSTEM,
+            "get",
+            "lease",
+            "weft-controller",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+        .trim()
+        .to_owned()
     };
     let leader = wait_for("a leader", Duration::from_secs(15), || {
         let h = holder();
@@ -454,7 +522,16 @@ fn failover(k: &Kube) {
     let client = kube::name(&pod(k, "client"));
     let stream = Command::new("kubectl")
         .env("KUBECONFIG", &k.kubeconfig)
-        .args(["-n", NS, "exec", &client, "--", "/usr/bin/weft-probe", "stream", "--addr"])
+        .args([
+            "-n",
+            NS,
+            "exec",
+            &client,
+            "--",
+            "/usr/bin/weft-probe",
+            "stream",
+            "--addr",
+        ])
         .arg(format!("{server}:9000"))
         .args(["--seconds", "20", "--connections", "4"])
         .stdout(Stdio::piped())
@@ -472,10 +549,16 @@ fn failover(k: &Kube) {
         if !h.is_empty() && h != leader {
             break h;
         }
-        assert!(started.elapsed() < Duration::from_secs(15), "no replica took the lease within 15 s");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no replica took the lease within 15 s"
+        );
     };
     let took = started.elapsed();
-    println!("    {new_leader} took the lease {:.2} s after {leader} was deleted; {new_connections} new connections meanwhile", took.as_secs_f64());
+    println!(
+        "    {new_leader} took the lease {:.2} s after {leader} was deleted; {new_connections} new connections meanwhile",
+        took.as_secs_f64()
+    );
     let out = stream.wait_with_output().expect("kubectl exec");
     assert!(
         out.status.success(),
@@ -483,7 +566,12 @@ fn failover(k: &Kube) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    k.wait_ready(SYSTEM, "app.kubernetes.io/name=weft-controller", 2, Duration::from_secs(60));
+    k.wait_ready(
+        SYSTEM,
+        "app.kubernetes.io/name=weft-controller",
+        2,
+        Duration::from_secs(60),
+    );
 }
 
 fn unenroll(k: &Kube) {
@@ -494,12 +582,21 @@ fn unenroll(k: &Kube) {
     let cap = Capture::start("unenrolled");
     get(k, "client", "weft-marker-unenrolled").expect("the server answers");
     let pcap = cap.stop();
-    assert!(contains(&pcap, "weft-marker-unenrolled"), "released, the client's traffic is its own again");
+    assert!(
+        contains(&pcap, "weft-marker-unenrolled"),
+        "released, the client's traffic is its own again"
+    );
 }
 
 fn uninstall(k: &Kube) {
     // Enrolled pods at uninstall time: they must be released, not left captured.
-    let _ = k.kubectl_output(&["annotate", "namespace", NS, "weft.dev/dataplane-mode=ambient", "--overwrite"]);
+    let _ = k.kubectl_output(&[
+        "annotate",
+        "namespace",
+        NS,
+        "weft.dev/dataplane-mode=ambient",
+        "--overwrite",
+    ]);
     let out = k.weftctl(&["uninstall", "--wait", "180s"]);
     assert!(
         out.status.success(),
@@ -507,7 +604,10 @@ fn uninstall(k: &Kube) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(!k.kubectl_output(&["get", "namespace", SYSTEM]).status.success(), "{SYSTEM} is gone");
+    assert!(
+        !k.kubectl_output(&["get", "namespace", SYSTEM]).status.success(),
+        "{SYSTEM} is gone"
+    );
     let crds = k.kubectl(&["get", "crd", "-o", "name"]);
     assert!(!crds.contains("weft.dev"), "CRDs left: {crds}");
     let roles = k.kubectl(&["get", "clusterroles,clusterrolebindings", "-o", "name"]);
@@ -519,9 +619,16 @@ fn uninstall(k: &Kube) {
         for entry in std::fs::read_dir(k.node_dir(i).join("cni-conf")).expect("the node's CNI configuration") {
             let path = entry.expect("a directory entry").path();
             let content = std::fs::read_to_string(&path).unwrap_or_default();
-            assert!(!content.contains("weft-cni"), "node{i}'s {} still chains weft-cni", path.display());
+            assert!(
+                !content.contains("weft-cni"),
+                "node{i}'s {} still chains weft-cni",
+                path.display()
+            );
         }
-        assert!(!k.node_dir(i).join("cni-bin").join("weft-cni").exists(), "node{i} keeps the plugin");
+        assert!(
+            !k.node_dir(i).join("cni-bin").join("weft-cni").exists(),
+            "node{i} keeps the plugin"
+        );
     }
     if k.kubectl_output(&["get", "namespace", NS]).status.success() && !k.pods(NS, "app=client").is_empty() {
         let cap = Capture::start("uninstalled");

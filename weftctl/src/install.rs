@@ -298,10 +298,7 @@ async fn uninstall(ns: &str, wait: Duration) -> anyhow::Result<()> {
             Err(kube::Error::Api(e)) if e.code == 404 => break,
             Ok(list) => {
                 if Instant::now() > deadline {
-                    bail!(
-                        "{} node agent pods still terminating after {wait:?}",
-                        list.items.len()
-                    );
+                    bail!("{} node agent pods still terminating after {wait:?}", list.items.len());
                 }
             }
             Err(e) => return Err(e.into()),
@@ -374,11 +371,23 @@ mod tests {
             #[command(flatten)]
             args: InstallArgs,
         }
-        let parse = |a: &[&str]| Cli::try_parse_from(std::iter::once("x").chain(a.iter().copied())).unwrap().args;
-        assert!(parse(&["--namespace", "Bad_NS"]).options().unwrap_err().to_string().contains("--namespace"));
+        let parse = |a: &[&str]| {
+            Cli::try_parse_from(std::iter::once("x").chain(a.iter().copied()))
+                .unwrap()
+                .args
+        };
+        assert!(
+            parse(&["--namespace", "Bad_NS"])
+                .options()
+                .unwrap_err()
+                .to_string()
+                .contains("--namespace")
+        );
         assert!(parse(&["--controller-replicas", "0"]).options().is_err());
         assert!(parse(&["--image-pull-policy", "Sometimes"]).options().is_err());
-        let o = parse(&["--registry", "registry.example/weft/", "--tag", "1.2.3"]).options().unwrap();
+        let o = parse(&["--registry", "registry.example/weft/", "--tag", "1.2.3"])
+            .options()
+            .unwrap();
         let files = render::render(&o, Vec::new());
         let ds = &files.iter().find(|f| f.name == "node.yaml").unwrap().objects[0];
         assert_eq!(
