@@ -150,6 +150,10 @@ pub fn name(pod: &Value) -> String {
     pod["metadata"]["name"].as_str().unwrap_or_default().to_owned()
 }
 
+pub fn namespace(pod: &Value) -> String {
+    pod["metadata"]["namespace"].as_str().unwrap_or_default().to_owned()
+}
+
 pub fn ip(pod: &Value) -> String {
     pod["status"]["podIP"].as_str().unwrap_or_default().to_owned()
 }

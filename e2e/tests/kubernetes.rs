@@ -74,6 +74,10 @@ fn main() -> ExitCode {
             || policy(&k),
         );
         t.step(
+            "a_node_agents_token_gets_only_its_own_nodes_identities_and_bogus_tokens_none",
+            || node_identity(&k),
+        );
+        t.step(
             "deleting_the_leader_controller_hands_over_the_lease_and_traffic_keeps_working",
             || failover(&k),
         );
@@ -169,6 +173,10 @@ fn workloads(k: &Kube) {
 kind: Namespace
 metadata: {{name: {NS}}}
 ---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: server, namespace: {NS}}}
+---
 apiVersion: apps/v1
 kind: Deployment
 metadata: {{name: server, namespace: {NS}}}
@@ -179,6 +187,7 @@ spec:
     metadata: {{labels: {{app: server}}}}
     spec:
       nodeSelector: {{kubernetes.io/hostname: node2}}
+      serviceAccountName: server
       containers:
       - {{name: http, image: "{PROBE}", imagePullPolicy: Never, args: [serve, --ports, "8080"]}}
       - {{name: echo, image: "{PROBE}", imagePullPolicy: Never, args: [echo, --port, "9000"]}}
@@ -636,5 +645,115 @@ fn uninstall(k: &Kube) {
         let pcap = cap.stop();
         assert!(answer.is_ok(), "pods work after uninstall: {answer:?}");
         assert!(contains(&pcap, "weft-marker-uninstalled"), "no pod is left captured");
+    }
+}
+
+/// Asks a controller replica's CA (over its real TLS, trusting the published root) to sign
+/// `identity` with `token`: `Ok` or the gRPC status code and message.
+fn sign(k: &Kube, identity: &str, token: &str) -> Result<(), (tonic::Code, String)> {
+    let controller = k.wait_ready(
+        SYSTEM,
+        "app.kubernetes.io/name=weft-controller",
+        1,
+        Duration::from_secs(30),
+    );
+    let addr = format!("https://{}:15012", kube::ip(&controller[0]));
+    let root = k.kubectl(&[
+        "-n",
+        SYSTEM,
+        "get",
+        "configmap",
+        "weft-root-ca",
+        "-o",
+        "jsonpath={.data.root\\.pem}",
+    ]);
+    assert!(root.contains("BEGIN CERTIFICATE"), "the published root: {root:?}");
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("a key");
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .expect("CSR parameters")
+        .serialize_request(&key)
+        .expect("a CSR")
+        .pem()
+        .expect("PEM");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(root))
+            .domain_name("weft-controller");
+        let channel = tonic::transport::Endpoint::from_shared(addr.clone())
+            .expect("an endpoint")
+            .tls_config(tls)
+            .expect("TLS")
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connecting to the controller at {addr}: {e}"));
+        let mut req = tonic::Request::new(weft_api::v1::SignRequest {
+            csr_pem: csr,
+            identity: identity.to_owned(),
+        });
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("an ASCII token"),
+        );
+        weft_api::v1::ca_client::CaClient::new(channel)
+            .sign(req)
+            .await
+            .map(drop)
+            .map_err(|s| (s.code(), s.message().to_owned()))
+    })
+}
+
+fn node_identity(k: &Kube) {
+    let agent = k
+        .pods(SYSTEM, "app.kubernetes.io/name=weft-node")
+        .into_iter()
+        .find(|p| kube::node(p) == "node1" && p["metadata"]["deletionTimestamp"].is_null())
+        .expect("node1's agent");
+    // A token as kubelet projects it for node1's agent: bound to its pod, audience weft-controller.
+    let token = |sa: &str, audience: &str, pod: &serde_json::Value| {
+        k.kubectl(&[
+            "-n",
+            kube::namespace(pod).as_str(),
+            "create",
+            "token",
+            sa,
+            "--audience",
+            audience,
+            "--bound-object-kind",
+            "Pod",
+            "--bound-object-name",
+            &kube::name(pod),
+        ])
+        .trim()
+        .to_owned()
+    };
+    let node1 = token("weft-node", "weft-controller", &agent);
+    let client = format!("spiffe://cluster.local/ns/{NS}/sa/default");
+    let server = format!("spiffe://cluster.local/ns/{NS}/sa/server");
+    assert_eq!(
+        sign(k, &client, &node1),
+        Ok(()),
+        "node1's agent signs for node1's client pod"
+    );
+    let refused = sign(k, &server, &node1).expect_err("node1's agent asked for a node2-only identity");
+    assert_eq!(refused.0, tonic::Code::PermissionDenied, "{refused:?}");
+
+    let other_audience = token("weft-node", "https://kubernetes.default.svc.cluster.local", &agent);
+    let workload = token("default", "weft-controller", &pod(k, "client"));
+    // A well-formed JWT whose signature no key of the cluster made, already expired.
+    let forged = "eyJhbGciOiJSUzI1NiJ9.eyJhdWQiOlsid2VmdC1jb250cm9sbGVyIl0sImV4cCI6MTAwMDAwMDAwMCwic3ViIjoic3lzdGVtOnNlcnZpY2VhY2NvdW50OndlZnQtc3lzdGVtOndlZnQtbm9kZSJ9.c2lnbmF0dXJl";
+    for (what, t) in [
+        ("another audience", other_audience.as_str()),
+        ("a workload's service account", workload.as_str()),
+        ("a forged, expired token", forged),
+        ("not a token", "bogus"),
+    ] {
+        let refused = sign(k, &client, t).expect_err(what);
+        assert_eq!(refused.0, tonic::Code::Unauthenticated, "{what}: {refused:?}");
     }
 }
