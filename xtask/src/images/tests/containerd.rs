@@ -277,10 +277,25 @@ impl Drop for Containerd {
         for mount in mounts {
             let _ = Command::new("umount").arg("--lazy").arg(&mount).status();
         }
-        // ctr puts each container's cgroup under /<namespace>; runc removed the container's own.
-        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(namespace()));
+        // ctr puts each container's cgroup under /<namespace> of every hierarchy (each v1
+        // controller and the v2 one on a hybrid host); runc removed the container's own.
+        for hierarchy in cgroup_hierarchies() {
+            let _ = std::fs::remove_dir(hierarchy.join(namespace()));
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Every mounted cgroup hierarchy (v1 controllers, and v2).
+fn cgroup_hierarchies() -> Vec<std::path::PathBuf> {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            matches!(f.get(2), Some(&"cgroup" | &"cgroup2")).then(|| std::path::PathBuf::from(f[1]))
+        })
+        .collect()
 }
 
 /// The child's exit status, or `None` if it still runs after `timeout`.
