@@ -1,10 +1,70 @@
-//! What crossed the wire: a packet capture (tcpdump's pcap, Ethernet) read into TCP flows, and the
-//! TLS records in them.
+//! What crossed the wire: a packet capture (tcpdump, pcap of Ethernet frames) read into TCP flows,
+//! and the TLS records in them.
 
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
 };
+
+/// tcpdump on one interface, writing a pcap file; stopped (and the file removed) on drop.
+pub struct Capture {
+    child: Child,
+    path: PathBuf,
+}
+
+impl Capture {
+    /// Starts tcpdump on `iface` (inside network namespace `netns`, if given) with `filter`, and
+    /// waits until it captures. `name` names the file (a test's own, so runs do not share it).
+    pub fn start(netns: Option<&str>, iface: &str, name: &str, filter: &[&str]) -> Capture {
+        let path = std::env::temp_dir().join(format!("weft-e2e-{name}.pcap"));
+        let _ = std::fs::remove_file(&path);
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "tcpdump"]);
+                c
+            }
+            None => Command::new("tcpdump"),
+        };
+        let mut child = cmd
+            .args(["-i", iface, "--immediate-mode", "-U", "-s", "0", "-w"])
+            .arg(&path)
+            .args(filter)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting tcpdump");
+        // tcpdump says "listening on <iface>" once the capture runs.
+        let stderr = child.stderr.take().expect("piped stderr");
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stderr), &mut line).expect("reading tcpdump");
+        assert!(line.contains("listening on"), "tcpdump did not start: {line:?}");
+        Capture { child, path }
+    }
+
+    /// What the capture holds so far.
+    pub fn bytes(&self) -> Option<Vec<u8>> {
+        std::fs::read(&self.path).ok()
+    }
+
+    /// Stops the capture (tcpdump flushes on SIGINT); its bytes.
+    pub fn stop(mut self) -> Vec<u8> {
+        // SAFETY: signalling the tcpdump this capture started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+        std::fs::read(&self.path).expect("reading the capture")
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
 
 /// One direction of a TCP connection, payload reassembled by sequence number.
 #[derive(Debug, Default)]

@@ -8,7 +8,7 @@
 
 use std::{
     panic::AssertUnwindSafe,
-    process::{Child, Command, ExitCode, Stdio},
+    process::{Command, ExitCode, Stdio},
     time::{Duration, Instant},
 };
 
@@ -80,6 +80,10 @@ fn main() -> ExitCode {
         t.step(
             "deleting_the_leader_controller_hands_over_the_lease_and_traffic_keeps_working",
             || failover(&k),
+        );
+        t.step(
+            "an_agent_that_lost_its_state_file_finds_its_nodes_running_pods_by_their_network_namespaces",
+            || lost_state(&k),
         );
         t.step("removing_the_annotation_unenrolls_the_pods", || unenroll(&k));
     }
@@ -260,45 +264,17 @@ fn get(k: &Kube, from: &str, marker: &str) -> Result<String, String> {
     }
 }
 
-/// tcpdump on the bridge between the nodes (the host's `weftk0`), stopped on drop.
-struct Capture {
-    child: Child,
-    path: std::path::PathBuf,
-}
+/// tcpdump on the bridge between the nodes (the host's `weftk0`): pod traffic only.
+struct Capture;
 
 impl Capture {
-    fn start(name: &str) -> Capture {
-        let path = std::env::temp_dir().join(format!("weft-e2e-kube-{name}.pcap"));
-        let _ = std::fs::remove_file(&path);
-        let mut child = Command::new("tcpdump")
-            .args(["-i", "weftk0", "--immediate-mode", "-U", "-s", "0", "-w"])
-            .arg(&path)
-            .args(["tcp", "and", "net", "10.244.0.0/16"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting tcpdump");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stderr), &mut line).expect("reading tcpdump");
-        assert!(line.contains("listening on"), "tcpdump did not start: {line:?}");
-        Capture { child, path }
-    }
-
-    /// Stops the capture; its bytes.
-    fn stop(mut self) -> Vec<u8> {
-        // SAFETY: signalling the tcpdump this test started; SIGINT makes it flush and exit.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let _ = self.child.wait();
-        std::fs::read(&self.path).expect("reading the capture")
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.path);
+    fn start(name: &str) -> wire::Capture {
+        wire::Capture::start(
+            None,
+            "weftk0",
+            &format!("kube-{name}"),
+            &["tcp", "and", "net", "10.244.0.0/16"],
+        )
     }
 }
 
@@ -756,4 +732,61 @@ fn node_identity(k: &Kube) {
         let refused = sign(k, &client, t).expect_err(what);
         assert_eq!(refused.0, tonic::Code::Unauthenticated, "{what}: {refused:?}");
     }
+}
+
+/// An agent whose state file is gone (a wiped host directory, a new disk) finds its node's running
+/// pods by their network namespaces, and serves them: nothing is left uncaptured or unserved.
+fn lost_state(k: &Kube) {
+    let state = k
+        .node_dir(1)
+        .join("var-lib-weft")
+        .join("node")
+        .join("pod-networks.json");
+    assert!(state.exists(), "node1's agent keeps {}", state.display());
+    let agent = k
+        .pods(SYSTEM, "app.kubernetes.io/name=weft-node")
+        .into_iter()
+        .find(|p| kube::node(p) == "node1" && p["metadata"]["deletionTimestamp"].is_null())
+        .expect("node1's agent");
+    // The state file goes, then the agent: the new one starts without it.
+    std::fs::remove_file(&state).expect("removing the agent's state file");
+    k.kubectl(&[
+        "-n",
+        SYSTEM,
+        "delete",
+        "pod",
+        &kube::name(&agent),
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+    let agents = k.wait_ready(SYSTEM, "app.kubernetes.io/name=weft-node", 2, Duration::from_secs(60));
+    let new = agents
+        .iter()
+        .find(|p| kube::node(p) == "node1")
+        .expect("node1's new agent");
+    let client = format!("{NS}/{}", kube::name(&pod(k, "client")));
+    wait_for(
+        "the new agent to adopt the client's network namespace",
+        Duration::from_secs(10),
+        || {
+            k.kubectl(&["-n", SYSTEM, "logs", &kube::name(new), "-c", "agent"])
+                .lines()
+                .any(|l| l.contains("adopted a running pod's network namespace") && l.contains(&client))
+                .then_some(())
+        },
+    );
+    let cap = Capture::start("lost-state");
+    let answer = wait_for("the client served again", Duration::from_secs(10), || {
+        get(k, "client", "weft-marker-lost-state").ok()
+    });
+    let pcap = cap.stop();
+    assert!(
+        !contains(&pcap, "weft-marker-lost-state"),
+        "the client's request crossed in plaintext"
+    );
+    assert!(
+        answer.contains(&format!("peer={}:", kube::ip(&pod(k, "client")))),
+        "{answer}"
+    );
+    assert_eq!(annotation(&pod(k, "client")), "active");
 }

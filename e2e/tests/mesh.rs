@@ -19,55 +19,19 @@ fn record(c: &Cluster, node: &str, what: &str, pred: impl Fn(&Value) -> bool) ->
     })
 }
 
-/// tcpdump on the fabric bridge (the wire between nodes), writing a pcap file; stopped on drop.
-struct Capture {
-    child: std::process::Child,
-    path: std::path::PathBuf,
+/// tcpdump on the fabric bridge (the wire between nodes).
+fn capture(c: &Cluster) -> wire::Capture {
+    wire::Capture::start(Some(&format!("weft.{}.fabric", c.name)), "br0", &c.name, &["tcp"])
 }
 
-impl Capture {
-    fn start(c: &Cluster) -> Self {
-        let path = std::env::temp_dir().join(format!("weft-e2e-{}.pcap", c.name));
-        let _ = std::fs::remove_file(&path);
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &format!("weft.{}.fabric", c.name), "tcpdump"])
-            .args(["-i", "br0", "--immediate-mode", "-U", "-s", "0", "-w"])
-            .arg(&path)
-            .arg("tcp")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting tcpdump");
-        // tcpdump says "listening on br0" once the capture runs.
-        let stderr = child.stderr.take().expect("piped stderr");
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stderr), &mut line).expect("reading tcpdump");
-        assert!(line.contains("listening on"), "tcpdump did not start: {line:?}");
-        Self { child, path }
-    }
-
-    /// Waits until the capture holds pod-to-pod payload both ways, then stops it and returns the
-    /// file's bytes.
-    fn stop(mut self) -> Vec<u8> {
-        wait_for("the capture to hold both directions", Duration::from_secs(5), || {
-            let pcap = std::fs::read(&self.path).ok()?;
-            let flows = wire::tcp_flows(&pcap).ok()?;
-            let pods = flows.keys().filter(|(s, d)| is_pod(s) && is_pod(d)).count();
-            (pods >= 2).then_some(())
-        });
-        // SAFETY: signalling the tcpdump this test started; SIGINT makes it flush and exit.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let _ = self.child.wait();
-        std::fs::read(&self.path).expect("reading the capture")
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.path);
-    }
+/// Waits until the capture holds pod-to-pod payload both ways, then stops it; its bytes.
+fn stop(capture: wire::Capture) -> Vec<u8> {
+    wait_for("the capture to hold both directions", Duration::from_secs(5), || {
+        let flows = wire::tcp_flows(&capture.bytes()?).ok()?;
+        let pods = flows.keys().filter(|(s, d)| is_pod(s) && is_pod(d)).count();
+        (pods >= 2).then_some(())
+    });
+    capture.stop()
 }
 
 fn is_pod(a: &std::net::SocketAddr) -> bool {
@@ -99,7 +63,7 @@ fn between_nodes_only_tls13_crosses_the_wire_and_the_server_sees_the_client() {
         .expect("running sysctl");
     assert!(sysctl.success(), "setting the client pod's default congestion control");
 
-    let capture = Capture::start(&c);
+    let capture = capture(&c);
     let out = c.exec(
         "app-1-1",
         &[
@@ -112,7 +76,7 @@ fn between_nodes_only_tls13_crosses_the_wire_and_the_server_sees_the_client() {
             &format!("http://{server_ip}:8080/{marker}"),
         ],
     );
-    let pcap = capture.stop();
+    let pcap = stop(capture);
     assert!(out.status.success(), "curl: {}", text(&out));
     let body = String::from_utf8_lossy(&out.stdout);
     assert!(
