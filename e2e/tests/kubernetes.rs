@@ -172,65 +172,59 @@ fn install(k: &Kube) {
 }
 
 fn workloads(k: &Kube) {
-    let yaml = format!(
-        r#"apiVersion: v1
-kind: Namespace
-metadata: {{name: {NS}}}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {{name: server, namespace: {NS}}}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: server, namespace: {NS}}}
-spec:
-  replicas: 1
-  selector: {{matchLabels: {{app: server}}}}
-  template:
-    metadata: {{labels: {{app: server}}}}
-    spec:
-      nodeSelector: {{kubernetes.io/hostname: node2}}
-      serviceAccountName: server
-      containers:
-      - {{name: http, image: "{PROBE}", imagePullPolicy: Never, args: [serve, --ports, "8080"]}}
-      - {{name: echo, image: "{PROBE}", imagePullPolicy: Never, args: [echo, --port, "9000"]}}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: client, namespace: {NS}}}
-spec:
-  replicas: 1
-  selector: {{matchLabels: {{app: client}}}}
-  template:
-    metadata: {{labels: {{app: client}}}}
-    spec:
-      nodeSelector: {{kubernetes.io/hostname: node1}}
-      containers:
-      - {{name: idle, image: "{PROBE}", imagePullPolicy: Never, args: [echo, --port, "9001"]}}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: optout, namespace: {NS}}}
-spec:
-  replicas: 1
-  selector: {{matchLabels: {{app: optout}}}}
-  template:
-    metadata:
-      labels: {{app: optout}}
-      annotations: {{weft.dev/dataplane-mode: none}}
-    spec:
-      nodeSelector: {{kubernetes.io/hostname: node1}}
-      containers:
-      - {{name: idle, image: "{PROBE}", imagePullPolicy: Never, args: [echo, --port, "9001"]}}
-"#
-    );
+    let yaml = [
+        format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n"),
+        format!("apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: server, namespace: {NS}}}\n"),
+        deployment(
+            "server",
+            "node2",
+            "serviceAccountName: server",
+            "",
+            &[("http", "serve, --ports, \"8080\""), ("echo", "echo, --port, \"9000\"")],
+        ),
+        deployment("client", "node1", "", "", &[("idle", "echo, --port, \"9001\"")]),
+        deployment(
+            "optout",
+            "node1",
+            "",
+            "weft.dev/dataplane-mode: none",
+            &[("idle", "echo, --port, \"9001\"")],
+        ),
+    ]
+    .join("---\n");
     let out = k.apply(&yaml);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for app in ["server", "client", "optout"] {
         k.wait_ready(NS, &format!("app={app}"), 1, Duration::from_secs(60));
     }
     assert_ne!(kube::node(&pod(k, "server")), kube::node(&pod(k, "client")));
+}
+
+/// A one-replica Deployment of weft-probe containers (`(name, args)`) on `node`.
+fn deployment(app: &str, node: &str, spec_extra: &str, annotations: &str, containers: &[(&str, &str)]) -> String {
+    let containers: String = containers
+        .iter()
+        .map(|(name, args)| {
+            format!("      - {{name: {name}, image: \"{PROBE}\", imagePullPolicy: Never, args: [{args}]}}\n")
+        })
+        .collect();
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {app}, namespace: {NS}}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: {app}}}}}
+  template:
+    metadata:
+      labels: {{app: {app}}}
+      annotations: {{{annotations}}}
+    spec:
+      nodeSelector: {{kubernetes.io/hostname: {node}}}
+      {spec_extra}
+      containers:
+{containers}"#
+    )
 }
 
 fn pod(k: &Kube, app: &str) -> serde_json::Value {
