@@ -273,63 +273,38 @@ impl Cluster {
                 "subjectAltName=IP:{API_IP},IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\nextendedKeyUsage=serverAuth\n"
             ),
         )?;
-        o(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "apiserver.key",
-            "-out",
-            "apiserver.csr",
-            "-subj",
-            "/CN=kube-apiserver",
-        ])?;
-        o(&[
-            "x509",
-            "-req",
-            "-in",
-            "apiserver.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "apiserver.crt",
-            "-days",
-            "30",
-            "-extfile",
-            "apiserver.ext",
-        ])?;
+        // A key and a certificate signed by the CA: `NAME.key`, `NAME.crt`, with `ext` (an openssl
+        // extension file) if given.
+        let issue = |name: &str, subject: &str, ext: Option<&str>| -> anyhow::Result<()> {
+            let (key, csr, crt) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"));
+            o(&[
+                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", subject,
+            ])?;
+            let mut sign = vec![
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "30",
+            ];
+            sign.extend(ext.iter().flat_map(|e| ["-extfile", *e]));
+            o(&sign)
+        };
+        issue("apiserver", "/CN=kube-apiserver", Some("apiserver.ext"))?;
         // The API server's client certificate towards kubelets (logs, exec), in system:masters.
-        o(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "kubelet-client.key",
-            "-out",
-            "kubelet-client.csr",
-            "-subj",
+        issue(
+            "kubelet-client",
             "/O=system:masters/CN=kube-apiserver-kubelet-client",
-        ])?;
-        o(&[
-            "x509",
-            "-req",
-            "-in",
-            "kubelet-client.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "kubelet-client.crt",
-            "-days",
-            "30",
-        ])?;
+            None,
+        )?;
         o(&["genrsa", "-out", "sa.key", "2048"])?;
         o(&["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
         let mut tokens = String::new();
