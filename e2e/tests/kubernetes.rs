@@ -409,8 +409,9 @@ spec:
     k.kubectl(&["-n", NS, "delete", "pod", name, "--wait=false"]);
 }
 
-fn policy(k: &Kube) {
-    let deny = format!(
+/// The DENY policy on the server named `deny-client`, with `rules`.
+fn deny_policy(rules: &str) -> String {
+    format!(
         r#"apiVersion: security.weft.dev/v1alpha1
 kind: AuthorizationPolicy
 metadata: {{name: deny-client, namespace: {NS}}}
@@ -418,10 +419,15 @@ spec:
   selector: {{matchLabels: {{app: server}}}}
   action: DENY
   rules:
-  - from:
-    - source: {{principals: ["cluster.local/ns/{NS}/sa/default"]}}
+{rules}
 "#
-    );
+    )
+}
+
+fn policy(k: &Kube) {
+    let deny = deny_policy(&format!(
+        "  - from:\n    - source: {{principals: [\"cluster.local/ns/{NS}/sa/default\"]}}"
+    ));
     get(k, "client", "weft-marker-policy-before").expect("allowed before the policy");
     let started = Instant::now();
     let out = k.apply(&deny);
@@ -435,17 +441,7 @@ spec:
     );
 
     // Valid for the API server's schema, invalid for Weft: refused by name, nothing changes.
-    let invalid = format!(
-        r#"apiVersion: security.weft.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {{name: deny-client, namespace: {NS}}}
-spec:
-  selector: {{matchLabels: {{app: server}}}}
-  action: DENY
-  rules:
-  - from: []
-"#
-    );
+    let invalid = deny_policy("  - from: []");
     let out = k.apply(&invalid);
     assert!(
         out.status.success(),
@@ -466,11 +462,15 @@ spec:
     });
     let message = condition["message"].as_str().unwrap_or_default();
     assert!(message.contains("from"), "the condition names the field: {condition}");
-    std::thread::sleep(Duration::from_millis(1500)); // let a wrong enforcement show, if there were one
-    assert!(
-        get(k, "client", "weft-marker-policy-invalid").is_err(),
-        "the last valid policy stays enforced"
-    );
+    // The controller has judged the new generation: a wrong enforcement (the invalid policy
+    // dropped, the deny lifted) would reach the agents now. Every request for 1.5 s stays denied.
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        assert!(
+            get(k, "client", "weft-marker-policy-invalid").is_err(),
+            "the last valid policy stays enforced"
+        );
+    }
 
     k.kubectl(&["-n", NS, "delete", "authorizationpolicy", "deny-client"]);
     wait_for("access to come back", Duration::from_secs(5), || {
