@@ -183,46 +183,55 @@ impl Builder {
 
 /// Both kinds of custom resource, read by the local store's rules.
 fn custom_resources(snapshot: &Snapshot) -> Vec<Resource<'_>> {
-    let unreadable = |e: &kube::core::error_boundary::InvalidObject| FieldProblem {
-        field: None,
-        problem: format!("cannot be read: {}", e.error),
-    };
-    let mut out = Vec::new();
-    for guard in &snapshot.policies {
-        let object = convert::object_ref(Kind::AuthorizationPolicy, guard.meta());
-        out.push(match &guard.0 {
-            Ok(cr) => Resource {
-                object,
-                meta: &cr.metadata,
-                read: convert::authorization_policy(cr).map_err(|e| e.problem),
-                current: status::accepted(cr.status.as_ref()),
-            },
-            Err(e) => Resource {
-                object,
-                meta: &e.metadata,
-                read: Err(unreadable(e)),
-                current: None,
-            },
-        });
-    }
-    for guard in &snapshot.peer_authentications {
-        let object = convert::object_ref(Kind::PeerAuthentication, guard.meta());
-        out.push(match &guard.0 {
-            Ok(cr) => Resource {
-                object,
-                meta: &cr.metadata,
-                read: convert::peer_authentication(cr).map_err(|e| e.problem),
-                current: status::accepted(cr.status.as_ref()),
-            },
-            Err(e) => Resource {
-                object,
-                meta: &e.metadata,
-                read: Err(unreadable(e)),
-                current: None,
-            },
-        });
-    }
+    let mut out = read_all(
+        &snapshot.policies,
+        Kind::AuthorizationPolicy,
+        convert::authorization_policy,
+        |cr| cr.status.as_ref(),
+    );
+    out.extend(read_all(
+        &snapshot.peer_authentications,
+        Kind::PeerAuthentication,
+        convert::peer_authentication,
+        |cr| cr.status.as_ref(),
+    ));
     out
+}
+
+/// Each custom resource of one kind: its model object (or why there is none) and its current
+/// `Accepted` condition. One that could not even be deserialized is refused as unreadable.
+fn read_all<'a, K>(
+    guards: &'a [Arc<DeserializeGuard<K>>],
+    kind: Kind,
+    convert: fn(&K) -> Result<Object, Invalid>,
+    status: fn(&K) -> Option<&crd::Status>,
+) -> Vec<Resource<'a>>
+where
+    K: kube::Resource,
+{
+    guards
+        .iter()
+        .map(|guard| {
+            let object = convert::object_ref(kind, guard.meta());
+            match &guard.0 {
+                Ok(cr) => Resource {
+                    object,
+                    meta: cr.meta(),
+                    read: convert(cr).map_err(|e| e.problem),
+                    current: status::accepted(status(cr)),
+                },
+                Err(e) => Resource {
+                    object,
+                    meta: &e.metadata,
+                    read: Err(FieldProblem {
+                        field: None,
+                        problem: format!("cannot be read: {}", e.error),
+                    }),
+                    current: None,
+                },
+            }
+        })
+        .collect()
 }
 
 /// A namespace has at most one PeerAuthentication without a selector: among the valid ones, the
