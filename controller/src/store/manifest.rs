@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, fmt, net::IpAddr};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_yaml_ng::Value;
 use weft_model::{
-    peer_auth::{self, PeerAuthentication},
+    peer_auth::PeerAuthentication,
     policy::{self, AuthorizationPolicy},
 };
 
@@ -111,13 +111,9 @@ pub fn authorization_policy<'de, D: Deserializer<'de>>(
     name: &str,
     spec: D,
 ) -> Result<AuthorizationPolicy, FieldProblem> {
-    let spec: Option<policy::Spec> = deserialize_at(spec, "spec")?;
     let p = AuthorizationPolicy {
-        metadata: policy::Metadata {
-            name: name.to_owned(),
-            namespace: namespace.to_owned(),
-        },
-        spec: spec.unwrap_or_default(),
+        metadata: metadata(namespace, name),
+        spec: spec_at(spec)?,
     };
     p.validate().map_err(|e| FieldProblem {
         field: Some(e.field),
@@ -133,19 +129,27 @@ pub fn peer_authentication<'de, D: Deserializer<'de>>(
     name: &str,
     spec: D,
 ) -> Result<PeerAuthentication, FieldProblem> {
-    let spec: Option<peer_auth::Spec> = deserialize_at(spec, "spec")?;
     let p = PeerAuthentication {
-        metadata: policy::Metadata {
-            name: name.to_owned(),
-            namespace: namespace.to_owned(),
-        },
-        spec: spec.unwrap_or_default(),
+        metadata: metadata(namespace, name),
+        spec: spec_at(spec)?,
     };
     p.validate().map_err(|e| FieldProblem {
         field: Some(e.field),
         problem: e.problem,
     })?;
     Ok(p)
+}
+
+fn metadata(namespace: &str, name: &str) -> policy::Metadata {
+    policy::Metadata {
+        name: name.to_owned(),
+        namespace: namespace.to_owned(),
+    }
+}
+
+/// A policy's `spec`: absent or null is the empty spec; fields are named by their path.
+fn spec_at<'de, S: Deserialize<'de> + Default, D: Deserializer<'de>>(spec: D) -> Result<S, FieldProblem> {
+    Ok(deserialize_at::<Option<S>, D>(spec, "spec")?.unwrap_or_default())
 }
 
 /// Deserializes a value found at `at` (`""`: the document) into `T`, naming the failing field's
