@@ -12,5 +12,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("cargo:rerun-if-changed=proto");
     tonic_prost_build::configure().compile_protos(&["proto/weft/v1/weft.proto"], &["proto"])?;
+    // The controller's side of Config again, sending `EncodedPush` (the wire form of `Push` with each
+    // resource encoded once for all subscribers): see src/encoded.rs. The route is Config's.
+    let config = tonic_build::manual::Service::builder()
+        .name("Config")
+        .package("weft.v1")
+        .method(
+            tonic_build::manual::Method::builder()
+                .name("stream")
+                .route_name("Stream")
+                .input_type("crate::v1::StreamRequest")
+                .output_type("crate::encoded::EncodedPush")
+                .codec_path("tonic_prost::ProstCodec")
+                .client_streaming()
+                .server_streaming()
+                .build(),
+        )
+        .build();
+    tonic_build::manual::Builder::new()
+        .build_client(false)
+        .compile(&[config]);
     Ok(())
 }

@@ -4,6 +4,8 @@
 
 pub mod convert;
 pub mod durable;
+pub mod encoded;
+pub mod sync;
 pub mod unix;
 
 pub mod v1 {

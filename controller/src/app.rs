@@ -16,13 +16,16 @@ use anyhow::Context as _;
 use tokio::{sync::watch, task::JoinSet};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
-use weft_api::v1::{ca_server::CaServer, config_server::ConfigServer, store_server::StoreServer};
+use weft_api::{
+    encoded::config_server::ConfigServer,
+    v1::{ca_server::CaServer, store_server::StoreServer},
+};
 
 use crate::{
     admin::StoreService,
     auth::{NodeAuth, NodeTokens},
     ca::{Ca, service::CaService},
-    distribution::ConfigService,
+    distribution::{ConfigService, index::MeshConfig},
     k8s::{self, StatusWriter, TokenReviewer, ca_root, leader},
     listener,
     store::{State, Store},
@@ -462,8 +465,10 @@ impl Core {
         let config_service = ConfigService::new(
             states.clone(),
             auth.clone(),
-            config.trust_domain.clone(),
-            config.root_namespace.clone(),
+            MeshConfig {
+                trust_domain: config.trust_domain.clone(),
+                root_namespace: config.root_namespace.clone(),
+            },
             shutdown_rx.clone(),
         );
         // Admission and the TLS handshake happen in `listener::incoming`, the HTTP/2 and message

@@ -1,12 +1,13 @@
 //! The `Config` gRPC service: streams each node agent the resources it should hold, xDS-like.
 //!
 //! Per stream: authenticate the node (bearer token: [`NodeAuth`]), read its `Subscribe` (which must name that
-//! node), send a full push, then a delta after every new state that changes what the node should
-//! hold. Each push waits for its ACK/NACK before the next one is sent; states published meanwhile are
+//! node), resync it (the buckets of what it holds that differ, or everything), then send a delta
+//! after every new state that changes what the node should hold, in chunks of bounded size. Each push waits for its ACK/NACK before the next one is sent; states published meanwhile are
 //! coalesced. The source (the local store or the Kubernetes source) is never held up: streams watch
 //! its states through a watch channel.
 
 pub mod desired;
+pub mod index;
 pub mod session;
 
 use std::sync::Arc;
@@ -15,59 +16,87 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
-use weft_api::v1::{self, Push, StreamRequest, config_server, stream_request};
+use weft_api::{
+    encoded::{EncodedPush, config_server},
+    v1::{self, StreamRequest, stream_request},
+};
 
 use crate::{auth::NodeAuth, store::State};
 use desired::TypeFilter;
-use session::{Acked, Session};
+use index::{Index, MeshConfig};
+use session::{Acked, CHUNK_BYTES, Subscriber};
 
 /// The `Config` service.
 pub struct ConfigService {
-    states: watch::Receiver<Arc<State>>,
+    index: watch::Receiver<Arc<Index>>,
     auth: Arc<NodeAuth>,
-    trust_domain: String,
-    root_namespace: String,
     shutdown: watch::Receiver<bool>,
 }
 
 impl ConfigService {
     /// `states` is the model's source (the local store's [`subscribe`](crate::store::Store::subscribe)
-    /// or the Kubernetes source's): every stream follows it. `root_namespace`'s policies go to every
-    /// node, marked mesh-wide. `shutdown` turning true ends every stream (cleanly, status OK), so that
-    /// the server can drain.
+    /// or the Kubernetes source's): every stream follows it, through one [`Index`] made from each new
+    /// state (see [`follow`]). `mesh.root_namespace`'s policies go to every node, marked mesh-wide.
+    /// `shutdown` turning true ends every stream (cleanly, status OK), so that the server can drain.
+    /// Spawns the index's task: call it on the runtime.
     pub fn new(
         states: watch::Receiver<Arc<State>>,
         auth: Arc<NodeAuth>,
-        trust_domain: String,
-        root_namespace: String,
+        mesh: MeshConfig,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Self {
-            states,
+            index: follow(states, mesh),
             auth,
-            trust_domain,
-            root_namespace,
             shutdown,
         }
     }
 }
 
+/// The index of every state `states` publishes, kept up to date by a task of its own: each new
+/// state is turned into a new index once, off the runtime's worker threads (the streams, handshakes
+/// and keepalives go on meanwhile), in work proportional to what changed. States published while an
+/// update runs are coalesced into the next one. The task ends when `states`' sender does.
+pub fn follow(mut states: watch::Receiver<Arc<State>>, mesh: MeshConfig) -> watch::Receiver<Arc<Index>> {
+    let first = Arc::new(Index::build(mesh, states.borrow_and_update().clone()));
+    let (tx, rx) = watch::channel(first);
+    tokio::spawn(async move {
+        while states.changed().await.is_ok() {
+            let next = states.borrow_and_update().clone();
+            let current = tx.borrow().clone();
+            let started = std::time::Instant::now();
+            let updated = tokio::task::spawn_blocking(move || current.update(next)).await;
+            let Ok(index) = updated else {
+                tracing::error!("the distribution index update panicked; streams keep the last index");
+                continue;
+            };
+            tracing::debug!(
+                revision = index.revision,
+                took_us = started.elapsed().as_micros() as u64,
+                "distribution index updated"
+            );
+            if tx.send(Arc::new(index)).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 #[tonic::async_trait]
 impl config_server::Config for ConfigService {
-    type StreamStream = ReceiverStream<Result<Push, Status>>;
+    type StreamStream = ReceiverStream<Result<EncodedPush, Status>>;
 
     async fn stream(&self, request: Request<Streaming<StreamRequest>>) -> Result<Response<Self::StreamStream>, Status> {
         let node = self.auth.authenticate(request.metadata()).await?;
         let peer = request.remote_addr();
-        // One push in flight at a time, so a small buffer is enough.
+        // One push in flight at a time; a push of many chunks waits for the transport between them.
         let (tx, rx) = mpsc::channel(2);
         let stream = Stream {
             node: node.clone(),
-            trust_domain: self.trust_domain.clone(),
-            root_namespace: self.root_namespace.clone(),
             inbound: request.into_inner(),
             tx,
-            states: self.states.clone(),
+            index: self.index.clone(),
             shutdown: self.shutdown.clone(),
         };
         let span = tracing::info_span!("config_stream", node = %node, peer = ?peer);
@@ -79,11 +108,9 @@ impl config_server::Config for ConfigService {
 /// One subscriber's stream.
 struct Stream {
     node: String,
-    trust_domain: String,
-    root_namespace: String,
     inbound: Streaming<StreamRequest>,
-    tx: mpsc::Sender<Result<Push, Status>>,
-    states: watch::Receiver<Arc<State>>,
+    tx: mpsc::Sender<Result<EncodedPush, Status>>,
+    index: watch::Receiver<Arc<Index>>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -109,37 +136,27 @@ impl Stream {
                 return;
             }
         };
-        tracing::info!(types = ?subscribe.types, "subscribed");
-        let mut session = Session::new();
+        tracing::info!(types = ?subscribe.types, held = subscribe.held.is_some(), "subscribed");
+        let mut subscriber = Subscriber::new(self.node.clone(), filter);
+        let now = self.index.borrow_and_update().clone();
+        let first = subscriber.resync(&now, subscribe.held.as_ref());
+        if !self.send(first).await {
+            return;
+        }
         loop {
-            if session.ready() {
-                let state = self.states.borrow_and_update().clone();
-                let mesh = desired::Mesh {
-                    trust_domain: &self.trust_domain,
-                    root_namespace: &self.root_namespace,
-                };
-                let desired = desired::desired(&state, &self.node, mesh, &filter);
-                if let Some(mut push) = session.next_push(&desired, state.revision) {
-                    push.store_id.clone_from(&state.id);
-                    tracing::debug!(
-                        nonce = push.nonce,
-                        full = push.full,
-                        resources = push.resources.len(),
-                        removed = push.removed.len(),
-                        revision = push.revision,
-                        "push"
-                    );
-                    if self.tx.send(Ok(push)).await.is_err() {
-                        tracing::debug!("subscriber went away");
-                        return;
-                    }
+            if subscriber.ready() {
+                let now = self.index.borrow_and_update().clone();
+                if let Some(push) = subscriber.next(&now)
+                    && !self.send(push).await
+                {
+                    return;
                 }
             }
-            let ready = session.ready();
+            let ready = subscriber.ready();
             tokio::select! {
                 message = self.inbound.message() => match message {
                     Ok(Some(StreamRequest { kind: Some(stream_request::Kind::Ack(ack)) })) => {
-                        log_ack(&ack, session.ack(&ack));
+                        log_ack(&ack, subscriber.ack(&ack));
                     }
                     Ok(Some(_)) => {
                         let status = Status::invalid_argument("after Subscribe, only Ack messages are expected");
@@ -155,7 +172,7 @@ impl Stream {
                         return;
                     }
                 },
-                changed = self.states.changed(), if ready => {
+                changed = self.index.changed(), if ready => {
                     if changed.is_err() {
                         return;
                     }
@@ -164,6 +181,27 @@ impl Stream {
                 () = self.tx.closed() => return,
             }
         }
+    }
+
+    /// Sends one push, in chunks; false when the subscriber went away.
+    async fn send(&mut self, push: session::Outgoing) -> bool {
+        tracing::debug!(
+            nonce = push.nonce,
+            full = push.full,
+            resync = push.resync,
+            buckets = push.replaced_buckets.len(),
+            resources = push.resources.len(),
+            removed = push.removed.len(),
+            revision = push.revision,
+            "push"
+        );
+        for chunk in push.chunks(CHUNK_BYTES) {
+            if self.tx.send(Ok(chunk)).await.is_err() {
+                tracing::debug!("subscriber went away");
+                return false;
+            }
+        }
+        true
     }
 
     /// Waits for the first message, which must be a Subscribe.

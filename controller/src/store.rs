@@ -10,7 +10,7 @@ pub mod manifest;
 pub mod objects;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, hash_map::Entry},
+    collections::{BTreeSet, HashMap, hash_map::Entry},
     fmt, fs,
     hash::Hash,
     io,
@@ -19,6 +19,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use imbl::OrdMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -89,7 +90,9 @@ pub struct State {
     /// that was lost and started over has another one (agents then keep their last good state).
     pub id: String,
     pub revision: u64,
-    objects: BTreeMap<ObjectRef, Object>,
+    /// A persistent map: a new state shares all it did not change with the one before (cloning is
+    /// O(1), a change O(log n)), and two states compare in time proportional to what differs.
+    objects: OrdMap<ObjectRef, Arc<Object>>,
 }
 
 /// The store. Cheap to share behind an `Arc`.
@@ -116,7 +119,7 @@ impl Store {
                 State {
                     id: file.id,
                     revision: file.revision,
-                    objects: file.objects.into_iter().map(|o| (o.object_ref(), o)).collect(),
+                    objects: file.objects.into_iter().map(|o| (o.object_ref(), Arc::new(o))).collect(),
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => State::default(),
@@ -182,7 +185,7 @@ impl Store {
                     }
                 })
         });
-        manifest::render(selected.map(|(_, o)| o)).map_err(|source| Error::Render { source })
+        manifest::render(selected.map(|(_, o)| &**o)).map_err(|source| Error::Render { source })
     }
 
     /// Runs `plan` against the current state under the write lock; persists and publishes its new
@@ -212,11 +215,11 @@ impl Store {
             path: self.path.clone(),
             source,
         };
-        let file = Persisted {
+        let file = PersistedRef {
             format: 1,
-            id: state.id.clone(),
+            id: &state.id,
             revision: state.revision,
-            objects: state.objects.values().cloned().collect(),
+            objects: state.objects.values().map(|o| &**o).collect(),
         };
         let bytes = serde_json::to_vec_pretty(&file).map_err(|e| err(io::Error::other(e)))?;
         weft_api::durable::write(&self.path, &bytes, 0o600).map_err(err)?;
@@ -232,6 +235,15 @@ struct Persisted {
     id: String,
     revision: u64,
     objects: Vec<Object>,
+}
+
+/// [`Persisted`], written from a state without copying its objects.
+#[derive(Serialize)]
+struct PersistedRef<'a> {
+    format: u32,
+    id: &'a str,
+    revision: u64,
+    objects: Vec<&'a Object>,
 }
 
 /// A planned change: result lines, and the new state (`None`: nothing changes).
@@ -250,48 +262,89 @@ impl State {
         State {
             id,
             revision,
-            objects: objects.into_iter().map(|o| (o.object_ref(), o)).collect(),
+            objects: objects.into_iter().map(|o| (o.object_ref(), Arc::new(o))).collect(),
         }
     }
 
     pub fn objects(&self) -> impl Iterator<Item = &Object> {
-        self.objects.values()
+        self.objects.values().map(|o| &**o)
     }
 
     pub fn get(&self, r: &ObjectRef) -> Option<&Object> {
-        self.objects.get(r)
+        self.objects.get(r).map(|o| &**o)
+    }
+
+    /// The objects that differ between `self` and `next`, as (before, after), in reference order:
+    /// work proportional to the difference when `next` was made from `self` (or shares parts with
+    /// it), as every state of one store is.
+    pub fn changes<'a>(&'a self, next: &'a State) -> impl Iterator<Item = (Option<&'a Object>, Option<&'a Object>)> {
+        use imbl::ordmap::DiffItem;
+        self.objects.diff(&next.objects).map(|d| match d {
+            DiffItem::Add(_, new) => (None, Some(&**new)),
+            DiffItem::Update { old, new } => (Some(&*(*old.1)), Some(&*(*new.1))),
+            DiffItem::Remove(_, old) => (Some(&**old), None),
+        })
+    }
+
+    /// The objects of `kind` in `namespace`, by name.
+    pub fn in_namespace<'a>(&'a self, kind: Kind, namespace: &'a str) -> impl Iterator<Item = &'a Object> {
+        let start = ObjectRef {
+            kind,
+            namespace: namespace.to_owned(),
+            name: String::new(),
+        };
+        self.objects
+            .range(start..)
+            .take_while(move |(r, _)| r.kind == kind && r.namespace == namespace)
+            .map(|(_, o)| &**o)
+    }
+
+    /// The pods of `namespace`.
+    pub fn pods_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = &'a Pod> {
+        self.in_namespace(Kind::Pod, namespace).filter_map(|o| match o {
+            Object::Pod(p) => Some(p),
+            _ => None,
+        })
+    }
+
+    /// The services of `namespace`.
+    pub fn services_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = &'a Service> {
+        self.in_namespace(Kind::Service, namespace).filter_map(|o| match o {
+            Object::Service(s) => Some(s),
+            _ => None,
+        })
     }
 
     pub fn namespaces(&self) -> impl Iterator<Item = &objects::Namespace> {
-        self.objects.values().filter_map(|o| match o {
+        self.objects.values().filter_map(|o| match &**o {
             Object::Namespace(n) => Some(n),
             _ => None,
         })
     }
 
     pub fn pods(&self) -> impl Iterator<Item = &Pod> {
-        self.objects.values().filter_map(|o| match o {
+        self.objects.values().filter_map(|o| match &**o {
             Object::Pod(p) => Some(p),
             _ => None,
         })
     }
 
     pub fn services(&self) -> impl Iterator<Item = &Service> {
-        self.objects.values().filter_map(|o| match o {
+        self.objects.values().filter_map(|o| match &**o {
             Object::Service(s) => Some(s),
             _ => None,
         })
     }
 
     pub fn policies(&self) -> impl Iterator<Item = &AuthorizationPolicy> {
-        self.objects.values().filter_map(|o| match o {
+        self.objects.values().filter_map(|o| match &**o {
             Object::AuthorizationPolicy(p) => Some(p),
             _ => None,
         })
     }
 
     pub fn peer_authentications(&self) -> impl Iterator<Item = &PeerAuthentication> {
-        self.objects.values().filter_map(|o| match o {
+        self.objects.values().filter_map(|o| match &**o {
             Object::PeerAuthentication(p) => Some(p),
             _ => None,
         })
@@ -316,7 +369,7 @@ impl State {
         let mut namespace_wide: HashMap<String, Holder> = HashMap::new();
         for (r, object) in self.objects.iter().filter(|(r, _)| !replaced.contains(r)) {
             let holder = || (r.clone(), None);
-            match object {
+            match &**object {
                 Object::Pod(p) => {
                     uids.insert(p.uid.clone(), holder());
                     addresses.extend(p.ips.iter().map(|ip| (*ip, holder())));
@@ -361,7 +414,7 @@ impl State {
             if let Object::Pod(pod) = &mut object
                 && pod.uid.is_empty()
             {
-                pod.uid = match self.objects.get(&r) {
+                pod.uid = match self.objects.get(&r).map(|o| &**o) {
                     Some(Object::Pod(old)) => old.uid.clone(),
                     _ => random_uid()?,
                 };
@@ -398,13 +451,13 @@ impl State {
                 _ => {}
             }
             let verb = match self.objects.get(&r) {
-                Some(old) if *old == object => "unchanged",
+                Some(old) if **old == object => "unchanged",
                 Some(_) => "configured",
                 None => "created",
             };
             changed |= verb != "unchanged";
             results.push(r.result_line(verb));
-            next.objects.insert(r, object);
+            next.objects.insert(r, Arc::new(object));
         }
         Ok(Plan {
             results,

@@ -9,8 +9,9 @@ use weft_api::{
     convert::{peer_authentication_to_wire, policy_to_wire},
     types, v1,
 };
-use weft_model::{identity::Identity, policy::Scope};
+use weft_model::policy::Scope;
 
+use super::index::{MeshConfig, namespace_resource, service_resource, workload_resource};
 use crate::store::State;
 
 /// A resource key: (type, name), as in [`v1::ResourceKey`].
@@ -75,29 +76,20 @@ impl TypeFilter {
             .map(TypeFilter)
     }
 
-    fn wants(&self, ty: &str) -> bool {
+    pub fn wants(&self, ty: &str) -> bool {
         self.0.contains(ty)
     }
 }
 
-/// Mesh-wide settings that shape what subscribers are sent.
-#[derive(Clone, Copy, Debug)]
-pub struct Mesh<'a> {
-    /// Of the workload identities (`spiffe://<td>/ns/<ns>/sa/<sa>`).
-    pub trust_domain: &'a str,
-    /// Whose policies apply to workloads of every namespace.
-    pub root_namespace: &'a str,
-}
-
-/// Every resource `node` should hold, with versions set.
+/// Every resource `node` should hold, with versions set, computed from scratch: the reference the
+/// incremental [`Index`](super::index::Index) is tested against.
 ///
-/// All namespaces, all pods (as workloads), all services (endpoints: the pods of the service's
-/// namespace its selector matches), the policies of the namespaces that have a pod on `node` (the
-/// agent enforces policy for inbound connections to its own pods only), and the policies of the root
-/// namespace, which apply to every namespace (marked [`Scope::Mesh`]). PeerAuthentications go by the
-/// same rule as AuthorizationPolicies.
-pub fn desired(state: &State, node: &str, mesh: Mesh<'_>, filter: &TypeFilter) -> BTreeMap<Key, v1::Resource> {
-    let trust_domain = mesh.trust_domain;
+/// All namespaces, all pods (as workloads, each naming the services of its namespace that select
+/// it), all services, the policies of the namespaces that have a pod on `node` (the agent enforces
+/// policy for inbound connections to its own pods only), and the policies of the root namespace,
+/// which apply to every namespace (marked [`Scope::Mesh`]). PeerAuthentications go by the same rule
+/// as AuthorizationPolicies.
+pub fn desired(state: &State, node: &str, mesh: &MeshConfig, filter: &TypeFilter) -> BTreeMap<Key, v1::Resource> {
     use v1::resource::Kind as K;
     let mut out = BTreeMap::new();
     let mut add = |ty: &'static str, name: String, kind: K| {
@@ -112,15 +104,7 @@ pub fn desired(state: &State, node: &str, mesh: Mesh<'_>, filter: &TypeFilter) -
     };
     if filter.wants(types::NAMESPACE) {
         for ns in state.namespaces() {
-            add(
-                types::NAMESPACE,
-                ns.name.clone(),
-                K::Namespace(v1::Namespace {
-                    name: ns.name.clone(),
-                    labels: to_map(&ns.meta.labels),
-                    annotations: to_map(&ns.meta.annotations),
-                }),
-            );
+            add(types::NAMESPACE, ns.name.clone(), namespace_resource(ns));
         }
     }
     if filter.wants(types::WORKLOAD) {
@@ -128,51 +112,13 @@ pub fn desired(state: &State, node: &str, mesh: Mesh<'_>, filter: &TypeFilter) -
             add(
                 types::WORKLOAD,
                 format!("{}/{}", p.namespace, p.name),
-                K::Workload(v1::Workload {
-                    uid: p.uid.clone(),
-                    namespace: p.namespace.clone(),
-                    name: p.name.clone(),
-                    node: p.node.clone(),
-                    service_account: p.service_account.clone(),
-                    // The trust domain is checked at start and the store admits only DNS labels, so
-                    // this cannot fail; if it did, the agent would refuse the workload by name.
-                    identity: Identity::try_new(trust_domain, &p.namespace, &p.service_account)
-                        .map(|id| id.to_string())
-                        .unwrap_or_default(),
-                    labels: to_map(&p.meta.labels),
-                    annotations: to_map(&p.meta.annotations),
-                    ips: p.ips.iter().map(ToString::to_string).collect(),
-                }),
+                workload_resource(mesh, state, p),
             );
         }
     }
     if filter.wants(types::SERVICE) {
         for s in state.services() {
-            let mut endpoints: Vec<String> = state
-                .pods()
-                .filter(|p| s.selects(p))
-                .map(|p| format!("{}/{}", p.namespace, p.name))
-                .collect();
-            endpoints.sort();
-            add(
-                types::SERVICE,
-                format!("{}/{}", s.namespace, s.name),
-                K::Service(v1::Service {
-                    namespace: s.namespace.clone(),
-                    name: s.name.clone(),
-                    vips: s.cluster_ips.iter().map(ToString::to_string).collect(),
-                    ports: s
-                        .ports
-                        .iter()
-                        .map(|p| v1::ServicePort {
-                            name: p.name.clone(),
-                            port: u32::from(p.port),
-                            target_port: u32::from(p.target_port),
-                        })
-                        .collect(),
-                    endpoints,
-                }),
-            );
+            add(types::SERVICE, format!("{}/{}", s.namespace, s.name), service_resource(s));
         }
     }
     let local: BTreeSet<&str> = state
@@ -183,7 +129,7 @@ pub fn desired(state: &State, node: &str, mesh: Mesh<'_>, filter: &TypeFilter) -
     // Policies of both kinds go where they can apply: the root namespace's (mesh-wide) to every
     // node, a namespace's own to the nodes with its pods.
     let sent_here = |namespace: &str| {
-        let scope = Scope::of(namespace, mesh.root_namespace);
+        let scope = Scope::of(namespace, &mesh.root_namespace);
         (scope == Scope::Mesh || local.contains(namespace)).then_some(scope)
     };
     if filter.wants(types::PEER_AUTHENTICATION) {
@@ -257,8 +203,4 @@ pub fn version(resource: &v1::Resource) -> u64 {
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest.as_ref()[..8]);
     u64::from_be_bytes(first)
-}
-
-fn to_map(m: &BTreeMap<String, String>) -> std::collections::HashMap<String, String> {
-    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }

@@ -3,7 +3,10 @@
 
 use weft_api::{types, v1};
 
-use super::desired::{self, Key, TypeFilter};
+use super::{
+    desired::{self, Key, TypeFilter},
+    index::MeshConfig,
+};
 use crate::store::Store;
 
 const OBJECTS: &str = r#"
@@ -32,10 +35,10 @@ metadata: {name: cart, namespace: shop}
 spec: {selector: {matchLabels: {app: cart}}, portLevelMtls: {8080: {mode: PERMISSIVE}}}
 "#;
 
-fn mesh() -> desired::Mesh<'static> {
-    desired::Mesh {
-        trust_domain: "cluster.local",
-        root_namespace: weft_model::policy::DEFAULT_ROOT_NAMESPACE,
+fn mesh() -> MeshConfig {
+    MeshConfig {
+        trust_domain: "cluster.local".into(),
+        root_namespace: weft_model::policy::DEFAULT_ROOT_NAMESPACE.into(),
     }
 }
 
@@ -57,8 +60,8 @@ fn peer_authentications_go_where_their_workloads_are_and_the_root_namespace_ever
     store.apply(OBJECTS, "objects.yaml").unwrap();
     let all = TypeFilter::parse(&[]).unwrap();
     let state = store.snapshot();
-    let node1 = desired::desired(&state, "node1", mesh(), &all);
-    let node2 = desired::desired(&state, "node2", mesh(), &all);
+    let node1 = desired::desired(&state, "node1", &mesh(), &all);
+    let node2 = desired::desired(&state, "node2", &mesh(), &all);
     for d in [&node1, &node2] {
         let (root, _) = peer_auth(d, "weft-system/default").expect("the mesh-wide policy on every node");
         assert_eq!(root.scope, v1::Scope::Mesh as i32);
@@ -78,7 +81,7 @@ fn peer_authentications_go_where_their_workloads_are_and_the_root_namespace_ever
     // Asked for by name; a subscriber that asks only for policies does not get them.
     assert!(TypeFilter::parse(&["peerauthentication".into()]).is_ok());
     let only_policies = TypeFilter::parse(&["policy".into()]).unwrap();
-    assert!(peer_auth(&desired::desired(&state, "node1", mesh(), &only_policies), "shop/cart").is_none());
+    assert!(peer_auth(&desired::desired(&state, "node1", &mesh(), &only_policies), "shop/cart").is_none());
 
     // A new mode is a new version.
     store
@@ -87,7 +90,7 @@ fn peer_authentications_go_where_their_workloads_are_and_the_root_namespace_ever
             "cart.yaml",
         )
         .unwrap();
-    let node1 = desired::desired(&store.snapshot(), "node1", mesh(), &all);
+    let node1 = desired::desired(&store.snapshot(), "node1", &mesh(), &all);
     let (_, changed) = peer_auth(&node1, "shop/cart").unwrap();
     assert_ne!(changed, version);
 }

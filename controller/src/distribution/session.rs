@@ -1,32 +1,59 @@
 //! One subscriber's side of the protocol, without I/O: what it holds, which push awaits its ack,
-//! which versions it rejected. The stream task feeds it desired states and acks and sends the
-//! pushes it returns.
+//! which versions it rejected. The stream task feeds it indexes and acks and sends the pushes it
+//! returns.
 //!
-//! Rules: the first push is full; after that only changes are pushed, and only when the previous
-//! push was acked or nacked (so changes made meanwhile are coalesced into the next push). A version
-//! the subscriber rejected is not sent again until the resource changes.
+//! Rules: the first push is a resync: of the buckets whose digests differ from those the subscriber
+//! says it holds, or full when it holds nothing of this store. After that only changes are pushed,
+//! and only when the previous push was acked or nacked (so changes made meanwhile are coalesced into
+//! the next push). A version the subscriber rejected is not sent again until the resource changes.
+//!
+//! What the subscriber holds is not copied per subscriber: it is the [`Index`] its last acked push
+//! brought it to (shared with every other subscriber at that version), plus the few scoped
+//! resources (policies, PeerAuthentications) that differ per node.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
-use weft_api::v1;
+use weft_api::{
+    encoded::EncodedPush,
+    sync::BUCKETS,
+    types, v1,
+};
 
-use super::desired::Key;
+use super::{
+    desired::{Key, TypeFilter},
+    index::{Change, Entry, Index},
+};
 
 /// Streams get distinct nonce prefixes, so no two pushes of one controller share a nonce.
 static NEXT_STREAM: AtomicU64 = AtomicU64::new(1);
 
+/// Resource bytes per chunk of a push: a push of any size goes out in messages of about this size.
+pub const CHUNK_BYTES: usize = 1024 * 1024;
+
+/// The types every subscriber of a version of the index holds alike.
+const GLOBAL: [&str; 3] = [types::NAMESPACE, types::WORKLOAD, types::SERVICE];
+/// The types that go to some nodes only.
+const SCOPED: [&str; 2] = [types::POLICY, types::PEER_AUTHENTICATION];
+
 #[derive(Debug)]
-pub struct Session {
-    /// What the subscriber holds: the version we know, or `None` for a version we do not (it
-    /// rejected our version in a full push and kept whatever it had).
-    held: BTreeMap<Key, Option<u64>>,
-    /// Versions the subscriber rejected, not to be sent again.
+pub struct Subscriber {
+    node: String,
+    filter: TypeFilter,
+    /// The index the subscriber's last acked push brought it to: it holds that index's global
+    /// resources (but for those it rejected, which are not sent again until they change).
+    synced: Option<Arc<Index>>,
+    /// The scoped resources it holds: the version we know, or `None` for a version we do not (it
+    /// rejected ours in a resync and kept whatever it had).
+    scoped: BTreeMap<Key, Option<u64>>,
+    /// Scoped versions it rejected, not to be sent again.
     nacked: BTreeMap<Key, u64>,
     pending: Option<Pending>,
-    started: bool,
     stream: u64,
     seq: u64,
 }
@@ -34,9 +61,73 @@ pub struct Session {
 #[derive(Debug)]
 struct Pending {
     nonce: String,
-    full: bool,
-    resources: BTreeMap<Key, u64>,
-    removed: Vec<Key>,
+    target: Arc<Index>,
+    /// The push's resources, for a NACK that names none (all rejected).
+    sent: Vec<Key>,
+    scoped: ScopedSent,
+}
+
+#[derive(Debug)]
+enum ScopedSent {
+    /// A resync: after it, the subscriber holds exactly these (those it rejects: something else).
+    Resync { holds: BTreeMap<Key, u64> },
+    Delta { sent: BTreeMap<Key, u64>, removed: Vec<Key> },
+}
+
+/// A push to send, before it is cut into chunks.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub nonce: String,
+    pub full: bool,
+    pub resync: bool,
+    pub replaced_buckets: Vec<u32>,
+    pub resources: Vec<Arc<Entry>>,
+    pub removed: Vec<Key>,
+    pub revision: u64,
+    pub store_id: String,
+}
+
+impl Outgoing {
+    /// The push as messages of about `max_bytes` of resources each (at least one message; one
+    /// resource per message when a resource is larger). All but the last have `more` set.
+    pub fn chunks(self, max_bytes: usize) -> Vec<EncodedPush> {
+        let head = |more: bool| EncodedPush {
+            nonce: self.nonce.clone(),
+            full: self.full,
+            resources: Vec::new(),
+            removed: Vec::new(),
+            revision: self.revision,
+            store_id: self.store_id.clone(),
+            replaced_buckets: Vec::new(),
+            resync: self.resync,
+            more,
+        };
+        let mut chunks = Vec::new();
+        let mut current = head(true);
+        current.replaced_buckets.clone_from(&self.replaced_buckets);
+        let mut size = current.replaced_buckets.len() * 2;
+        for key in &self.removed {
+            let wire = key.to_wire();
+            let len = key.name.len() + key.ty.len() + 8;
+            if size + len > max_bytes && size > 0 {
+                chunks.push(std::mem::replace(&mut current, head(true)));
+                size = 0;
+            }
+            size += len;
+            current.removed.push(wire);
+        }
+        for r in &self.resources {
+            if size + r.bytes.len() > max_bytes && size > 0 {
+                chunks.push(std::mem::replace(&mut current, head(true)));
+                size = 0;
+            }
+            size += r.bytes.len();
+            current.resources.push(r.bytes.clone());
+        }
+        current.more = false;
+        chunks.push(current);
+        chunks
+    }
 }
 
 /// What an ack did, for logging.
@@ -57,19 +148,15 @@ pub struct UnexpectedAck {
     pub expected: Option<String>,
 }
 
-impl Default for Session {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Session {
-    pub fn new() -> Self {
+impl Subscriber {
+    pub fn new(node: String, filter: TypeFilter) -> Self {
         Self {
-            held: BTreeMap::new(),
+            node,
+            filter,
+            synced: None,
+            scoped: BTreeMap::new(),
             nacked: BTreeMap::new(),
             pending: None,
-            started: false,
             stream: NEXT_STREAM.fetch_add(1, Ordering::Relaxed),
             seq: 0,
         }
@@ -80,51 +167,168 @@ impl Session {
         self.pending.is_none()
     }
 
-    /// The push that brings the subscriber to `desired`, if one is due: always the first time (full,
-    /// even when empty), later only when something changed, and never while a push awaits its ack.
-    pub fn next_push(&mut self, desired: &BTreeMap<Key, v1::Resource>, revision: u64) -> Option<v1::Push> {
+    /// Whether the first push (the resync) was acked.
+    pub fn synced(&self) -> bool {
+        self.synced.is_some()
+    }
+
+    fn nonce(&mut self) -> String {
+        self.seq += 1;
+        format!("{}-{}", self.stream, self.seq)
+    }
+
+    /// The scoped resources of `index` this subscriber should hold.
+    fn scoped_desired<'a>(&'a self, index: &'a Index) -> impl Iterator<Item = &'a Arc<Entry>> + 'a {
+        SCOPED
+            .into_iter()
+            .filter(|t| self.filter.wants(t))
+            .filter_map(|t| index.table(t))
+            .flat_map(move |t| t.iter().filter(|e| index.sends_scoped(&self.node, e)))
+    }
+
+    fn global_tables<'a>(&'a self, index: &'a Index) -> impl Iterator<Item = &'a super::index::Table> + 'a {
+        GLOBAL
+            .into_iter()
+            .filter(|t| self.filter.wants(t))
+            .filter_map(|t| index.table(t))
+    }
+
+    /// The first push of a stream: brings the subscriber from what `held` says it holds to `now`.
+    /// Full when it holds nothing, or another store's resources, or a summary this controller
+    /// cannot compare.
+    pub fn resync(&mut self, now: &Arc<Index>, held: Option<&v1::Held>) -> Outgoing {
+        let scoped: Vec<&Arc<Entry>> = self.scoped_desired(now).collect();
+        let comparable = held.filter(|h| !now.store_id.is_empty() && h.store_id == now.store_id && h.buckets.len() == BUCKETS);
+        let (full, replaced_buckets, resources) = match comparable {
+            None => {
+                let mut all: Vec<Arc<Entry>> = self.global_tables(now).flat_map(|t| t.iter().cloned()).collect();
+                all.extend(scoped.iter().map(|e| Arc::clone(e)));
+                (true, Vec::new(), all)
+            }
+            Some(held) => {
+                let mut mine = vec![0u64; BUCKETS];
+                for t in self.global_tables(now) {
+                    for (m, d) in mine.iter_mut().zip(t.digests()) {
+                        *m = m.wrapping_add(*d);
+                    }
+                }
+                let mut scoped_by_bucket: BTreeMap<usize, Vec<&Arc<Entry>>> = BTreeMap::new();
+                for e in &scoped {
+                    let b = e.bucket();
+                    mine[b] = mine[b].wrapping_add(e.digest());
+                    scoped_by_bucket.entry(b).or_default().push(e);
+                }
+                let differ: Vec<usize> = (0..BUCKETS).filter(|b| mine[*b] != held.buckets[*b]).collect();
+                let mut resources = Vec::new();
+                for b in &differ {
+                    for t in self.global_tables(now) {
+                        resources.extend(t.bucket(*b).cloned());
+                    }
+                    if let Some(es) = scoped_by_bucket.get(b) {
+                        resources.extend(es.iter().map(|e| Arc::clone(e)));
+                    }
+                }
+                // Bucket numbers are below BUCKETS (1024).
+                (false, differ.into_iter().map(|b| b as u32).collect(), resources)
+            }
+        };
+        let holds = scoped.iter().map(|e| (e.key.clone(), e.version)).collect();
+        let nonce = self.nonce();
+        self.pending = Some(Pending {
+            nonce: nonce.clone(),
+            target: now.clone(),
+            sent: resources.iter().map(|e| e.key.clone()).collect(),
+            scoped: ScopedSent::Resync { holds },
+        });
+        Outgoing {
+            nonce,
+            full,
+            resync: true,
+            replaced_buckets,
+            resources,
+            removed: Vec::new(),
+            revision: now.revision,
+            store_id: now.store_id.clone(),
+        }
+    }
+
+    /// The push that brings the subscriber from the index it was last brought to to `now`, if
+    /// anything it should hold changed; never before the resync was acked, nor while a push awaits
+    /// its ack. The work is proportional to what changed.
+    pub fn next(&mut self, now: &Arc<Index>) -> Option<Outgoing> {
         if self.pending.is_some() {
             return None;
         }
-        self.nacked.retain(|k, _| desired.contains_key(k));
-        let full = !self.started;
-        let changed: Vec<(&Key, &v1::Resource)> = desired
-            .iter()
-            .filter(|(k, r)| {
-                full || (self.held.get(*k) != Some(&Some(r.version)) && self.nacked.get(*k) != Some(&r.version))
-            })
-            .collect();
-        let removed: Vec<Key> = if full {
-            Vec::new()
-        } else {
-            self.held
-                .keys()
-                .filter(|k| !desired.contains_key(*k))
-                .cloned()
-                .collect()
-        };
-        if !full && changed.is_empty() && removed.is_empty() {
+        let synced = self.synced.as_ref()?;
+        if Arc::ptr_eq(synced, now) {
             return None;
         }
-        self.started = true;
-        self.seq += 1;
-        let nonce = format!("{}-{}", self.stream, self.seq);
-        let resources: BTreeMap<Key, u64> = changed.iter().map(|(k, r)| ((*k).clone(), r.version)).collect();
-        let push = v1::Push {
-            nonce: nonce.clone(),
-            full,
-            resources: changed.into_iter().map(|(_, r)| r.clone()).collect(),
-            removed: removed.iter().map(Key::to_wire).collect(),
-            revision,
-            store_id: String::new(),
-        };
+        let mut resources = Vec::new();
+        let mut removed = Vec::new();
+        for ty in GLOBAL.into_iter().filter(|t| self.filter.wants(t)) {
+            let (Some(old), Some(new)) = (synced.table(ty), now.table(ty)) else {
+                continue;
+            };
+            if old.same(new) {
+                continue;
+            }
+            for change in old.changes(new) {
+                match change {
+                    Change::Put(e) => resources.push(e.clone()),
+                    Change::Removed(k) => removed.push(k.clone()),
+                }
+            }
+        }
+        let scoped_same = synced.policies.same(&now.policies)
+            && synced.peer_authentications.same(&now.peer_authentications)
+            && match (synced.presence(&self.node), now.presence(&self.node)) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            };
+        let mut scoped_sent = BTreeMap::new();
+        let mut scoped_removed = Vec::new();
+        if !scoped_same {
+            let desired: Vec<&Arc<Entry>> = self.scoped_desired(now).collect();
+            let keys: BTreeSet<&Key> = desired.iter().map(|e| &e.key).collect();
+            for e in &desired {
+                let held = self.scoped.get(&e.key) == Some(&Some(e.version));
+                let rejected = self.nacked.get(&e.key) == Some(&e.version);
+                if !held && !rejected {
+                    scoped_sent.insert(e.key.clone(), e.version);
+                    resources.push(Arc::clone(e));
+                }
+            }
+            for k in self.scoped.keys().filter(|k| !keys.contains(k)) {
+                scoped_removed.push(k.clone());
+                removed.push(k.clone());
+            }
+        }
+        if resources.is_empty() && removed.is_empty() {
+            // Nothing this subscriber holds changed: it holds `now` as it is.
+            self.synced = Some(now.clone());
+            return None;
+        }
+        let nonce = self.nonce();
         self.pending = Some(Pending {
+            nonce: nonce.clone(),
+            target: now.clone(),
+            sent: resources.iter().map(|e| e.key.clone()).collect(),
+            scoped: ScopedSent::Delta {
+                sent: scoped_sent,
+                removed: scoped_removed,
+            },
+        });
+        Some(Outgoing {
             nonce,
-            full,
+            full: false,
+            resync: false,
+            replaced_buckets: Vec::new(),
             resources,
             removed,
-        });
-        Some(push)
+            revision: now.revision,
+            store_id: now.store_id.clone(),
+        })
     }
 
     /// Records the subscriber's answer to the pending push.
@@ -140,147 +344,49 @@ impl Session {
         } else {
             let named: BTreeSet<Key> = ack.rejected.iter().filter_map(|k| Key::parse(k)).collect();
             if named.is_empty() {
-                pending.resources.keys().cloned().collect()
+                pending.sent.iter().cloned().collect()
             } else {
                 named
             }
         };
-        if pending.full {
-            self.held.clear();
-        }
-        for k in &pending.removed {
-            self.held.remove(k);
-            self.nacked.remove(k);
-        }
-        let mut rejected_keys = Vec::new();
-        for (k, version) in pending.resources {
-            if rejected.contains(&k) {
-                self.nacked.insert(k.clone(), version);
-                if pending.full {
-                    self.held.insert(k.clone(), None);
+        match pending.scoped {
+            ScopedSent::Resync { holds } => {
+                self.scoped.clear();
+                self.nacked.clear();
+                for (k, version) in holds {
+                    if rejected.contains(&k) {
+                        self.nacked.insert(k.clone(), version);
+                        self.scoped.insert(k, None);
+                    } else {
+                        self.scoped.insert(k, Some(version));
+                    }
                 }
-                rejected_keys.push(k);
-            } else {
-                self.nacked.remove(&k);
-                self.held.insert(k, Some(version));
+            }
+            ScopedSent::Delta { sent, removed } => {
+                for k in &removed {
+                    self.scoped.remove(k);
+                    self.nacked.remove(k);
+                }
+                for (k, version) in sent {
+                    if rejected.contains(&k) {
+                        self.nacked.insert(k, version);
+                    } else {
+                        self.nacked.remove(&k);
+                        self.scoped.insert(k, Some(version));
+                    }
+                }
             }
         }
+        self.synced = Some(pending.target);
         Ok(if ack.error.is_empty() {
             Acked::Accepted
         } else {
-            Acked::Rejected { keys: rejected_keys }
+            Acked::Rejected {
+                keys: pending.sent.into_iter().filter(|k| rejected.contains(k)).collect(),
+            }
         })
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn resource(name: &str, version: u64) -> (Key, v1::Resource) {
-        let key = Key {
-            ty: "namespace",
-            name: name.into(),
-        };
-        let r = v1::Resource {
-            key: Some(key.to_wire()),
-            version,
-            kind: Some(v1::resource::Kind::Namespace(v1::Namespace {
-                name: name.into(),
-                ..Default::default()
-            })),
-        };
-        (key, r)
-    }
-
-    fn desired(items: &[(&str, u64)]) -> BTreeMap<Key, v1::Resource> {
-        items.iter().map(|(n, v)| resource(n, *v)).collect()
-    }
-
-    fn ack(push: &v1::Push) -> v1::Ack {
-        v1::Ack {
-            nonce: push.nonce.clone(),
-            ..Default::default()
-        }
-    }
-
-    fn names(push: &v1::Push) -> Vec<String> {
-        push.resources.iter().map(|r| r.key.clone().unwrap().name).collect()
-    }
-
-    #[test]
-    fn first_push_is_full_even_when_empty_then_only_changes() {
-        let mut s = Session::new();
-        let first = s.next_push(&desired(&[]), 0).unwrap();
-        assert!(first.full && first.resources.is_empty());
-        assert!(s.next_push(&desired(&[("a", 1)]), 1).is_none(), "waits for the ack");
-        s.ack(&ack(&first)).unwrap();
-        let second = s.next_push(&desired(&[("a", 1), ("b", 1)]), 2).unwrap();
-        assert!(!second.full);
-        assert_eq!(names(&second), ["a", "b"]);
-        assert_ne!(second.nonce, first.nonce);
-        s.ack(&ack(&second)).unwrap();
-        assert!(s.next_push(&desired(&[("a", 1), ("b", 1)]), 3).is_none());
-        let third = s.next_push(&desired(&[("a", 2)]), 4).unwrap();
-        assert_eq!(names(&third), ["a"]);
-        assert_eq!(
-            third.removed,
-            [Key {
-                ty: "namespace",
-                name: "b".into()
-            }
-            .to_wire()]
-        );
-    }
-
-    #[test]
-    fn nacked_version_is_not_resent_until_it_changes() {
-        let mut s = Session::new();
-        let first = s.next_push(&desired(&[("a", 1), ("b", 1)]), 1).unwrap();
-        s.ack(&v1::Ack {
-            nonce: first.nonce.clone(),
-            error: "bad a".into(),
-            rejected: vec!["namespace/a".into()],
-        })
-        .unwrap();
-        assert!(s.next_push(&desired(&[("a", 1), ("b", 1)]), 1).is_none());
-        let fixed = s.next_push(&desired(&[("a", 2), ("b", 1)]), 2).unwrap();
-        assert_eq!(names(&fixed), ["a"]);
-        // A NACK naming nothing rejects the whole push.
-        let r = s
-            .ack(&v1::Ack {
-                nonce: fixed.nonce.clone(),
-                error: "no".into(),
-                rejected: vec![],
-            })
-            .unwrap();
-        assert_eq!(
-            r,
-            Acked::Rejected {
-                keys: vec![Key {
-                    ty: "namespace",
-                    name: "a".into()
-                }]
-            }
-        );
-        assert!(s.next_push(&desired(&[("a", 2), ("b", 1)]), 2).is_none());
-        // Deleting a resource the subscriber kept (an unknown version) still removes it.
-        let gone = s.next_push(&desired(&[("b", 1)]), 3).unwrap();
-        assert_eq!(gone.removed.len(), 1);
-    }
-
-    #[test]
-    fn ack_with_a_stale_nonce_is_refused() {
-        let mut s = Session::new();
-        let first = s.next_push(&desired(&[]), 0).unwrap();
-        let err = s
-            .ack(&v1::Ack {
-                nonce: "nope".into(),
-                ..Default::default()
-            })
-            .unwrap_err();
-        assert_eq!(err.expected, Some(first.nonce.clone()));
-        s.ack(&ack(&first)).unwrap();
-        assert!(s.ack(&ack(&first)).is_err(), "an ack counts once");
-    }
-}
+mod tests;

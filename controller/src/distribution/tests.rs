@@ -2,7 +2,10 @@ use std::collections::BTreeMap;
 
 use weft_api::{types, v1};
 
-use super::desired::{self, Key, TypeFilter};
+use super::{
+    desired::{self, Key, TypeFilter},
+    index::MeshConfig,
+};
 use crate::store::Store;
 
 const OBJECTS: &str = r#"
@@ -49,10 +52,10 @@ fn store() -> (tempfile::TempDir, Store) {
     (dir, store)
 }
 
-fn mesh(trust_domain: &str) -> desired::Mesh<'_> {
-    desired::Mesh {
-        trust_domain,
-        root_namespace: weft_model::policy::DEFAULT_ROOT_NAMESPACE,
+fn mesh(trust_domain: &str) -> MeshConfig {
+    MeshConfig {
+        trust_domain: trust_domain.into(),
+        root_namespace: weft_model::policy::DEFAULT_ROOT_NAMESPACE.into(),
     }
 }
 
@@ -72,7 +75,7 @@ fn keys(d: &BTreeMap<Key, v1::Resource>) -> Vec<String> {
 fn node_sees_everything_but_policies_of_namespaces_without_its_pods() {
     let (_dir, store) = store();
     let state = store.snapshot();
-    let node1 = desired::desired(&state, "node1", mesh("cluster.local"), &all());
+    let node1 = desired::desired(&state, "node1", &mesh("cluster.local"), &all());
     assert_eq!(
         keys(&node1),
         [
@@ -85,7 +88,7 @@ fn node_sees_everything_but_policies_of_namespaces_without_its_pods() {
             "workload/shop/cart",
         ]
     );
-    let node2 = desired::desired(&state, "node2", mesh("cluster.local"), &all());
+    let node2 = desired::desired(&state, "node2", &mesh("cluster.local"), &all());
     assert!(!node2.contains_key(&key(types::POLICY, "shop/deny-other")));
     assert_eq!(node2.len(), 6);
 }
@@ -101,11 +104,11 @@ fn root_namespace_policies_go_to_every_node_marked_mesh_wide() {
         .unwrap();
     let state = store.snapshot();
     let scope_on = |node: &str, root_namespace: &str| {
-        let mesh = desired::Mesh {
-            trust_domain: "cluster.local",
-            root_namespace,
+        let mesh = MeshConfig {
+            trust_domain: "cluster.local".into(),
+            root_namespace: root_namespace.into(),
         };
-        let d = desired::desired(&state, node, mesh, &all());
+        let d = desired::desired(&state, node, &mesh, &all());
         let Some(v1::resource::Kind::Policy(p)) = &d.get(&key(types::POLICY, "weft-system/require-mtls"))?.kind else {
             panic!("not a policy");
         };
@@ -117,7 +120,7 @@ fn root_namespace_policies_go_to_every_node_marked_mesh_wide() {
     }
     // With another root namespace it is an ordinary policy of a namespace without pods.
     assert_eq!(scope_on("node1", "istio-system"), None);
-    let Some(v1::resource::Kind::Policy(p)) = &desired::desired(&state, "node1", mesh("cluster.local"), &all())
+    let Some(v1::resource::Kind::Policy(p)) = &desired::desired(&state, "node1", &mesh("cluster.local"), &all())
         [&key(types::POLICY, "weft-system/require-mtls")]
         .kind
     else {
@@ -133,7 +136,7 @@ fn root_namespace_policies_go_to_every_node_marked_mesh_wide() {
 #[test]
 fn a_policy_with_http_fields_is_refused_by_the_store_and_never_distributed() {
     let (_dir, store) = store();
-    let before = desired::desired(&store.snapshot(), "node1", mesh("cluster.local"), &all());
+    let before = desired::desired(&store.snapshot(), "node1", &mesh("cluster.local"), &all());
     let err = store
         .apply(
             "apiVersion: security.weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: get-only, namespace: shop}\nspec: {rules: [{to: [{operation: {ports: [\"8080\"], methods: [GET]}}]}]}\n",
@@ -147,42 +150,45 @@ fn a_policy_with_http_fields_is_refused_by_the_store_and_never_distributed() {
         "{err}"
     );
     assert_eq!(
-        desired::desired(&store.snapshot(), "node1", mesh("cluster.local"), &all()),
+        desired::desired(&store.snapshot(), "node1", &mesh("cluster.local"), &all()),
         before
     );
 }
 
 #[test]
-fn workloads_and_services_carry_identity_addresses_and_endpoints() {
+fn workloads_carry_identity_addresses_and_their_services() {
     let (_dir, store) = store();
-    let d = desired::desired(&store.snapshot(), "node1", mesh("example.org"), &all());
+    let d = desired::desired(&store.snapshot(), "node1", &mesh("example.org"), &all());
     let Some(v1::resource::Kind::Workload(w)) = &d[&key(types::WORKLOAD, "shop/cart")].kind else {
         panic!("not a workload");
     };
     assert_eq!(w.identity, "spiffe://example.org/ns/shop/sa/cart");
     assert_eq!(w.ips, ["10.0.1.1", "fd00::1"]);
     assert_eq!(w.uid, "0b5e1c2a-7d3f-4a61-9c8e-000000000001");
+    assert_eq!(
+        w.services,
+        ["shop/cart"],
+        "selected by shop/cart; shop/external has no selector"
+    );
+    let Some(v1::resource::Kind::Workload(other)) = &d[&key(types::WORKLOAD, "other/web")].kind else {
+        panic!("not a workload");
+    };
+    assert!(
+        other.services.is_empty(),
+        "a service selects pods of its own namespace only"
+    );
     let Some(v1::resource::Kind::Service(s)) = &d[&key(types::SERVICE, "shop/cart")].kind else {
         panic!("not a service");
     };
-    assert_eq!(
-        s.endpoints,
-        ["shop/cart"],
-        "the pod in another namespace is not selected"
-    );
     assert_eq!(s.vips, ["10.96.0.1"]);
     assert_eq!((s.ports[0].port, s.ports[0].target_port), (80, 8080));
-    let Some(v1::resource::Kind::Service(s)) = &d[&key(types::SERVICE, "shop/external")].kind else {
-        panic!("not a service");
-    };
-    assert!(s.endpoints.is_empty(), "no selector, no endpoints");
 }
 
 #[test]
 fn versions_are_stable_and_follow_content() {
     let (_dir, store) = store();
-    let before = desired::desired(&store.snapshot(), "node1", mesh("cluster.local"), &all());
-    let again = desired::desired(&store.snapshot(), "node1", mesh("cluster.local"), &all());
+    let before = desired::desired(&store.snapshot(), "node1", &mesh("cluster.local"), &all());
+    let again = desired::desired(&store.snapshot(), "node1", &mesh("cluster.local"), &all());
     assert_eq!(before, again);
     store
         .apply(
@@ -190,7 +196,7 @@ fn versions_are_stable_and_follow_content() {
             "f",
         )
         .unwrap();
-    let after = desired::desired(&store.snapshot(), "node1", mesh("cluster.local"), &all());
+    let after = desired::desired(&store.snapshot(), "node1", &mesh("cluster.local"), &all());
     let changed: Vec<String> = after
         .iter()
         .filter(|(k, r)| before[*k].version != r.version)
@@ -203,7 +209,7 @@ fn versions_are_stable_and_follow_content() {
 fn type_filter_limits_and_rejects_unknown_types() {
     let (_dir, store) = store();
     let only = TypeFilter::parse(&["policy".into()]).unwrap();
-    let d = desired::desired(&store.snapshot(), "node1", mesh("cluster.local"), &only);
+    let d = desired::desired(&store.snapshot(), "node1", &mesh("cluster.local"), &only);
     assert_eq!(keys(&d), ["policy/shop/deny-other"]);
     let err = TypeFilter::parse(&["gateway".into()]).unwrap_err();
     assert!(err.contains("unknown resource type \"gateway\""), "{err}");
