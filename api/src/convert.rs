@@ -396,6 +396,7 @@ mod tests {
             labels: HashMap::from([("app".into(), "web".into())]),
             annotations: HashMap::from([("weft.dev/dataplane-mode".into(), "ambient".into())]),
             ips: vec!["10.244.1.5".into(), "fd00::5".into()],
+            services: vec!["default/web".into()],
         }
     }
 

@@ -119,7 +119,11 @@ impl Store {
                 State {
                     id: file.id,
                     revision: file.revision,
-                    objects: file.objects.into_iter().map(|o| (o.object_ref(), Arc::new(o))).collect(),
+                    objects: file
+                        .objects
+                        .into_iter()
+                        .map(|o| (o.object_ref(), Arc::new(o)))
+                        .collect(),
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => State::default(),

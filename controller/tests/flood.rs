@@ -199,6 +199,7 @@ async fn subscribe(addr: SocketAddr, root: &str) -> Agent {
         kind: Some(stream_request::Kind::Subscribe(Subscribe {
             node: "node1".into(),
             types: Vec::new(),
+            held: None,
         })),
     })
     .await

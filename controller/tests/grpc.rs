@@ -17,7 +17,7 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
 };
 use weft_api::v1::{
-    self, Ack, Push, SignRequest, StreamRequest, Subscribe, ca_client::CaClient, config_client::ConfigClient,
+    self, Ack, Held, Push, SignRequest, StreamRequest, Subscribe, ca_client::CaClient, config_client::ConfigClient,
     stream_request,
 };
 use weft_controller::app::{Config, Controller};
@@ -142,11 +142,27 @@ struct Sub {
 
 impl Sub {
     async fn open(channel: Channel, token: &str, node: &str, types: &[&str]) -> Result<Sub, tonic::Status> {
+        Self::subscribe(channel, token, node, types, None).await
+    }
+
+    /// Subscribes with token-1 (node1's), saying what it holds.
+    async fn open_held(channel: Channel, node: &str, held: Option<Held>) -> Result<Sub, tonic::Status> {
+        Self::subscribe(channel, "token-1", node, &[], held).await
+    }
+
+    async fn subscribe(
+        channel: Channel,
+        token: &str,
+        node: &str,
+        types: &[&str],
+        held: Option<Held>,
+    ) -> Result<Sub, tonic::Status> {
         let (tx, rx) = mpsc::channel(8);
         tx.send(StreamRequest {
             kind: Some(stream_request::Kind::Subscribe(Subscribe {
                 node: node.into(),
                 types: types.iter().map(|t| t.to_string()).collect(),
+                held,
             })),
         })
         .await
@@ -299,20 +315,74 @@ async fn nacked_resource_is_not_resent_until_it_changes() {
     h.stop().await;
 }
 
+/// Pushes (each acked) until one has `key`, within the wait: a change reaches a stream once the
+/// distribution index has it, a moment after the store committed it.
+async fn until_pushed(sub: &mut Sub, key: &str) -> Vec<Push> {
+    let mut pushes = Vec::new();
+    loop {
+        let push = sub.next().await.unwrap();
+        sub.ack(&push).await;
+        let done = keys(&push).iter().any(|k| k == key);
+        pushes.push(push);
+        if done {
+            return pushes;
+        }
+    }
+}
+
 #[tokio::test]
-async fn reconnect_gets_a_full_resync() {
+async fn reconnect_without_holdings_gets_a_full_resync() {
+    let h = Harness::start().await;
+    let channel = h.channel().await;
+    let mut sub = Sub::open(channel.clone(), "token-1", "node1", &[]).await.unwrap();
+    let first = sub.next().await.unwrap();
+    assert!(first.full && first.resync);
+    sub.ack(&first).await;
+    drop(sub);
+    h.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: extra}\n");
+    let mut again = Sub::open(channel, "token-1", "node1", &[]).await.unwrap();
+    let pushes = until_pushed(&mut again, "namespace/extra").await;
+    assert!(pushes[0].full && pushes[0].resync);
+    let all: std::collections::BTreeSet<String> = pushes.iter().flat_map(keys).collect();
+    assert!(keys(&first).iter().all(|k| all.contains(k)), "{all:?}");
+    assert!(pushes.last().unwrap().revision > first.revision);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn reconnect_with_holdings_resyncs_only_what_differs() {
     let h = Harness::start().await;
     let channel = h.channel().await;
     let mut sub = Sub::open(channel.clone(), "token-1", "node1", &[]).await.unwrap();
     let first = sub.next().await.unwrap();
     sub.ack(&first).await;
     drop(sub);
+    let held = Held {
+        store_id: first.store_id.clone(),
+        revision: first.revision,
+        buckets: weft_api::sync::summarize(first.resources.iter().map(|r| {
+            let key = r.key.as_ref().unwrap();
+            (key.r#type.as_str(), key.name.as_str(), r.version)
+        })),
+    };
+    // Nothing changed: the resync is empty.
+    let mut same = Sub::open_held(channel.clone(), "node1", Some(held.clone()))
+        .await
+        .unwrap();
+    let resync = same.next().await.unwrap();
+    assert!(resync.resync && !resync.full, "{resync:?}");
+    assert!(
+        resync.resources.is_empty() && resync.replaced_buckets.is_empty(),
+        "{resync:?}"
+    );
+    drop(same);
+    // One namespace more: only its bucket comes again.
     h.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: extra}\n");
-    let mut again = Sub::open(channel, "token-1", "node1", &[]).await.unwrap();
-    let push = again.next().await.unwrap();
-    assert!(push.full);
-    assert_eq!(push.resources.len(), first.resources.len() + 1);
-    assert!(push.revision > first.revision);
+    let mut again = Sub::open_held(channel, "node1", Some(held)).await.unwrap();
+    let pushes = until_pushed(&mut again, "namespace/extra").await;
+    assert!(pushes[0].resync && !pushes[0].full);
+    let sent: Vec<String> = pushes.iter().flat_map(keys).collect();
+    assert_eq!(sent, ["namespace/extra"], "only what differs");
     h.stop().await;
 }
 

@@ -808,6 +808,7 @@ async fn node_agents_are_known_by_their_pod_bound_tokens() {
         kind: Some(stream_request::Kind::Subscribe(Subscribe {
             node: node.into(),
             types: vec![],
+            held: None,
         })),
     };
     tx.send(subscribe("node-a")).await.unwrap();

@@ -12,7 +12,7 @@ use std::{sync::Arc, time::Duration};
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use weft_api::v1::{Ack, StreamRequest, Subscribe, config_client::ConfigClient, stream_request::Kind};
+use weft_api::v1::{Ack, Held, Push, StreamRequest, Subscribe, config_client::ConfigClient, stream_request::Kind};
 
 use crate::{controller::Controller, state::State};
 
@@ -27,7 +27,7 @@ pub struct Followed {
 }
 
 /// Why a push is not taken: it comes from another store, or from an older revision of this one.
-pub fn refuse(followed: Option<&Followed>, store_id: &str, revision: u64, full: bool) -> Option<String> {
+pub fn refuse(followed: Option<&Followed>, store_id: &str, revision: u64, resync: bool) -> Option<String> {
     let followed = followed?;
     if store_id != followed.store_id {
         return Some(format!(
@@ -35,7 +35,7 @@ pub fn refuse(followed: Option<&Followed>, store_id: &str, revision: u64, full: 
             followed.store_id, followed.revision
         ));
     }
-    if full && revision < followed.revision {
+    if resync && revision < followed.revision {
         return Some(format!(
             "the controller's store went back from revision {} to {revision} (store {store_id:?}): keeping the last good config until it catches up or this agent is restarted",
             followed.revision
@@ -44,8 +44,53 @@ pub fn refuse(followed: Option<&Followed>, store_id: &str, revision: u64, full: 
     None
 }
 
+/// Largest message the agent takes on the config stream: the controller cuts pushes into chunks of
+/// about 1 MiB (see the controller's `session::CHUNK_BYTES`); this leaves room for one large resource.
+pub const MAX_PUSH_CHUNK: usize = 16 * 1024 * 1024;
+
+/// What a subscriber holds, built push by push: the agent's [`State`], or the scale harness's
+/// lighter record of versions. Each push is staged chunk by chunk and published whole.
+pub trait Holdings: Send + Sync + Sized + 'static {
+    type Staged: Send;
+    /// Whether a push was taken since the agent started.
+    fn synced(&self) -> bool;
+    /// The bucket summary of what it holds (`weft_api::sync`).
+    fn held(&self) -> Vec<u64>;
+    /// Starts a push whose first chunk is `first` (not taken yet).
+    fn stage(self: &Arc<Self>, first: &Push) -> Self::Staged;
+    /// Takes one chunk (the first included).
+    fn take(staged: &mut Self::Staged, chunk: &Push);
+    /// The holdings after the last chunk, and the keys ("type/name") rejected, with why.
+    fn finish(staged: Self::Staged) -> (Self, Vec<(String, String)>);
+}
+
+impl Holdings for State {
+    type Staged = crate::state::Staged;
+
+    fn synced(&self) -> bool {
+        self.synced
+    }
+
+    fn held(&self) -> Vec<u64> {
+        State::held(self)
+    }
+
+    fn stage(self: &Arc<Self>, first: &Push) -> Self::Staged {
+        State::stage(self, first)
+    }
+
+    fn take(staged: &mut Self::Staged, chunk: &Push) {
+        staged.take(chunk);
+    }
+
+    fn finish(staged: Self::Staged) -> (Self, Vec<(String, String)>) {
+        let (state, rejected) = staged.finish();
+        (state, rejected.into_iter().map(|r| (r.key, r.error)).collect())
+    }
+}
+
 /// Follows the controller forever, publishing each new state on `tx`.
-pub async fn run(controller: Controller, node: String, tx: watch::Sender<Arc<State>>) {
+pub async fn run<H: Holdings>(controller: Controller, node: String, tx: watch::Sender<Arc<H>>) {
     let mut backoff = BACKOFF_MIN;
     let mut followed = None;
     loop {
@@ -56,7 +101,7 @@ pub async fn run(controller: Controller, node: String, tx: watch::Sender<Arc<Sta
             }
         }
         // A stream that delivered something was healthy: start the backoff over.
-        if tx.borrow().synced {
+        if tx.borrow().synced() {
             backoff = BACKOFF_MIN;
         }
         tokio::time::sleep(backoff + jitter(backoff)).await;
@@ -65,22 +110,30 @@ pub async fn run(controller: Controller, node: String, tx: watch::Sender<Arc<Sta
 }
 
 /// One stream, until it ends. Returns how many pushes it delivered.
-async fn follow(
+pub async fn follow<H: Holdings>(
     controller: &Controller,
     node: &str,
-    tx: &watch::Sender<Arc<State>>,
+    tx: &watch::Sender<Arc<H>>,
     followed: &mut Option<Followed>,
 ) -> Result<usize, (usize, tonic::Status)> {
     let (req_tx, req_rx) = mpsc::channel(4);
+    // What the agent holds of the store it follows: the controller resyncs only what differs.
+    let held = followed.as_ref().filter(|_| tx.borrow().synced()).map(|f| Held {
+        store_id: f.store_id.clone(),
+        revision: f.revision,
+        buckets: tx.borrow().held(),
+    });
     let subscribe = StreamRequest {
         kind: Some(Kind::Subscribe(Subscribe {
             node: node.to_owned(),
             types: Vec::new(),
+            held,
         })),
     };
     // The receiver is alive (held below), so the first send of a fresh channel cannot fail.
     let _ = req_tx.send(subscribe).await;
-    let mut client = ConfigClient::with_interceptor(controller.channel(), controller.auth());
+    let mut client = ConfigClient::with_interceptor(controller.channel(), controller.auth())
+        .max_decoding_message_size(MAX_PUSH_CHUNK);
     let mut pushes = 0;
     // Connecting, the TLS handshake and opening the stream have their own deadlines
     // (`controller::Deadlines`); this one bounds them all, and the first push. Later pushes come only
@@ -98,6 +151,8 @@ async fn follow(
         .map_err(|_| (pushes, late()))?
         .map_err(|s| (pushes, s))?
         .into_inner();
+    // The push being received: its staged holdings and its first chunk's header.
+    let mut staged: Option<(H::Staged, Push)> = None;
     loop {
         let next = if pushes == 0 {
             tokio::time::timeout_at(deadline, stream.message())
@@ -106,51 +161,85 @@ async fn follow(
         } else {
             stream.message().await
         };
-        let push = match next {
+        let chunk = match next {
             Ok(Some(p)) => p,
             Ok(None) => return Ok(pushes),
             Err(s) => return Err((pushes, s)),
         };
-        pushes += 1;
-        if let Some(why) = refuse(followed.as_ref(), &push.store_id, push.revision, push.full) {
-            tracing::error!(error = %why, "config push refused");
-            let nack = Ack {
-                nonce: push.nonce,
-                error: why.clone(),
-                rejected: Vec::new(),
-            };
-            let _ = req_tx
-                .send(StreamRequest {
-                    kind: Some(Kind::Ack(nack)),
-                })
-                .await;
-            // Off this stream: the next one starts with a full push, checked again.
-            return Err((pushes, tonic::Status::failed_precondition(why)));
+        let (mut holdings, head) = match staged.take() {
+            Some((h, head)) if head.nonce == chunk.nonce => (h, head),
+            Some((_, head)) => {
+                let why = format!(
+                    "a chunk of push {:?} arrived before push {:?} ended",
+                    chunk.nonce, head.nonce
+                );
+                return Err((pushes, tonic::Status::internal(why)));
+            }
+            None => {
+                if let Some(why) = refuse(
+                    followed.as_ref(),
+                    &chunk.store_id,
+                    chunk.revision,
+                    chunk.resync || chunk.full,
+                ) {
+                    tracing::error!(error = %why, "config push refused");
+                    let nack = Ack {
+                        nonce: chunk.nonce,
+                        error: why.clone(),
+                        rejected: Vec::new(),
+                    };
+                    let _ = req_tx
+                        .send(StreamRequest {
+                            kind: Some(Kind::Ack(nack)),
+                        })
+                        .await;
+                    // Off this stream: the next one starts with a resync, checked again.
+                    return Err((pushes, tonic::Status::failed_precondition(why)));
+                }
+                let current = tx.borrow().clone();
+                let head = Push {
+                    nonce: chunk.nonce.clone(),
+                    full: chunk.full,
+                    resources: Vec::new(),
+                    removed: Vec::new(),
+                    revision: chunk.revision,
+                    store_id: chunk.store_id.clone(),
+                    replaced_buckets: chunk.replaced_buckets.clone(),
+                    resync: chunk.resync,
+                    more: false,
+                };
+                (current.stage(&chunk), head)
+            }
+        };
+        H::take(&mut holdings, &chunk);
+        if chunk.more {
+            staged = Some((holdings, head));
+            continue;
         }
+        pushes += 1;
         *followed = Some(Followed {
-            store_id: push.store_id.clone(),
-            revision: push.revision,
+            store_id: head.store_id.clone(),
+            revision: head.revision,
         });
-        let current = tx.borrow().clone();
-        let (next, rejected) = current.apply(&push);
+        let (next, rejected) = H::finish(holdings);
         tracing::debug!(
-            nonce = %push.nonce,
-            full = push.full,
-            changed = push.resources.len(),
-            removed = push.removed.len(),
-            revision = push.revision,
+            nonce = %head.nonce,
+            full = head.full,
+            resync = head.resync,
+            buckets = head.replaced_buckets.len(),
+            revision = head.revision,
             rejected = rejected.len(),
             "config push"
         );
         tx.send_replace(Arc::new(next));
         let ack = Ack {
-            nonce: push.nonce,
+            nonce: head.nonce,
             error: rejected
                 .iter()
-                .map(|r| format!("{}: {}", r.key, r.error))
+                .map(|(key, error)| format!("{key}: {error}"))
                 .collect::<Vec<_>>()
                 .join("; "),
-            rejected: rejected.into_iter().map(|r| r.key).collect(),
+            rejected: rejected.into_iter().map(|(key, _)| key).collect(),
         };
         if req_tx
             .send(StreamRequest {

@@ -1,14 +1,20 @@
 //! What the agent knows of the mesh: namespaces, workloads, services and policies, as pushed by the
-//! controller. One writer (the discovery client) replaces the whole state on every push; readers
-//! take an `Arc` and look up synchronously. Protobuf types are converted here, once, at the boundary.
+//! controller. One writer (the discovery client) makes a new state from each push; readers take an
+//! `Arc` and look up synchronously. Protobuf types are converted here, once, at the boundary.
+//!
+//! The maps are persistent: a new state shares everything a push did not change with the one before,
+//! so a delta costs its own size (O(log n) per resource), not the size of the mesh, and readers of
+//! the old state are never in the way. A service's endpoints are the workloads that name it
+//! (`Workload::services`), indexed here as they come and go.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
-use weft_api::{types, v1};
+use imbl::{HashMap as PMap, OrdSet};
+use weft_api::{sync, types, v1};
 use weft_hbone::identity::Identity;
 use weft_model::{
     Namespace, Pod, WorkloadSnapshot, enrollment, peer_auth,
@@ -20,17 +26,20 @@ use weft_model::{
 pub struct Workload {
     pub pod: Pod,
     pub identity: Identity,
+    /// The services that select it (`namespace/name`).
+    pub services: Vec<String>,
+    /// The controller's version of it.
+    pub version: u64,
 }
 
-/// A service: its cluster IPs, port mapping and selected pods.
+/// A service: its cluster IPs and port mapping. Its endpoints are the workloads naming it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
     pub name: String,
     pub vips: Vec<IpAddr>,
     /// (service port, target port)
     pub ports: Vec<(u16, u16)>,
-    /// Workload keys (`namespace/name`).
-    pub endpoints: Vec<String>,
+    pub version: u64,
 }
 
 /// A resource the agent could not take; the controller is told (NACK) and the previous version, if
@@ -43,13 +52,15 @@ pub struct Rejected {
 
 #[derive(Clone, Debug, Default)]
 pub struct State {
-    namespaces: BTreeMap<String, Namespace>,
-    workloads: BTreeMap<String, Arc<Workload>>,
-    services: BTreeMap<String, Service>,
+    namespaces: BTreeMap<String, (Namespace, u64)>,
+    workloads: PMap<String, Arc<Workload>>,
+    services: PMap<String, Arc<Service>>,
+    /// Service key -> the keys of the workloads that name it.
+    members: PMap<String, OrdSet<String>>,
     policies: Scoped<policy::Compiled>,
     peer_auths: Scoped<peer_auth::Compiled>,
-    by_ip: HashMap<IpAddr, String>,
-    by_vip: HashMap<IpAddr, String>,
+    by_ip: PMap<IpAddr, String>,
+    by_vip: PMap<IpAddr, String>,
     /// Store revision of the last push applied.
     pub revision: u64,
     /// Whether a first (full) push has arrived since the agent started.
@@ -61,9 +72,10 @@ pub struct State {
 /// namespace's own, so that a connection's decision looks at few of them and allocates nothing.
 #[derive(Clone, Debug)]
 struct Scoped<T> {
-    by_name: BTreeMap<String, Arc<T>>,
+    by_name: BTreeMap<String, (Arc<T>, u64)>,
     by_namespace: HashMap<String, Vec<Arc<T>>>,
     mesh: Vec<Arc<T>>,
+    dirty: bool,
 }
 
 impl<T> Default for Scoped<T> {
@@ -72,6 +84,7 @@ impl<T> Default for Scoped<T> {
             by_name: BTreeMap::new(),
             by_namespace: HashMap::new(),
             mesh: Vec::new(),
+            dirty: false,
         }
     }
 }
@@ -102,9 +115,13 @@ impl ScopedObject for peer_auth::Compiled {
 
 impl<T: ScopedObject> Scoped<T> {
     fn reindex(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        self.dirty = false;
         self.by_namespace.clear();
         self.mesh.clear();
-        for o in self.by_name.values() {
+        for (o, _) in self.by_name.values() {
             match o.scope() {
                 Scope::Mesh => self.mesh.push(o.clone()),
                 Scope::Namespace => self
@@ -147,51 +164,180 @@ fn key(ns: &str, name: &str) -> String {
     format!("{ns}/{name}")
 }
 
-impl State {
-    /// Applies one push. A full push replaces everything, except that a rejected resource keeps its
-    /// previous version. Returns what was rejected.
-    pub fn apply(&self, push: &v1::Push) -> (State, Vec<Rejected>) {
-        let mut next = if push.full { State::default() } else { self.clone() };
-        next.synced = true;
-        next.revision = push.revision;
-        let mut rejected = Vec::new();
-        for removed in &push.removed {
-            next.remove(&removed.r#type, &removed.name);
+/// A push being applied, chunk by chunk, to a state nobody sees until [`Staged::finish`]: a push
+/// is taken all or nothing, however many chunks it came in.
+pub struct Staged {
+    base: Arc<State>,
+    next: State,
+    full: bool,
+    /// The buckets a bucket resync replaces, and the keys ("type/name") it brought for them.
+    replaced: HashSet<usize>,
+    received: HashSet<String>,
+    rejected: Vec<Rejected>,
+}
+
+impl Staged {
+    /// Applies one chunk (the first included).
+    pub fn take(&mut self, chunk: &v1::Push) {
+        for removed in &chunk.removed {
+            self.next.remove(&removed.r#type, &removed.name);
         }
-        for res in &push.resources {
+        for res in &chunk.resources {
             let Some(k) = &res.key else {
-                rejected.push(Rejected {
+                self.rejected.push(Rejected {
                     key: "?".into(),
                     error: "resource without a key".into(),
                 });
                 continue;
             };
-            if let Err(error) = next.insert(res) {
+            if !self.replaced.is_empty() && self.replaced.contains(&sync::bucket(&k.r#type, &k.name)) {
+                self.received.insert(format!("{}/{}", k.r#type, k.name));
+            }
+            if let Err(error) = self.next.insert(res) {
                 let full_key = format!("{}/{}", k.r#type, k.name);
                 tracing::warn!(resource = %full_key, %error, "rejecting resource");
                 // Keep what the agent had for it, if anything. `insert` changes nothing when it
                 // fails, so only a full push (which started empty) needs the old version back.
-                if push.full {
-                    self.copy_into(&mut next, &k.r#type, &k.name);
+                if self.full {
+                    self.base.copy_into(&mut self.next, &k.r#type, &k.name);
                 }
-                rejected.push(Rejected { key: full_key, error });
+                self.rejected.push(Rejected { key: full_key, error });
             }
         }
-        next.reindex();
-        (next, rejected)
+    }
+
+    /// The new state, once the last chunk was taken, and what was rejected.
+    pub fn finish(mut self) -> (State, Vec<Rejected>) {
+        if !self.replaced.is_empty() {
+            // What the replaced buckets held and the resync did not bring again is gone.
+            let gone: Vec<(&'static str, String)> = self
+                .next
+                .keys()
+                .filter(|(ty, name)| {
+                    self.replaced.contains(&sync::bucket(ty, name)) && !self.received.contains(&format!("{ty}/{name}"))
+                })
+                .map(|(ty, name)| (ty, name.to_owned()))
+                .collect();
+            for (ty, name) in gone {
+                self.next.remove(ty, &name);
+            }
+        }
+        self.next.policies.reindex();
+        self.next.peer_auths.reindex();
+        (self.next, self.rejected)
+    }
+}
+
+impl State {
+    /// Starts applying a push whose first chunk is `first` (which is not taken yet). A full push
+    /// replaces everything, except that a rejected resource keeps its previous version; a bucket
+    /// resync replaces what the agent held in those buckets.
+    pub fn stage(self: &Arc<Self>, first: &v1::Push) -> Staged {
+        let mut next = if first.full { State::default() } else { (**self).clone() };
+        next.synced = true;
+        next.revision = first.revision;
+        Staged {
+            base: self.clone(),
+            next,
+            full: first.full,
+            replaced: if first.full {
+                HashSet::new()
+            } else {
+                first.replaced_buckets.iter().map(|b| *b as usize).collect()
+            },
+            received: HashSet::new(),
+            rejected: Vec::new(),
+        }
+    }
+
+    /// Applies one whole push (of one chunk). Returns what was rejected.
+    pub fn apply(&self, push: &v1::Push) -> (State, Vec<Rejected>) {
+        let base = Arc::new(self.clone());
+        let mut staged = base.stage(push);
+        staged.take(push);
+        staged.finish()
+    }
+
+    /// Every resource held, as (type, name).
+    fn keys(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        self.namespaces
+            .keys()
+            .map(|k| (types::NAMESPACE, k.as_str()))
+            .chain(self.workloads.keys().map(|k| (types::WORKLOAD, k.as_str())))
+            .chain(self.services.keys().map(|k| (types::SERVICE, k.as_str())))
+            .chain(self.policies.by_name.keys().map(|k| (types::POLICY, k.as_str())))
+            .chain(
+                self.peer_auths
+                    .by_name
+                    .keys()
+                    .map(|k| (types::PEER_AUTHENTICATION, k.as_str())),
+            )
+    }
+
+    /// What the agent holds, summarized per bucket (see [`weft_api::sync`]), for the controller to
+    /// resync only what differs.
+    pub fn held(&self) -> Vec<u64> {
+        let versions = self
+            .namespaces
+            .iter()
+            .map(|(k, (_, v))| (types::NAMESPACE, k.as_str(), *v))
+            .chain(
+                self.workloads
+                    .iter()
+                    .map(|(k, w)| (types::WORKLOAD, k.as_str(), w.version)),
+            )
+            .chain(
+                self.services
+                    .iter()
+                    .map(|(k, s)| (types::SERVICE, k.as_str(), s.version)),
+            )
+            .chain(
+                self.policies
+                    .by_name
+                    .iter()
+                    .map(|(k, (_, v))| (types::POLICY, k.as_str(), *v)),
+            )
+            .chain(
+                self.peer_auths
+                    .by_name
+                    .iter()
+                    .map(|(k, (_, v))| (types::PEER_AUTHENTICATION, k.as_str(), *v)),
+            );
+        sync::summarize(versions)
+    }
+
+    /// How many workloads and services the agent holds.
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.workloads.len(), self.services.len())
     }
 
     fn insert(&mut self, res: &v1::Resource) -> Result<(), String> {
         use v1::resource::Kind;
+        let version = res.version;
         match &res.kind {
             Some(Kind::Namespace(n)) => {
-                self.namespaces.insert(n.name.clone(), Namespace::from(n));
+                self.namespaces.insert(n.name.clone(), (Namespace::from(n), version));
             }
             Some(Kind::Workload(w)) => {
                 let pod = Pod::try_from(w).map_err(|e| e.to_string())?;
                 let identity: Identity = w.identity.parse().map_err(|e| format!("identity: {e}"))?;
-                self.workloads
-                    .insert(key(&pod.namespace, &pod.name), Arc::new(Workload { pod, identity }));
+                let k = key(&pod.namespace, &pod.name);
+                self.remove_workload(&k);
+                for ip in &pod.ips {
+                    self.by_ip.insert(*ip, k.clone());
+                }
+                for s in &w.services {
+                    self.members.entry(s.clone()).or_default().insert(k.clone());
+                }
+                self.workloads.insert(
+                    k,
+                    Arc::new(Workload {
+                        pod,
+                        identity,
+                        services: w.services.clone(),
+                        version,
+                    }),
+                );
             }
             Some(Kind::Service(s)) => {
                 let vips = s
@@ -210,31 +356,69 @@ impl State {
                         _ => Err(format!("ports: {}->{} out of range", p.port, p.target_port)),
                     })
                     .collect::<Result<Vec<_>, _>>()?;
+                let k = key(&s.namespace, &s.name);
+                self.remove_service(&k);
+                for vip in &vips {
+                    self.by_vip.insert(*vip, k.clone());
+                }
                 self.services.insert(
-                    key(&s.namespace, &s.name),
-                    Service {
-                        name: key(&s.namespace, &s.name),
+                    k.clone(),
+                    Arc::new(Service {
+                        name: k,
                         vips,
                         ports,
-                        endpoints: s.endpoints.clone(),
-                    },
+                        version,
+                    }),
                 );
             }
             Some(Kind::Policy(p)) => {
                 let policy = policy::Compiled::try_from(p).map_err(|e| e.to_string())?;
                 self.policies
                     .by_name
-                    .insert(key(&p.namespace, &p.name), Arc::new(policy));
+                    .insert(key(&p.namespace, &p.name), (Arc::new(policy), version));
+                self.policies.dirty = true;
             }
             Some(Kind::PeerAuthentication(p)) => {
                 let compiled = peer_auth::Compiled::try_from(p).map_err(|e| e.to_string())?;
                 self.peer_auths
                     .by_name
-                    .insert(key(&p.namespace, &p.name), Arc::new(compiled));
+                    .insert(key(&p.namespace, &p.name), (Arc::new(compiled), version));
+                self.peer_auths.dirty = true;
             }
             None => return Err("resource without a body".into()),
         }
         Ok(())
+    }
+
+    /// Removes a workload and what indexes it.
+    fn remove_workload(&mut self, k: &str) {
+        let Some(old) = self.workloads.remove(k) else {
+            return;
+        };
+        for ip in &old.pod.ips {
+            if self.by_ip.get(ip).is_some_and(|owner| owner == k) {
+                self.by_ip.remove(ip);
+            }
+        }
+        for s in &old.services {
+            if let Some(set) = self.members.get_mut(s) {
+                set.remove(k);
+                if set.is_empty() {
+                    self.members.remove(s);
+                }
+            }
+        }
+    }
+
+    fn remove_service(&mut self, k: &str) {
+        let Some(old) = self.services.remove(k) else {
+            return;
+        };
+        for vip in &old.vips {
+            if self.by_vip.get(vip).is_some_and(|owner| owner == k) {
+                self.by_vip.remove(vip);
+            }
+        }
     }
 
     fn remove(&mut self, kind: &str, name: &str) {
@@ -242,57 +426,69 @@ impl State {
             types::NAMESPACE => {
                 self.namespaces.remove(name);
             }
-            types::WORKLOAD => {
-                self.workloads.remove(name);
-            }
-            types::SERVICE => {
-                self.services.remove(name);
-            }
+            types::WORKLOAD => self.remove_workload(name),
+            types::SERVICE => self.remove_service(name),
             types::POLICY => {
                 self.policies.by_name.remove(name);
+                self.policies.dirty = true;
             }
             types::PEER_AUTHENTICATION => {
                 self.peer_auths.by_name.remove(name);
+                self.peer_auths.dirty = true;
             }
             _ => {}
         }
     }
 
+    /// Puts `self`'s version of a resource into `next` (after `next` rejected a new one).
     fn copy_into(&self, next: &mut State, kind: &str, name: &str) {
-        fn copy<V: Clone>(from: &BTreeMap<String, V>, to: &mut BTreeMap<String, V>, name: &str) {
-            if let Some(v) = from.get(name) {
-                to.insert(name.to_owned(), v.clone());
-            }
-        }
         match kind {
-            types::NAMESPACE => copy(&self.namespaces, &mut next.namespaces, name),
-            types::WORKLOAD => copy(&self.workloads, &mut next.workloads, name),
-            types::SERVICE => copy(&self.services, &mut next.services, name),
-            types::POLICY => copy(&self.policies.by_name, &mut next.policies.by_name, name),
-            types::PEER_AUTHENTICATION => copy(&self.peer_auths.by_name, &mut next.peer_auths.by_name, name),
+            types::NAMESPACE => {
+                if let Some(v) = self.namespaces.get(name) {
+                    next.namespaces.insert(name.to_owned(), v.clone());
+                }
+            }
+            types::WORKLOAD => {
+                if let Some(w) = self.workloads.get(name) {
+                    next.remove_workload(name);
+                    for ip in &w.pod.ips {
+                        next.by_ip.insert(*ip, name.to_owned());
+                    }
+                    for s in &w.services {
+                        next.members.entry(s.clone()).or_default().insert(name.to_owned());
+                    }
+                    next.workloads.insert(name.to_owned(), w.clone());
+                }
+            }
+            types::SERVICE => {
+                if let Some(s) = self.services.get(name) {
+                    next.remove_service(name);
+                    for vip in &s.vips {
+                        next.by_vip.insert(*vip, name.to_owned());
+                    }
+                    next.services.insert(name.to_owned(), s.clone());
+                }
+            }
+            types::POLICY => {
+                if let Some(v) = self.policies.by_name.get(name) {
+                    next.policies.by_name.insert(name.to_owned(), v.clone());
+                    next.policies.dirty = true;
+                }
+            }
+            types::PEER_AUTHENTICATION => {
+                if let Some(v) = self.peer_auths.by_name.get(name) {
+                    next.peer_auths.by_name.insert(name.to_owned(), v.clone());
+                    next.peer_auths.dirty = true;
+                }
+            }
             _ => {}
         }
-    }
-
-    fn reindex(&mut self) {
-        self.by_ip = self
-            .workloads
-            .iter()
-            .flat_map(|(k, w)| w.pod.ips.iter().map(move |ip| (*ip, k.clone())))
-            .collect();
-        self.by_vip = self
-            .services
-            .iter()
-            .flat_map(|(k, s)| s.vips.iter().map(move |ip| (*ip, k.clone())))
-            .collect();
-        self.policies.reindex();
-        self.peer_auths.reindex();
     }
 
     /// Namespaces and pods, for the enrollment reconciler.
     pub fn snapshot(&self) -> WorkloadSnapshot {
         WorkloadSnapshot {
-            namespaces: self.namespaces.values().cloned().collect(),
+            namespaces: self.namespaces.values().map(|(n, _)| n.clone()).collect(),
             pods: self.workloads.values().map(|w| w.pod.clone()).collect(),
         }
     }
@@ -312,7 +508,7 @@ impl State {
 
     /// Whether the workload's traffic is meshed (enrolled by its own or its namespace's annotation).
     pub fn is_meshed(&self, w: &Workload) -> bool {
-        enrollment::is_enrolled(&w.pod, self.namespaces.get(&w.pod.namespace))
+        enrollment::is_enrolled(&w.pod, self.namespaces.get(&w.pod.namespace).map(|(n, _)| n))
     }
 
     /// The policies that can apply to a workload of `namespace`: the mesh-wide ones and the
@@ -327,8 +523,18 @@ impl State {
         self.peer_auths.for_namespace(namespace)
     }
 
+    /// The addresses of `service`'s endpoints of the family of `v6`.
+    fn endpoint_ips<'a>(&'a self, service: &str, v6: bool) -> impl Iterator<Item = IpAddr> + 'a {
+        self.members
+            .get(service)
+            .into_iter()
+            .flat_map(|set| set.iter())
+            .filter_map(|k| self.workloads.get(k))
+            .filter_map(move |w| w.pod.ips.iter().copied().find(|ip| ip.is_ipv6() == v6))
+    }
+
     /// Where a connection to `dst` goes. `pick` chooses among a service's endpoints (round robin
-    /// when the caller increments it per connection).
+    /// when the caller increments it per connection). Allocates nothing but the plan's names.
     pub fn plan(&self, dst: SocketAddr, pick: usize) -> Plan {
         let mut target = dst;
         if let Some(service) = self.by_vip.get(&dst.ip()).and_then(|k| self.services.get(k)) {
@@ -337,19 +543,17 @@ impl State {
                     service: service.name.clone(),
                 };
             };
-            // Endpoints with an address of the family the client used.
-            let candidates: Vec<IpAddr> = service
-                .endpoints
-                .iter()
-                .filter_map(|k| self.workloads.get(k))
-                .filter_map(|w| w.pod.ips.iter().copied().find(|ip| ip.is_ipv6() == dst.is_ipv6()))
-                .collect();
-            if candidates.is_empty() {
+            // Endpoints with an address of the family the client used: counted, then the pick-th.
+            let count = self.endpoint_ips(&service.name, dst.is_ipv6()).count();
+            let Some(ip) = (count > 0)
+                .then(|| self.endpoint_ips(&service.name, dst.is_ipv6()).nth(pick % count))
+                .flatten()
+            else {
                 return Plan::NoEndpoint {
                     service: service.name.clone(),
                 };
-            }
-            target = SocketAddr::new(candidates[pick % candidates.len()], *target_port);
+            };
+            target = SocketAddr::new(ip, *target_port);
         }
         match self.workload_by_ip(target.ip()) {
             Some(w) if self.is_meshed(w) => Plan::Hbone {

@@ -118,7 +118,11 @@ pub fn desired(state: &State, node: &str, mesh: &MeshConfig, filter: &TypeFilter
     }
     if filter.wants(types::SERVICE) {
         for s in state.services() {
-            add(types::SERVICE, format!("{}/{}", s.namespace, s.name), service_resource(s));
+            add(
+                types::SERVICE,
+                format!("{}/{}", s.namespace, s.name),
+                service_resource(s),
+            );
         }
     }
     let local: BTreeSet<&str> = state

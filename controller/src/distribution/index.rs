@@ -315,7 +315,9 @@ impl Index {
                                 Some(p.metadata.namespace.clone()),
                             ));
                         }
-                        _ => index.peer_authentications.remove(&key(types::PEER_AUTHENTICATION, name)),
+                        _ => index
+                            .peer_authentications
+                            .remove(&key(types::PEER_AUTHENTICATION, name)),
                     }
                 }
                 Some(Object::ServiceAccount(_)) | None => {}
@@ -325,7 +327,9 @@ impl Index {
             if let Some(p) = before {
                 index.count(&p.node, &p.namespace, -1);
                 if after.is_none() {
-                    index.workloads.remove(&key(types::WORKLOAD, format!("{}/{}", p.namespace, p.name)));
+                    index
+                        .workloads
+                        .remove(&key(types::WORKLOAD, format!("{}/{}", p.namespace, p.name)));
                 }
             }
             if let Some(p) = after {
@@ -355,11 +359,7 @@ impl Index {
             self.counts.insert(slot, after);
         }
         if (before == 0) != (after == 0) {
-            let mut set = self
-                .presence
-                .get(node)
-                .map(|s| BTreeSet::clone(s))
-                .unwrap_or_default();
+            let mut set = self.presence.get(node).map(|s| BTreeSet::clone(s)).unwrap_or_default();
             if after == 0 {
                 set.remove(namespace);
             } else {

@@ -19,11 +19,7 @@ use std::{
     },
 };
 
-use weft_api::{
-    encoded::EncodedPush,
-    sync::BUCKETS,
-    types, v1,
-};
+use weft_api::{encoded::EncodedPush, sync::BUCKETS, types, v1};
 
 use super::{
     desired::{Key, TypeFilter},
@@ -71,7 +67,10 @@ struct Pending {
 enum ScopedSent {
     /// A resync: after it, the subscriber holds exactly these (those it rejects: something else).
     Resync { holds: BTreeMap<Key, u64> },
-    Delta { sent: BTreeMap<Key, u64>, removed: Vec<Key> },
+    Delta {
+        sent: BTreeMap<Key, u64>,
+        removed: Vec<Key>,
+    },
 }
 
 /// A push to send, before it is cut into chunks.
@@ -198,7 +197,8 @@ impl Subscriber {
     /// cannot compare.
     pub fn resync(&mut self, now: &Arc<Index>, held: Option<&v1::Held>) -> Outgoing {
         let scoped: Vec<&Arc<Entry>> = self.scoped_desired(now).collect();
-        let comparable = held.filter(|h| !now.store_id.is_empty() && h.store_id == now.store_id && h.buckets.len() == BUCKETS);
+        let comparable =
+            held.filter(|h| !now.store_id.is_empty() && h.store_id == now.store_id && h.buckets.len() == BUCKETS);
         let (full, replaced_buckets, resources) = match comparable {
             None => {
                 let mut all: Vec<Arc<Entry>> = self.global_tables(now).flat_map(|t| t.iter().cloned()).collect();

@@ -56,11 +56,20 @@ pub(crate) fn pod(ns: &str, name: &str, ip: &str, labels: &[(&str, &str)]) -> v1
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             annotations: HashMap::new(),
             ips: vec![ip.into()],
+            services: Vec::new(),
         }),
     )
 }
 
-pub(crate) fn service(ns: &str, name: &str, vip: &str, endpoints: &[&str]) -> v1::Resource {
+/// `workload` as a member of `services` (`namespace/name`).
+pub(crate) fn member_of(mut workload: v1::Resource, services: &[&str]) -> v1::Resource {
+    if let Some(Kind::Workload(w)) = &mut workload.kind {
+        w.services = services.iter().map(|s| s.to_string()).collect();
+    }
+    workload
+}
+
+pub(crate) fn service(ns: &str, name: &str, vip: &str) -> v1::Resource {
     res(
         types::SERVICE,
         &format!("{ns}/{name}"),
@@ -73,7 +82,6 @@ pub(crate) fn service(ns: &str, name: &str, vip: &str, endpoints: &[&str]) -> v1
                 port: 80,
                 target_port: 8080,
             }],
-            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
         }),
     )
 }
@@ -92,6 +100,7 @@ pub(crate) fn push(full: bool, resources: Vec<v1::Resource>, removed: &[(&str, &
             .collect(),
         revision: 7,
         store_id: String::new(),
+        ..Default::default()
     }
 }
 

@@ -8,11 +8,11 @@ fn mesh() -> State {
         vec![
             ns("shop", true),
             ns("legacy", false),
-            pod("shop", "web-1", "10.244.1.11", &[("app", "web")]),
-            pod("shop", "web-2", "10.244.2.11", &[("app", "web")]),
+            member_of(pod("shop", "web-1", "10.244.1.11", &[("app", "web")]), &["shop/web"]),
+            member_of(pod("shop", "web-2", "10.244.2.11", &[("app", "web")]), &["shop/web"]),
             pod("legacy", "db", "10.244.1.12", &[]),
-            service("shop", "web", "10.96.0.10", &["shop/web-1", "shop/web-2"]),
-            service("shop", "empty", "10.96.0.11", &[]),
+            service("shop", "web", "10.96.0.10"),
+            service("shop", "empty", "10.96.0.11"),
         ],
         &[],
     ));
@@ -284,4 +284,73 @@ fn a_policy_that_does_not_compile_is_rejected_and_the_old_version_stays() {
         next.policies_for("shop").map(|p| p.name()).collect::<Vec<_>>(),
         ["shop/p"]
     );
+}
+
+#[test]
+fn a_service_spreads_over_the_workloads_naming_it_as_they_come_and_go() {
+    let state = mesh();
+    let (state, rejected) = state.apply(&push(false, vec![], &[("workload", "shop/web-1")]));
+    assert!(rejected.is_empty());
+    for pick in 0..4 {
+        assert_eq!(
+            state.plan(addr("10.96.0.10:80"), pick),
+            Plan::Hbone {
+                peer: addr("10.244.2.11:15008"),
+                target: addr("10.244.2.11:8080"),
+                identity: "spiffe://cluster.local/ns/shop/sa/default".parse().unwrap(),
+                workload: "shop/web-2".into(),
+            },
+            "pick {pick}"
+        );
+    }
+    // A pod that joins names the service: nothing else is pushed.
+    let joined = member_of(pod("shop", "web-3", "10.244.3.11", &[("app", "web")]), &["shop/web"]);
+    let (state, _) = state.apply(&push(false, vec![joined], &[]));
+    let targets: std::collections::BTreeSet<SocketAddr> = (0..4)
+        .map(|pick| match state.plan(addr("10.96.0.10:80"), pick) {
+            Plan::Hbone { target, .. } => target,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(targets, [addr("10.244.2.11:8080"), addr("10.244.3.11:8080")].into());
+}
+
+#[test]
+fn a_bucket_resync_replaces_what_its_buckets_held_and_keeps_the_rest() {
+    let state = mesh();
+    let bucket = weft_api::sync::bucket("workload", "shop/web-1") as u32;
+    let resync = v1::Push {
+        resync: true,
+        replaced_buckets: vec![bucket],
+        ..push(false, vec![], &[])
+    };
+    let (after, _) = state.apply(&resync);
+    assert!(after.workload("shop/web-1").is_none(), "not sent again: gone");
+    assert!(after.workload("shop/web-2").is_some() && after.workload("legacy/db").is_some());
+    // The summary tells the two apart in exactly that bucket.
+    let (a, b) = (state.held(), after.held());
+    let differ: Vec<usize> = (0..a.len()).filter(|i| a[*i] != b[*i]).collect();
+    assert_eq!(differ, [bucket as usize]);
+}
+
+#[test]
+fn a_push_in_chunks_is_published_whole_and_the_old_state_is_untouched() {
+    let before = Arc::new(mesh());
+    let first = v1::Push {
+        more: true,
+        ..push(false, vec![pod("shop", "web-4", "10.244.4.11", &[])], &[])
+    };
+    let last = push(
+        false,
+        vec![pod("shop", "web-5", "10.244.5.11", &[])],
+        &[("workload", "legacy/db")],
+    );
+    let mut staged = before.stage(&first);
+    staged.take(&first);
+    staged.take(&last);
+    let (after, rejected) = staged.finish();
+    assert!(rejected.is_empty());
+    assert!(after.workload("shop/web-4").is_some() && after.workload("shop/web-5").is_some());
+    assert!(after.workload("legacy/db").is_none());
+    assert!(before.workload("shop/web-4").is_none() && before.workload("legacy/db").is_some());
 }

@@ -28,12 +28,38 @@ const NODES: [&str; 3] = ["n0", "n1", "n2"];
 /// One change to the store.
 #[derive(Clone, Debug)]
 enum Op {
-    Pod { id: u8, ns: u8, node: u8, app: u8 },
-    Service { id: u8, ns: u8, app: Option<u8> },
-    Policy { id: u8, ns: u8, app: Option<u8>, deny: bool },
-    PeerAuth { id: u8, ns: u8, app: u8, strict: bool },
-    NamespaceLabel { ns: u8, value: u8 },
-    Delete { kind: u8, id: u8, ns: u8 },
+    Pod {
+        id: u8,
+        ns: u8,
+        node: u8,
+        app: u8,
+    },
+    Service {
+        id: u8,
+        ns: u8,
+        app: Option<u8>,
+    },
+    Policy {
+        id: u8,
+        ns: u8,
+        app: Option<u8>,
+        deny: bool,
+    },
+    PeerAuth {
+        id: u8,
+        ns: u8,
+        app: u8,
+        strict: bool,
+    },
+    NamespaceLabel {
+        ns: u8,
+        value: u8,
+    },
+    Delete {
+        kind: u8,
+        id: u8,
+        ns: u8,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -111,11 +137,22 @@ fn apply(store: &Store, op: &Op) {
             let (kind, api, name) = match kind {
                 0 => ("Pod", "v1", format!("p{id}")),
                 1 => ("Service", "v1", format!("s{}", id % 3)),
-                2 => ("AuthorizationPolicy", "security.weft.dev/v1alpha1", format!("ap{}", id % 3)),
-                _ => ("PeerAuthentication", "security.weft.dev/v1alpha1", format!("pa{}", id % 2)),
+                2 => (
+                    "AuthorizationPolicy",
+                    "security.weft.dev/v1alpha1",
+                    format!("ap{}", id % 3),
+                ),
+                _ => (
+                    "PeerAuthentication",
+                    "security.weft.dev/v1alpha1",
+                    format!("pa{}", id % 2),
+                ),
             };
             let _ = store.delete(
-                &format!("apiVersion: {api}\nkind: {kind}\nmetadata: {{name: {name}, namespace: {}}}\n", ns(n)),
+                &format!(
+                    "apiVersion: {api}\nkind: {kind}\nmetadata: {{name: {name}, namespace: {}}}\n",
+                    ns(n)
+                ),
                 "t",
                 true,
             );
@@ -153,7 +190,10 @@ fn from_scratch(state: &State, node: &str) -> BTreeMap<Key, u64> {
         .collect()
 }
 
-fn tables(index: &Index) -> Vec<(Vec<(Key, u64)>, Vec<u64>)> {
+/// A table's (key, version) pairs and its bucket digests.
+type Dump = (Vec<(Key, u64)>, Vec<u64>);
+
+fn tables(index: &Index) -> Vec<Dump> {
     [
         &index.namespaces,
         &index.workloads,

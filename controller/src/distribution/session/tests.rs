@@ -97,7 +97,10 @@ fn a_nacked_policy_is_not_resent_until_it_changes() {
     );
     // Another change elsewhere: the rejected version is not sent again.
     store
-        .apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {a: b}}\n", "t")
+        .apply(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {a: b}}\n",
+            "t",
+        )
         .expect("label");
     let index = Arc::new(index.update(store.snapshot()));
     let push = s.next(&index).expect("the namespace");
@@ -159,13 +162,19 @@ fn a_big_push_goes_in_chunks_that_decode_to_the_whole() {
             )
         })
         .collect();
-    let (_dir, store) = store(&format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop}}\n{pods}"));
+    let (_dir, store) = store(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop}}\n{pods}"
+    ));
     let index = Arc::new(Index::build(mesh(), store.snapshot()));
     let push = Subscriber::new("node1".into(), all()).resync(&index, None);
     let total: usize = push.resources.iter().map(|e| e.bytes.len()).sum();
     let nonce = push.nonce.clone();
     let chunks = push.chunks(64 * 1024);
-    assert!(chunks.len() >= total / (64 * 1024), "{} chunks for {total} bytes", chunks.len());
+    assert!(
+        chunks.len() >= total / (64 * 1024),
+        "{} chunks for {total} bytes",
+        chunks.len()
+    );
     let mut names = Vec::new();
     for (i, chunk) in chunks.iter().enumerate() {
         let bytes = chunk.encode_to_vec();
