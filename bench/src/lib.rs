@@ -6,6 +6,7 @@
 
 pub mod http;
 pub mod idle;
+pub mod scale;
 pub mod server;
 pub mod stats;
 

@@ -26,11 +26,18 @@ use desired::TypeFilter;
 use index::{Index, MeshConfig};
 use session::{Acked, CHUNK_BYTES, Subscriber};
 
+/// Streams sending a resync of more than one chunk at a time: after a controller restart thousands
+/// of agents reconnect at once, and those that need more than a little are served this many at a
+/// time, so that the pushes in flight (and the memory they hold) stay bounded. Agents that held what
+/// they should get an empty resync and never wait here.
+pub const CONCURRENT_RESYNCS: usize = 32;
+
 /// The `Config` service.
 pub struct ConfigService {
     index: watch::Receiver<Arc<Index>>,
     auth: Arc<NodeAuth>,
     shutdown: watch::Receiver<bool>,
+    resyncs: Arc<tokio::sync::Semaphore>,
 }
 
 impl ConfigService {
@@ -49,6 +56,7 @@ impl ConfigService {
             index: follow(states, mesh),
             auth,
             shutdown,
+            resyncs: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_RESYNCS)),
         }
     }
 }
@@ -98,6 +106,7 @@ impl config_server::Config for ConfigService {
             tx,
             index: self.index.clone(),
             shutdown: self.shutdown.clone(),
+            resyncs: self.resyncs.clone(),
         };
         let span = tracing::info_span!("config_stream", node = %node, peer = ?peer);
         tokio::spawn(stream.run().instrument(span));
@@ -112,6 +121,7 @@ struct Stream {
     tx: mpsc::Sender<Result<EncodedPush, Status>>,
     index: watch::Receiver<Arc<Index>>,
     shutdown: watch::Receiver<bool>,
+    resyncs: Arc<tokio::sync::Semaphore>,
 }
 
 impl Stream {
@@ -137,12 +147,26 @@ impl Stream {
             }
         };
         tracing::info!(types = ?subscribe.types, held = subscribe.held.is_some(), "subscribed");
-        let mut subscriber = Subscriber::new(self.node.clone(), filter);
-        let now = self.index.borrow_and_update().clone();
-        let first = subscriber.resync(&now, subscribe.held.as_ref());
+        // A full resync waits for its turn before it is even computed (it holds the whole world); a
+        // resync by buckets is computed first, and waits only when it turns out large.
+        let mut permit = None;
+        if Subscriber::resync_is_full(&self.index.borrow(), subscribe.held.as_ref()) {
+            let Some(p) = self.turn().await else { return };
+            permit = Some(p);
+        }
+        let mut subscriber = Subscriber::new(self.node.clone(), filter.clone());
+        let mut first = subscriber.resync(&self.index.borrow_and_update().clone(), subscribe.held.as_ref());
+        if permit.is_none() && first.resources.iter().map(|e| e.bytes.len()).sum::<usize>() > CHUNK_BYTES {
+            drop(first);
+            let Some(p) = self.turn().await else { return };
+            permit = Some(p);
+            subscriber = Subscriber::new(self.node.clone(), filter);
+            first = subscriber.resync(&self.index.borrow_and_update().clone(), subscribe.held.as_ref());
+        }
         if !self.send(first).await {
             return;
         }
+        drop(permit);
         loop {
             if subscriber.ready() {
                 let now = self.index.borrow_and_update().clone();
@@ -180,6 +204,16 @@ impl Stream {
                 _ = wait_true(&mut self.shutdown) => return,
                 () = self.tx.closed() => return,
             }
+        }
+    }
+
+    /// Waits for a turn to send a large resync ([`CONCURRENT_RESYNCS`]); `None` when the subscriber
+    /// went away or the controller is shutting down meanwhile.
+    async fn turn(&mut self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        tokio::select! {
+            permit = self.resyncs.clone().acquire_owned() => permit.ok(),
+            _ = wait_true(&mut self.shutdown) => None,
+            () = self.tx.closed() => None,
         }
     }
 

@@ -176,9 +176,22 @@ impl Controller {
         token_file: &Path,
         deadlines: Deadlines,
     ) -> Result<Self, Error> {
+        Self::with_local_address(url, ca, server_name, token_file, deadlines, None)
+    }
+
+    /// As [`Controller::with_deadlines`], connecting from `local` (the scale harness gives each
+    /// simulated node an address of its own, as real nodes have).
+    pub fn with_local_address(
+        url: &str,
+        ca: &Path,
+        server_name: &str,
+        token_file: &Path,
+        deadlines: Deadlines,
+        local: Option<std::net::IpAddr>,
+    ) -> Result<Self, Error> {
         let tls = tls(ca, server_name, deadlines)?;
         let auth = Auth::new(token_file)?;
-        let channel = endpoint(url, &tls, deadlines)?.connect_lazy();
+        let channel = endpoint(url, &tls, deadlines)?.local_address(local).connect_lazy();
         Ok(Self {
             channel,
             auth,

@@ -62,6 +62,8 @@ pub trait Holdings: Send + Sync + Sized + 'static {
     fn take(staged: &mut Self::Staged, chunk: &Push);
     /// The holdings after the last chunk, and the keys ("type/name") rejected, with why.
     fn finish(staged: Self::Staged) -> (Self, Vec<(String, String)>);
+    /// Told each time a config stream ended (the agent then reconnects).
+    fn stream_ended(&self) {}
 }
 
 impl Holdings for State {
@@ -100,6 +102,7 @@ pub async fn run<H: Holdings>(controller: Controller, node: String, tx: watch::S
                 tracing::warn!(pushes, code = ?status.code(), error = %status.message(), "config stream; reconnecting")
             }
         }
+        tx.borrow().stream_ended();
         // A stream that delivered something was healthy: start the backoff over.
         if tx.borrow().synced() {
             backoff = BACKOFF_MIN;

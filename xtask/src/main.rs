@@ -36,7 +36,6 @@ enum Cli {
     Test,
     /// Formatting and clippy only.
     Lint,
-    /// Release build, then what the mesh costs: each scenario direct and through the mesh, side by side.
     /// Release build, then OCI image archives of Weft's binaries (what the Kubernetes cluster runs).
     Images,
     /// Writes Weft's CustomResourceDefinitions, generated from the Rust types, into deploy/.
@@ -48,6 +47,7 @@ enum Cli {
         #[command(subcommand)]
         cmd: kube::Cmd,
     },
+    /// Release build, then what the mesh costs: each scenario direct and through the mesh, side by side.
     Bench {
         /// Every scenario briefly, once: proves the harness works (CI runs it), not the numbers.
         #[arg(long)]
@@ -55,6 +55,17 @@ enum Cli {
         /// Where bench.json and bench.md go.
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
+    },
+    /// Release build, then the control-plane scale harness: the controller and N simulated node
+    /// agents, each change kind's delivery time, bytes, controller CPU and memory, and the resync after
+    /// a controller restart, per N (target/scale/scale.md).
+    Scale {
+        /// Simulated nodes, one run each (comma-separated).
+        #[arg(long, default_value = "10,100,1000,3000")]
+        nodes: String,
+        /// More weft-scale options (--pods, --services, --policies, --namespaces, --check).
+        #[arg(last = true)]
+        rest: Vec<String>,
     },
 }
 
@@ -78,6 +89,9 @@ fn main() -> anyhow::Result<()> {
         Cli::Bench { quick, out } => setup()
             .and_then(|()| build_release())
             .and_then(|()| bench::bench(&root().join("target").join("release"), quick, &root().join(out))),
+        Cli::Scale { nodes, rest } => setup()
+            .and_then(|()| build_release())
+            .and_then(|()| scale(&nodes, &rest, "target/scale")),
     }
 }
 
@@ -215,6 +229,13 @@ fn cargo() -> Command {
     cmd.current_dir(root())
         .env("PATH", std::env::join_paths(paths).expect("valid PATH"))
         .env("WEFT_EBPF_TOOLCHAIN", EBPF_TOOLCHAIN);
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        // A CI run builds once from a fresh clone: incremental state (3+ GiB) is never reused, and
+        // line tables (file and line in backtraces) are all a failure report needs. Together they
+        // halve the target directory, on machines whose disk has run out before.
+        cmd.env("CARGO_INCREMENTAL", "0")
+            .env("CARGO_PROFILE_DEV_DEBUG", "line-tables-only");
+    }
     cmd
 }
 
@@ -241,8 +262,14 @@ fn test() -> anyhow::Result<()> {
         ensure!(!ci, "CI=true: the end-to-end tests need root and must run; run as root");
         println!("note: not root; the end-to-end tests will be skipped (they need network namespaces and eBPF)");
     }
+    if is_root() {
+        // Tests of the main run start a real API server too (the controller's Kubernetes source):
+        // its binaries must be there first, on a fresh machine as on one that has them cached.
+        step("Kubernetes binaries and packages (built once, cached outside the clone)");
+        kube::install()?;
+    }
     step("running every test (unit, integration, end-to-end)");
-    // The Kubernetes tests run after, against a cluster brought up for them.
+    // The cluster tests run after, against a cluster brought up for them.
     let (mut passed, mut failed, mut ok) = cargo_test(&["test"], &[("WEFT_KUBE_TESTS", "deferred")])?;
     if is_root() {
         step("the Kubernetes tests: a real local cluster (cargo xtask kube up) running Weft from its images");
@@ -259,11 +286,35 @@ fn test() -> anyhow::Result<()> {
         passed += p;
         failed += f;
         ok &= k;
+        step(
+            "the control-plane scale harness, short form (N = 100: every agent gets every change, no stream drops; no timing asserted)",
+        );
+        match scale("100", &["--check".to_owned()], "target/scale-ci") {
+            Ok(()) => passed += 1,
+            Err(e) => {
+                println!("scale harness: {e:#}");
+                failed += 1;
+                ok = false;
+            }
+        }
     }
     // One closing line for the whole run (cargo's last line is often an empty doc-test run).
     println!("tests: {passed} passed, {failed} failed");
     ensure!(ok, "cargo test failed");
     Ok(())
+}
+
+/// Runs the release build's weft-scale with `--nodes nodes`, writing to `out`.
+fn scale(nodes: &str, rest: &[String], out: &str) -> anyhow::Result<()> {
+    let release = root().join("target").join("release");
+    run(Command::new(release.join("weft-scale"))
+        .arg("--nodes")
+        .arg(nodes)
+        .arg("--bin-dir")
+        .arg(&release)
+        .arg("--out")
+        .arg(root().join(out))
+        .args(rest))
 }
 
 /// Runs `cargo args` (a test run), echoing its output; the passed and failed counts of its

@@ -30,7 +30,9 @@ use super::{
 static NEXT_STREAM: AtomicU64 = AtomicU64::new(1);
 
 /// Resource bytes per chunk of a push: a push of any size goes out in messages of about this size.
-pub const CHUNK_BYTES: usize = 1024 * 1024;
+/// Small, because each stream's encoder keeps a buffer of its largest message for as long as the
+/// stream lives: 64 KiB per subscriber, where 1 MiB chunks made 1,000 subscribers cost 2.5 GiB.
+pub const CHUNK_BYTES: usize = 64 * 1024;
 
 /// The types every subscriber of a version of the index holds alike.
 const GLOBAL: [&str; 3] = [types::NAMESPACE, types::WORKLOAD, types::SERVICE];
@@ -58,8 +60,9 @@ pub struct Subscriber {
 struct Pending {
     nonce: String,
     target: Arc<Index>,
-    /// The push's resources, for a NACK that names none (all rejected).
-    sent: Vec<Key>,
+    /// The push's resources, for a NACK that names none (all rejected): pointers into the index, no
+    /// copies.
+    sent: Vec<Arc<Entry>>,
     scoped: ScopedSent,
 }
 
@@ -192,6 +195,11 @@ impl Subscriber {
             .filter_map(|t| index.table(t))
     }
 
+    /// Whether the resync of a subscriber that says it holds `held` is a full one.
+    pub fn resync_is_full(now: &Index, held: Option<&v1::Held>) -> bool {
+        !held.is_some_and(|h| !now.store_id.is_empty() && h.store_id == now.store_id && h.buckets.len() == BUCKETS)
+    }
+
     /// The first push of a stream: brings the subscriber from what `held` says it holds to `now`.
     /// Full when it holds nothing, or another store's resources, or a summary this controller
     /// cannot compare.
@@ -237,7 +245,7 @@ impl Subscriber {
         self.pending = Some(Pending {
             nonce: nonce.clone(),
             target: now.clone(),
-            sent: resources.iter().map(|e| e.key.clone()).collect(),
+            sent: resources.clone(),
             scoped: ScopedSent::Resync { holds },
         });
         Outgoing {
@@ -313,7 +321,7 @@ impl Subscriber {
         self.pending = Some(Pending {
             nonce: nonce.clone(),
             target: now.clone(),
-            sent: resources.iter().map(|e| e.key.clone()).collect(),
+            sent: resources.clone(),
             scoped: ScopedSent::Delta {
                 sent: scoped_sent,
                 removed: scoped_removed,
@@ -344,7 +352,7 @@ impl Subscriber {
         } else {
             let named: BTreeSet<Key> = ack.rejected.iter().filter_map(|k| Key::parse(k)).collect();
             if named.is_empty() {
-                pending.sent.iter().cloned().collect()
+                pending.sent.iter().map(|e| e.key.clone()).collect()
             } else {
                 named
             }
@@ -382,7 +390,12 @@ impl Subscriber {
             Acked::Accepted
         } else {
             Acked::Rejected {
-                keys: pending.sent.into_iter().filter(|k| rejected.contains(k)).collect(),
+                keys: pending
+                    .sent
+                    .iter()
+                    .filter(|e| rejected.contains(&e.key))
+                    .map(|e| e.key.clone())
+                    .collect(),
             }
         })
     }

@@ -1,0 +1,82 @@
+//! `weft-scale`: the control-plane scale harness (see `weft_bench::scale`). `cargo xtask scale` runs
+//! it against the release build; `--check` (CI's short form) fails unless every agent got every
+//! change and no stream dropped, and asserts no timing.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use weft_bench::scale::{self, Shape};
+
+#[derive(Parser)]
+#[command(about = "Weft's control-plane scale harness: the controller and N simulated node agents")]
+struct Args {
+    /// Simulated nodes, one run each (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "10,100,1000,3000")]
+    nodes: Vec<usize>,
+    #[arg(long, default_value_t = 10_000)]
+    pods: usize,
+    #[arg(long, default_value_t = 10)]
+    namespaces: usize,
+    #[arg(long, default_value_t = 100)]
+    services: usize,
+    #[arg(long, default_value_t = 100)]
+    policies: usize,
+    /// Where weft-controller is (the release build).
+    #[arg(long, default_value = "target/release")]
+    bin_dir: PathBuf,
+    /// Where scale.json, scale.md and each run's controller log go.
+    #[arg(long, default_value = "target/scale")]
+    out: PathBuf,
+    /// Fail unless every agent got every change and no stream dropped.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(
+        args.namespaces > 0 && args.services > 0 && args.pods > 0 && !args.nodes.contains(&0),
+        "--nodes, --pods, --namespaces and --services must be at least 1"
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut reports = Vec::new();
+    for nodes in &args.nodes {
+        let shape = Shape {
+            nodes: *nodes,
+            pods: args.pods,
+            namespaces: args.namespaces,
+            services: args.services,
+            policies: args.policies,
+        };
+        eprintln!(
+            "scale: N = {nodes} ({} pods, {} services, {} policies)",
+            shape.pods, shape.services, shape.policies
+        );
+        let dir = args.out.join(format!("n{nodes}"));
+        let report = runtime
+            .block_on(scale::run(shape, &args.bin_dir, &dir))
+            .with_context(|| {
+                format!(
+                    "the run with N = {nodes} (controller log: {})",
+                    dir.join("controller.log").display()
+                )
+            })?;
+        reports.push(report);
+    }
+    let table = scale::table(&reports);
+    println!("{table}");
+    std::fs::create_dir_all(&args.out)?;
+    std::fs::write(args.out.join("scale.md"), &table)?;
+    std::fs::write(args.out.join("scale.json"), serde_json::to_vec_pretty(&reports)?)?;
+    if args.check {
+        for r in &reports {
+            r.complete()
+                .map_err(|e| anyhow::anyhow!("N = {}: {e}", r.shape.nodes))?;
+        }
+        eprintln!("scale: every agent got every change; no stream dropped");
+    }
+    // The agents' tasks hold connections to a controller that is gone: do not wait for them.
+    runtime.shutdown_background();
+    Ok(())
+}

@@ -1,0 +1,804 @@
+//! The control-plane scale harness (`cargo xtask scale`): the real controller (its release binary,
+//! with the local store) and N simulated node agents in this process, each on the agent's own
+//! client code path ([`weft_node::discovery`]: TLS, its bearer token, Subscribe with what it holds,
+//! chunked pushes applied whole, ACK/NACK, reconnect with backoff) from an address of its own.
+//! A simulated agent keeps only the version of each resource it holds, not the data-plane state.
+//!
+//! It feeds the controller a generated cluster, applies one change of each kind and reports how long
+//! each took from the apply to its arrival at every agent that needs it, the bytes pushed, the
+//! controller's CPU for it, its memory, the streams that dropped, and how long all agents needed to
+//! resync after the controller restarted.
+
+use std::{
+    collections::{BTreeSet, HashSet},
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use prost::Message as _;
+use serde::Serialize;
+use tokio::sync::watch;
+use weft_api::{sync, v1};
+use weft_node::{
+    controller::{Controller, Deadlines},
+    discovery::{self, Holdings},
+};
+
+/// The generated cluster.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Shape {
+    pub nodes: usize,
+    pub pods: usize,
+    pub namespaces: usize,
+    pub services: usize,
+    pub policies: usize,
+}
+
+impl Shape {
+    fn namespace_of_service(&self, s: usize) -> usize {
+        s % self.namespaces
+    }
+
+    /// Pod `i`: selected by service `i % services`, in that service's namespace, on node `i % nodes`.
+    fn pod(&self, i: usize) -> (usize, usize, usize) {
+        let s = i % self.services;
+        (self.namespace_of_service(s), s, i % self.nodes)
+    }
+
+    /// The nodes with pods in namespace `ns`.
+    fn nodes_of_namespace(&self, ns: usize) -> BTreeSet<usize> {
+        (0..self.pods)
+            .filter(|i| self.pod(*i).0 == ns)
+            .map(|i| self.pod(i).2)
+            .collect()
+    }
+}
+
+fn pod_ip(i: usize) -> Ipv4Addr {
+    // 10.1.0.0 onwards (service VIPs are in 10.96/16): room for 5.9 million pods.
+    let n = (10u32 << 24) + (1 << 16) + u32::try_from(i).unwrap_or(u32::MAX);
+    Ipv4Addr::from(n)
+}
+
+fn pod_yaml(i: usize, ns: usize, app: usize, node: usize, extra_label: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: pod-{i}, namespace: ns-{ns}, uid: 0b5e1c2a-7d3f-4a61-9c8e-{i:012}, labels: {{app: svc-{app}{extra_label}}}}}\nspec: {{nodeName: node-{node}, serviceAccountName: sa-{app}}}\nstatus: {{podIP: {}}}\n---\n",
+        pod_ip(i)
+    )
+}
+
+fn service_yaml(s: usize, ns: usize, ports: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{s}, namespace: ns-{ns}}}\nspec: {{selector: {{app: svc-{s}}}, clusterIP: 10.96.{}.{}, ports: [{ports}]}}\n---\n",
+        s / 256,
+        s % 256
+    )
+}
+
+fn policy_yaml(p: usize, ns: &str, from: &str) -> String {
+    format!(
+        "apiVersion: security.weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: pol-{p}, namespace: {ns}}}\nspec: {{selector: {{matchLabels: {{app: svc-{p}}}}}, action: ALLOW, rules: [{{from: [{{source: {{namespaces: [{from}]}}}}]}}]}}\n---\n"
+    )
+}
+
+/// The cluster as YAML batches of at most `batch` objects (namespaces first).
+fn cluster(shape: &Shape, batch: usize) -> Vec<String> {
+    let mut docs = Vec::new();
+    docs.push("apiVersion: v1\nkind: Namespace\nmetadata: {name: weft-system}\n---\n".to_owned());
+    for ns in 0..shape.namespaces {
+        docs.push(format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: ns-{ns}, annotations: {{weft.dev/dataplane-mode: ambient}}}}\n---\n"
+        ));
+    }
+    for s in 0..shape.services {
+        docs.push(service_yaml(
+            s,
+            shape.namespace_of_service(s),
+            "{port: 80, targetPort: 8080}",
+        ));
+    }
+    for i in 0..shape.pods {
+        let (ns, app, node) = shape.pod(i);
+        docs.push(pod_yaml(i, ns, app, node, ""));
+    }
+    for p in 0..shape.policies {
+        let ns = shape.namespace_of_service(p % shape.services);
+        docs.push(policy_yaml(p, &format!("ns-{ns}"), "ns-0"));
+    }
+    docs.chunks(batch).map(|c| c.concat()).collect()
+}
+
+/// A stable 64-bit hash of `type/name` (the harness's own key for what an agent holds).
+fn key_hash(ty: &str, name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in ty.bytes().chain(std::iter::once(b'/')).chain(name.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// What every simulated agent reports to.
+pub struct Probe {
+    started: Instant,
+    watch: Mutex<Option<Watched>>,
+    resyncs: Vec<AtomicU64>,
+    synced_at: Vec<AtomicU64>,
+    drops: AtomicU64,
+    pushes: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// The change being measured: the key it changes, and when each agent got it.
+struct Watched {
+    key: u64,
+    since: Instant,
+    arrived: Vec<Option<Duration>>,
+    pushes: u64,
+    bytes: u64,
+}
+
+impl Probe {
+    fn new(agents: usize) -> Arc<Probe> {
+        Arc::new(Probe {
+            started: Instant::now(),
+            watch: Mutex::new(None),
+            resyncs: (0..agents).map(|_| AtomicU64::new(0)).collect(),
+            synced_at: (0..agents).map(|_| AtomicU64::new(0)).collect(),
+            drops: AtomicU64::new(0),
+            pushes: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        })
+    }
+
+    fn arrived(&self, agent: usize, touched: &[u64], resync: bool, bytes: u64) {
+        self.pushes.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        if resync {
+            self.resyncs[agent].fetch_add(1, Ordering::Relaxed);
+            let at = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.synced_at[agent].store(at, Ordering::Relaxed);
+        }
+        let mut watch = self.watch.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = watch.as_mut() {
+            w.pushes += 1;
+            w.bytes += bytes;
+            if w.arrived[agent].is_none() && touched.contains(&w.key) {
+                w.arrived[agent] = Some(w.since.elapsed());
+            }
+        }
+    }
+
+    fn resyncs(&self) -> Vec<u64> {
+        self.resyncs.iter().map(|r| r.load(Ordering::Relaxed)).collect()
+    }
+}
+
+/// A simulated agent's holdings: the version of each resource, by key hash.
+#[derive(Clone)]
+pub struct Sim {
+    agent: usize,
+    probe: Arc<Probe>,
+    held: imbl::HashMap<u64, (u64, u16, u64)>,
+    synced: bool,
+}
+
+pub struct SimStaged {
+    next: Sim,
+    replaced: HashSet<u16>,
+    received: HashSet<u64>,
+    touched: Vec<u64>,
+    resync: bool,
+    bytes: u64,
+}
+
+impl Holdings for Sim {
+    type Staged = SimStaged;
+
+    fn synced(&self) -> bool {
+        self.synced
+    }
+
+    fn held(&self) -> Vec<u64> {
+        let mut buckets = vec![0u64; sync::BUCKETS];
+        for (_, bucket, digest) in self.held.values() {
+            let b = &mut buckets[usize::from(*bucket)];
+            *b = b.wrapping_add(*digest);
+        }
+        buckets
+    }
+
+    fn stage(self: &Arc<Self>, first: &v1::Push) -> SimStaged {
+        let mut next = (**self).clone();
+        if first.full {
+            next.held = imbl::HashMap::new();
+        }
+        next.synced = true;
+        SimStaged {
+            next,
+            replaced: first
+                .replaced_buckets
+                .iter()
+                .filter_map(|b| u16::try_from(*b).ok())
+                .collect(),
+            received: HashSet::new(),
+            touched: Vec::new(),
+            resync: first.resync,
+            bytes: 0,
+        }
+    }
+
+    fn take(staged: &mut SimStaged, chunk: &v1::Push) {
+        staged.bytes += chunk.encoded_len() as u64;
+        for k in &chunk.removed {
+            let h = key_hash(&k.r#type, &k.name);
+            staged.next.held.remove(&h);
+            staged.touched.push(h);
+        }
+        for r in &chunk.resources {
+            let Some(k) = &r.key else { continue };
+            let h = key_hash(&k.r#type, &k.name);
+            // sync::bucket is below BUCKETS (1024).
+            let bucket = sync::bucket(&k.r#type, &k.name) as u16;
+            let digest = sync::digest(&k.r#type, &k.name, r.version);
+            staged.next.held.insert(h, (r.version, bucket, digest));
+            staged.received.insert(h);
+            staged.touched.push(h);
+        }
+    }
+
+    fn finish(staged: SimStaged) -> (Sim, Vec<(String, String)>) {
+        let SimStaged {
+            mut next,
+            replaced,
+            received,
+            touched,
+            resync,
+            bytes,
+        } = staged;
+        if !replaced.is_empty() {
+            let gone: Vec<u64> = next
+                .held
+                .iter()
+                .filter(|(h, (_, b, _))| replaced.contains(b) && !received.contains(*h))
+                .map(|(h, _)| *h)
+                .collect();
+            for h in gone {
+                next.held.remove(&h);
+            }
+        }
+        next.probe.arrived(next.agent, &touched, resync, bytes);
+        (next, Vec::new())
+    }
+
+    fn stream_ended(&self) {
+        self.probe.drops.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The controller process, with the files it was started with.
+struct ControllerProcess {
+    child: Child,
+    dir: PathBuf,
+    bin: PathBuf,
+    listen: SocketAddr,
+}
+
+impl ControllerProcess {
+    fn start(bin: &Path, dir: &Path, listen: SocketAddr) -> anyhow::Result<ControllerProcess> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("controller.log"))
+            .context("controller.log")?;
+        let child = Command::new(bin)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--listen")
+            .arg(listen.to_string())
+            .arg("--node-tokens")
+            .arg(dir.join("tokens.json"))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let process = ControllerProcess {
+            child,
+            dir: dir.to_path_buf(),
+            bin: bin.to_path_buf(),
+            listen,
+        };
+        process.wait_ready()?;
+        Ok(process)
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("state").join("admin.sock")
+    }
+
+    fn wait_ready(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.socket().exists() && std::net::TcpStream::connect(self.listen).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!(
+            "the controller did not come up within 30 s; see {}",
+            self.dir.join("controller.log").display()
+        )
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// User + system CPU time so far.
+    fn cpu(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // After the command name (in parentheses, which may hold spaces): fields 14 and 15.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = [11, 12]
+            .iter()
+            .filter_map(|i| fields.get(*i).and_then(|f| f.parse::<u64>().ok()))
+            .sum();
+        // SAFETY: sysconf has no preconditions.
+        let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+            .unwrap_or(100)
+            .max(1);
+        Duration::from_micros(ticks * 1_000_000 / hz)
+    }
+
+    /// (RSS, peak RSS) in MiB.
+    fn memory(&self) -> (f64, f64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let kib = |field: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
+    }
+
+    fn stop(&mut self) {
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(self.pid() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        let next = ControllerProcess::start(&self.bin, &self.dir, self.listen)?;
+        drop(std::mem::replace(self, next));
+        Ok(())
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+/// One measured change.
+#[derive(Debug, Serialize)]
+pub struct ChangeReport {
+    pub kind: &'static str,
+    /// Agents that need it, and how many got it.
+    pub expected: usize,
+    pub arrived: usize,
+    pub apply_ms: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    /// Bytes pushed (all agents) while it was distributed, and per push.
+    pub bytes: u64,
+    pub bytes_per_push: f64,
+    pub controller_cpu_ms: f64,
+}
+
+/// One run at one N.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub shape: Shape,
+    pub initial_sync_s: f64,
+    pub full_push_bytes_per_workload: f64,
+    pub changes: Vec<ChangeReport>,
+    pub streams_dropped: u64,
+    pub controller_rss_mib: f64,
+    pub controller_peak_rss_mib: f64,
+    pub restart_resync_s: f64,
+    pub restart_resync_bytes: u64,
+    /// The restarted controller's RSS once every agent resynced (no full push since it started).
+    pub restarted_rss_mib: f64,
+}
+
+impl Report {
+    /// Whether every agent got every change and no stream dropped (what CI asserts; no timing).
+    pub fn complete(&self) -> Result<(), String> {
+        for c in &self.changes {
+            if c.arrived != c.expected {
+                return Err(format!("{}: {} of {} agents got it", c.kind, c.arrived, c.expected));
+            }
+        }
+        if self.streams_dropped > 0 {
+            return Err(format!(
+                "{} streams dropped while changes were distributed",
+                self.streams_dropped
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Runs the harness once: `bin_dir` has `weft-controller`; `dir` is scratch (emptied first).
+pub async fn run(shape: Shape, bin_dir: &Path, dir: &Path) -> anyhow::Result<Report> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir.join("state")).context("scratch dir")?;
+    std::fs::create_dir_all(dir.join("tokens")).context("scratch dir")?;
+    let tokens: serde_json::Map<String, serde_json::Value> = (0..shape.nodes)
+        .map(|n| {
+            (
+                format!("node-{n}"),
+                serde_json::Value::String(format!("token-{n}-scale")),
+            )
+        })
+        .collect();
+    let tokens_path = dir.join("tokens.json");
+    std::fs::write(&tokens_path, serde_json::to_vec(&tokens)?)?;
+    std::fs::set_permissions(&tokens_path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    for n in 0..shape.nodes {
+        std::fs::write(dir.join("tokens").join(format!("node-{n}")), format!("token-{n}-scale"))?;
+    }
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let listen = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut controller = ControllerProcess::start(&bin_dir.join("weft-controller"), dir, listen)?;
+    let socket = controller.socket();
+
+    // The cluster, then the agents (whose first pushes are full).
+    let started = Instant::now();
+    for batch in cluster(&shape, 2000) {
+        apply(&socket, batch).await?;
+    }
+    eprintln!("  cluster applied in {:.1} s", started.elapsed().as_secs_f64());
+    let probe = Probe::new(shape.nodes);
+    let mut receivers = Vec::new();
+    let ca = dir.join("state").join("root.pem");
+    let started = Instant::now();
+    let deadlines = Deadlines {
+        first_push: Duration::from_secs(120),
+        ..Deadlines::default()
+    };
+    for n in 0..shape.nodes {
+        // 127.1.0.1 onwards: each simulated node connects from an address of its own.
+        let local = IpAddr::V4(Ipv4Addr::from((127u32 << 24) + (1 << 16) + 1 + u32::try_from(n)?));
+        let client = Controller::with_local_address(
+            &format!("https://{listen}"),
+            &ca,
+            "weft-controller",
+            &dir.join("tokens").join(format!("node-{n}")),
+            deadlines,
+            Some(local),
+        )?;
+        let sim = Arc::new(Sim {
+            agent: n,
+            probe: probe.clone(),
+            held: imbl::HashMap::new(),
+            synced: false,
+        });
+        let (tx, rx) = watch::channel(sim);
+        receivers.push(rx);
+        tokio::spawn(discovery::run(client, format!("node-{n}"), tx));
+    }
+    wait_until("every agent's first push", Duration::from_secs(600), || {
+        probe.resyncs().iter().all(|r| *r >= 1)
+    })
+    .await?;
+    let initial_sync_s = started.elapsed().as_secs_f64();
+    let full_bytes = probe.bytes.load(Ordering::Relaxed);
+    let full_push_bytes_per_workload = full_bytes as f64 / shape.nodes as f64 / shape.pods as f64;
+    eprintln!("  {} agents synced in {initial_sync_s:.1} s", shape.nodes);
+    let drops_before = probe.drops.load(Ordering::Relaxed);
+
+    let all: BTreeSet<usize> = (0..shape.nodes).collect();
+    let policy_ns = shape.namespace_of_service(3 % shape.services);
+    let new_pod = shape.pods + 1;
+    let (new_ns, new_app, _) = shape.pod(new_pod);
+    let changes: Vec<ChangeSpec> = vec![
+        (
+            "policy",
+            policy_yaml(3, &format!("ns-{policy_ns}"), "ns-1"),
+            true,
+            (v1_types::POLICY, format!("ns-{policy_ns}/pol-3")),
+            shape.nodes_of_namespace(policy_ns),
+        ),
+        (
+            "pod-add",
+            pod_yaml(new_pod, new_ns, new_app, 0, ""),
+            true,
+            (v1_types::WORKLOAD, format!("ns-{new_ns}/pod-{new_pod}")),
+            all.clone(),
+        ),
+        (
+            "pod-label",
+            {
+                let (ns, app, node) = shape.pod(5);
+                pod_yaml(5, ns, app, node, ", version: v2")
+            },
+            true,
+            (v1_types::WORKLOAD, format!("ns-{}/pod-5", shape.pod(5).0)),
+            all.clone(),
+        ),
+        (
+            "pod-delete",
+            format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: pod-{new_pod}, namespace: ns-{new_ns}}}\n"),
+            false,
+            (v1_types::WORKLOAD, format!("ns-{new_ns}/pod-{new_pod}")),
+            all.clone(),
+        ),
+        (
+            "service",
+            service_yaml(7 % shape.services, shape.namespace_of_service(7 % shape.services), "{port: 80, targetPort: 8080}, {port: 81, targetPort: 8081}"),
+            true,
+            (v1_types::SERVICE, format!("ns-{}/svc-{}", shape.namespace_of_service(7 % shape.services), 7 % shape.services)),
+            all.clone(),
+        ),
+        (
+            "namespace",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: ns-0, labels: {tier: gold}, annotations: {weft.dev/dataplane-mode: ambient}}\n".to_owned(),
+            true,
+            (v1_types::NAMESPACE, "ns-0".to_owned()),
+            all.clone(),
+        ),
+        (
+            "root-policy",
+            policy_yaml(0, "weft-system", "ns-2"),
+            true,
+            (v1_types::POLICY, "weft-system/pol-0".to_owned()),
+            all.clone(),
+        ),
+    ];
+    let mut reports = Vec::new();
+    for (kind, yaml, is_apply, (ty, name), expected) in changes {
+        let key = key_hash(ty, &name);
+        {
+            let mut w = probe.watch.lock().unwrap_or_else(|e| e.into_inner());
+            *w = Some(Watched {
+                key,
+                since: Instant::now(),
+                arrived: vec![None; shape.nodes],
+                pushes: 0,
+                bytes: 0,
+            });
+        }
+        let cpu = controller.cpu();
+        let t = Instant::now();
+        if is_apply {
+            apply(&socket, yaml).await?;
+        } else {
+            delete(&socket, yaml).await?;
+        }
+        let apply_ms = t.elapsed().as_secs_f64() * 1e3;
+        let done = || {
+            let w = probe.watch.lock().unwrap_or_else(|e| e.into_inner());
+            w.as_ref()
+                .is_some_and(|w| expected.iter().all(|a| w.arrived[*a].is_some()))
+        };
+        let arrived_all = wait_until(kind, Duration::from_secs(120), done).await.is_ok();
+        let cpu_ms = (controller.cpu().saturating_sub(cpu)).as_secs_f64() * 1e3;
+        let w = probe
+            .watch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .context("the watch")?;
+        let mut times: Vec<f64> = expected
+            .iter()
+            .filter_map(|a| w.arrived[*a])
+            .map(|d| d.as_secs_f64() * 1e3)
+            .collect();
+        times.sort_by(f64::total_cmp);
+        let pct = |p: f64| {
+            if times.is_empty() {
+                f64::NAN
+            } else {
+                let i = ((times.len() as f64 * p).ceil() as usize).clamp(1, times.len()) - 1;
+                times[i]
+            }
+        };
+        let report = ChangeReport {
+            kind,
+            expected: expected.len(),
+            arrived: times.len(),
+            apply_ms,
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+            max_ms: times.last().copied().unwrap_or(f64::NAN),
+            bytes: w.bytes,
+            bytes_per_push: if w.pushes == 0 {
+                0.0
+            } else {
+                w.bytes as f64 / w.pushes as f64
+            },
+            controller_cpu_ms: cpu_ms,
+        };
+        eprintln!(
+            "  {kind}: {}/{} agents, p50 {:.0} ms, p99 {:.0} ms, apply {:.0} ms, cpu {:.0} ms{}",
+            report.arrived,
+            report.expected,
+            report.p50_ms,
+            report.p99_ms,
+            report.apply_ms,
+            report.controller_cpu_ms,
+            if arrived_all { "" } else { " (INCOMPLETE)" }
+        );
+        reports.push(report);
+    }
+    let streams_dropped = probe.drops.load(Ordering::Relaxed) - drops_before;
+    let (rss, peak) = controller.memory();
+
+    // A controller restart: every agent reconnects and resyncs what differs (nothing).
+    let before = probe.resyncs();
+    let bytes_before = probe.bytes.load(Ordering::Relaxed);
+    let t = Instant::now();
+    controller.restart()?;
+    wait_until(
+        "every agent's resync after the restart",
+        Duration::from_secs(300),
+        || probe.resyncs().iter().zip(&before).all(|(now, then)| now > then),
+    )
+    .await?;
+    let restart_resync_s = t.elapsed().as_secs_f64();
+    let restart_resync_bytes = probe.bytes.load(Ordering::Relaxed) - bytes_before;
+    let (restarted_rss, _) = controller.memory();
+    eprintln!(
+        "  restart: all {} agents resynced in {restart_resync_s:.2} s; controller RSS then {restarted_rss:.0} MiB",
+        shape.nodes
+    );
+    drop(receivers);
+    controller.stop();
+    Ok(Report {
+        shape,
+        initial_sync_s,
+        full_push_bytes_per_workload,
+        changes: reports,
+        streams_dropped,
+        controller_rss_mib: rss,
+        controller_peak_rss_mib: peak,
+        restart_resync_s,
+        restart_resync_bytes,
+        restarted_rss_mib: restarted_rss,
+    })
+}
+
+/// A change to measure: its kind, its YAML, apply (or delete), the (type, name) it changes and the
+/// agents that need it.
+type ChangeSpec = (&'static str, String, bool, (&'static str, String), BTreeSet<usize>);
+
+mod v1_types {
+    pub use weft_api::types::{NAMESPACE, POLICY, SERVICE, WORKLOAD};
+}
+
+async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        if Instant::now() > deadline {
+            bail!("{what}: not within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(())
+}
+
+async fn store(socket: &Path) -> anyhow::Result<v1::store_client::StoreClient<tonic::transport::Channel>> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("unix:{}", socket.display()))?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    Ok(v1::store_client::StoreClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20))
+}
+
+async fn apply(socket: &Path, yaml: String) -> anyhow::Result<()> {
+    store(socket)
+        .await?
+        .apply(v1::ApplyRequest {
+            yaml,
+            source: "scale".into(),
+        })
+        .await
+        .context("apply")?;
+    Ok(())
+}
+
+async fn delete(socket: &Path, yaml: String) -> anyhow::Result<()> {
+    store(socket)
+        .await?
+        .delete(v1::DeleteRequest {
+            yaml,
+            source: "scale".into(),
+            ignore_not_found: false,
+        })
+        .await
+        .context("delete")?;
+    Ok(())
+}
+
+/// The reports as a Markdown table, one row per (N, change).
+pub fn table(reports: &[Report]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| N | pods | change | agents | p50 ms | p99 ms | max ms | apply ms | bytes/push | controller CPU ms |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+    for r in reports {
+        for c in &r.changes {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {}/{} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                r.shape.nodes,
+                r.shape.pods,
+                c.kind,
+                c.arrived,
+                c.expected,
+                c.p50_ms,
+                c.p99_ms,
+                c.max_ms,
+                c.apply_ms,
+                c.bytes_per_push,
+                c.controller_cpu_ms
+            );
+        }
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "| N | initial sync s | full push bytes/workload | streams dropped | controller RSS MiB (peak) | restart: all resynced s | restart bytes | RSS after restart MiB |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    for r in reports {
+        let _ = writeln!(
+            out,
+            "| {} | {:.1} | {:.0} | {} | {:.0} ({:.0}) | {:.2} | {} | {:.0} |",
+            r.shape.nodes,
+            r.initial_sync_s,
+            r.full_push_bytes_per_workload,
+            r.streams_dropped,
+            r.controller_rss_mib,
+            r.controller_peak_rss_mib,
+            r.restart_resync_s,
+            r.restart_resync_bytes,
+            r.restarted_rss_mib
+        );
+    }
+    out
+}
