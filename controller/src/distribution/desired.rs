@@ -94,13 +94,7 @@ pub fn desired(state: &State, node: &str, mesh: &MeshConfig, filter: &TypeFilter
     let mut out = BTreeMap::new();
     let mut add = |ty: &'static str, name: String, kind: K| {
         let key = Key { ty, name };
-        let mut resource = v1::Resource {
-            key: Some(key.to_wire()),
-            version: 0,
-            kind: Some(kind),
-        };
-        resource.version = version(&resource);
-        out.insert(key, resource);
+        out.insert(key.clone(), resource(&key, kind));
     };
     if filter.wants(types::NAMESPACE) {
         for ns in state.namespaces() {
@@ -161,6 +155,17 @@ pub fn desired(state: &State, node: &str, mesh: &MeshConfig, filter: &TypeFilter
         }
     }
     out
+}
+
+/// The resource `key` with body `kind`, its version set.
+pub fn resource(key: &Key, kind: v1::resource::Kind) -> v1::Resource {
+    let mut resource = v1::Resource {
+        key: Some(key.to_wire()),
+        version: 0,
+        kind: Some(kind),
+    };
+    resource.version = version(&resource);
+    resource
 }
 
 /// A content hash of the resource's encoding (its `version` left out). The wire maps are hash maps

@@ -31,7 +31,7 @@ use weft_api::{
 };
 use weft_model::{identity::Identity, policy::Scope};
 
-use super::desired::{Key, version};
+use super::desired::{Key, resource};
 use crate::store::{
     Object, State,
     objects::{Namespace, Pod, Service},
@@ -68,12 +68,7 @@ impl PartialEq for Entry {
 impl Entry {
     fn new(ty: &'static str, name: String, kind: v1::resource::Kind, namespace: Option<String>) -> Entry {
         let key = Key { ty, name };
-        let mut resource = v1::Resource {
-            key: Some(key.to_wire()),
-            version: 0,
-            kind: Some(kind),
-        };
-        resource.version = version(&resource);
+        let resource = resource(&key, kind);
         Entry {
             version: resource.version,
             bytes: encode_resource(&resource),
@@ -289,36 +284,34 @@ impl Index {
                 }
                 Some(Object::Pod(_)) => pods.push((as_pod(before), as_pod(after))),
                 Some(Object::AuthorizationPolicy(p)) => {
-                    let name = format!("{}/{}", p.metadata.namespace, p.metadata.name);
-                    match after {
+                    let wire = match after {
                         Some(Object::AuthorizationPolicy(p)) => {
                             let scope = Scope::of(&p.metadata.namespace, &index.mesh.root_namespace);
-                            index.policies.put(Entry::new(
-                                types::POLICY,
-                                name,
-                                v1::resource::Kind::Policy(policy_to_wire(p, scope)),
-                                Some(p.metadata.namespace.clone()),
-                            ));
+                            Some(v1::resource::Kind::Policy(policy_to_wire(p, scope)))
                         }
-                        _ => index.policies.remove(&key(types::POLICY, name)),
-                    }
+                        _ => None,
+                    };
+                    let (ns, name) = (&p.metadata.namespace, &p.metadata.name);
+                    put_scoped(&mut index.policies, types::POLICY, ns, name, wire);
                 }
                 Some(Object::PeerAuthentication(p)) => {
-                    let name = format!("{}/{}", p.metadata.namespace, p.metadata.name);
-                    match after {
+                    let wire = match after {
                         Some(Object::PeerAuthentication(p)) => {
                             let scope = Scope::of(&p.metadata.namespace, &index.mesh.root_namespace);
-                            index.peer_authentications.put(Entry::new(
-                                types::PEER_AUTHENTICATION,
-                                name,
-                                v1::resource::Kind::PeerAuthentication(peer_authentication_to_wire(p, scope)),
-                                Some(p.metadata.namespace.clone()),
-                            ));
+                            Some(v1::resource::Kind::PeerAuthentication(peer_authentication_to_wire(
+                                p, scope,
+                            )))
                         }
-                        _ => index
-                            .peer_authentications
-                            .remove(&key(types::PEER_AUTHENTICATION, name)),
-                    }
+                        _ => None,
+                    };
+                    let (ns, name) = (&p.metadata.namespace, &p.metadata.name);
+                    put_scoped(
+                        &mut index.peer_authentications,
+                        types::PEER_AUTHENTICATION,
+                        ns,
+                        name,
+                        wire,
+                    );
                 }
                 Some(Object::ServiceAccount(_)) | None => {}
             }
@@ -397,6 +390,15 @@ impl Index {
                     .filter(move |(_, t)| w2(t))
                     .flat_map(move |(t, _)| t.iter().filter(move |e| self.sends_scoped(node, e))),
             )
+    }
+}
+
+/// Puts the policy or PeerAuthentication `namespace/name` in `table` as `wire` (`None`: removes it).
+fn put_scoped(table: &mut Table, ty: &'static str, namespace: &str, name: &str, wire: Option<v1::resource::Kind>) {
+    let full = format!("{namespace}/{name}");
+    match wire {
+        Some(kind) => table.put(Entry::new(ty, full, kind, Some(namespace.to_owned()))),
+        None => table.remove(&key(ty, full)),
     }
 }
 
