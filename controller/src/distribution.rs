@@ -8,6 +8,7 @@
 
 pub mod desired;
 pub mod index;
+pub mod resource;
 pub mod session;
 
 use std::sync::Arc;

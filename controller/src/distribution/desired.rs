@@ -4,55 +4,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use prost::Message as _;
 use weft_api::{
     convert::{peer_authentication_to_wire, policy_to_wire},
     types, v1,
 };
 use weft_model::policy::Scope;
 
-use super::index::{MeshConfig, namespace_resource, service_resource, workload_resource};
+pub use super::resource::Key;
+use super::resource::{ALL_TYPES, MeshConfig, namespace_resource, resource, service_resource, workload_resource};
 use crate::store::State;
-
-/// A resource key: (type, name), as in [`v1::ResourceKey`].
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Key {
-    pub ty: &'static str,
-    pub name: String,
-}
-
-impl Key {
-    /// Parses the `type/name` form used in [`v1::Ack::rejected`].
-    pub fn parse(s: &str) -> Option<Key> {
-        let (ty, name) = s.split_once('/')?;
-        let ty = ALL_TYPES.into_iter().find(|t| *t == ty)?;
-        Some(Key {
-            ty,
-            name: name.to_owned(),
-        })
-    }
-
-    pub fn to_wire(&self) -> v1::ResourceKey {
-        v1::ResourceKey {
-            r#type: self.ty.to_owned(),
-            name: self.name.clone(),
-        }
-    }
-}
-
-impl std::fmt::Display for Key {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.ty, self.name)
-    }
-}
-
-pub const ALL_TYPES: [&str; 5] = [
-    types::NAMESPACE,
-    types::WORKLOAD,
-    types::SERVICE,
-    types::POLICY,
-    types::PEER_AUTHENTICATION,
-];
 
 /// The resource types a subscriber asked for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -155,61 +115,4 @@ pub fn desired(state: &State, node: &str, mesh: &MeshConfig, filter: &TypeFilter
         }
     }
     out
-}
-
-/// The resource `key` with body `kind`, its version set.
-pub fn resource(key: &Key, kind: v1::resource::Kind) -> v1::Resource {
-    let mut resource = v1::Resource {
-        key: Some(key.to_wire()),
-        version: 0,
-        kind: Some(kind),
-    };
-    resource.version = version(&resource);
-    resource
-}
-
-/// A content hash of the resource's encoding (its `version` left out). The wire maps are hash maps
-/// with no stable order, so they are hashed separately, sorted, after the rest of the encoding.
-pub fn version(resource: &v1::Resource) -> u64 {
-    use v1::resource::Kind as K;
-    let mut r = resource.clone();
-    r.version = 0;
-    let mut maps: Vec<BTreeMap<String, String>> = Vec::new();
-    let mut take = |m: &mut std::collections::HashMap<String, String>| maps.push(m.drain().collect());
-    match &mut r.kind {
-        Some(K::Namespace(n)) => {
-            take(&mut n.labels);
-            take(&mut n.annotations);
-        }
-        Some(K::Workload(w)) => {
-            take(&mut w.labels);
-            take(&mut w.annotations);
-        }
-        Some(K::Policy(p)) => {
-            if let Some(s) = &mut p.selector {
-                take(&mut s.match_labels);
-            }
-        }
-        Some(K::PeerAuthentication(p)) => {
-            if let Some(s) = &mut p.selector {
-                take(&mut s.match_labels);
-            }
-        }
-        Some(K::Service(_)) | None => {}
-    }
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    ctx.update(&r.encode_to_vec());
-    for map in maps {
-        ctx.update(&(map.len() as u64).to_be_bytes());
-        for (k, v) in map {
-            for s in [k, v] {
-                ctx.update(&(s.len() as u64).to_be_bytes());
-                ctx.update(s.as_bytes());
-            }
-        }
-    }
-    let digest = ctx.finish();
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&digest.as_ref()[..8]);
-    u64::from_be_bytes(first)
 }

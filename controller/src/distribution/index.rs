@@ -16,10 +16,7 @@
 //! [`desired`](super::desired::desired) is the same function computed from scratch; the tests check
 //! that both agree on random changes.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    sync::Arc,
-};
+use std::{collections::BTreeSet, sync::Arc};
 
 use bytes::Bytes;
 use imbl::{HashMap as PHashMap, OrdMap};
@@ -29,22 +26,14 @@ use weft_api::{
     sync::{self, BUCKETS},
     types, v1,
 };
-use weft_model::{identity::Identity, policy::Scope};
+use weft_model::policy::Scope;
 
-use super::desired::{Key, resource};
+pub use super::resource::MeshConfig;
+use super::resource::{Key, namespace_resource, resource, service_resource, workload_resource};
 use crate::store::{
     Object, State,
     objects::{Namespace, Pod, Service},
 };
-
-/// Mesh-wide settings that shape what subscribers are sent.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MeshConfig {
-    /// Of the workload identities (`spiffe://<td>/ns/<ns>/sa/<sa>`).
-    pub trust_domain: String,
-    /// Whose policies apply to workloads of every namespace.
-    pub root_namespace: String,
-}
 
 /// One resource as it is sent: converted, versioned and encoded once.
 #[derive(Debug)]
@@ -420,37 +409,8 @@ fn as_pod(o: Option<&Object>) -> Option<&Pod> {
     }
 }
 
-fn to_map(m: &BTreeMap<String, String>) -> std::collections::HashMap<String, String> {
-    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
-}
-
-pub(super) fn namespace_resource(ns: &Namespace) -> v1::resource::Kind {
-    v1::resource::Kind::Namespace(v1::Namespace {
-        name: ns.name.clone(),
-        labels: to_map(&ns.meta.labels),
-        annotations: to_map(&ns.meta.annotations),
-    })
-}
-
 fn namespace_entry(ns: &Namespace) -> Entry {
     Entry::new(types::NAMESPACE, ns.name.clone(), namespace_resource(ns), None)
-}
-
-pub(super) fn service_resource(s: &Service) -> v1::resource::Kind {
-    v1::resource::Kind::Service(v1::Service {
-        namespace: s.namespace.clone(),
-        name: s.name.clone(),
-        vips: s.cluster_ips.iter().map(ToString::to_string).collect(),
-        ports: s
-            .ports
-            .iter()
-            .map(|p| v1::ServicePort {
-                name: p.name.clone(),
-                port: u32::from(p.port),
-                target_port: u32::from(p.target_port),
-            })
-            .collect(),
-    })
 }
 
 fn service_entry(s: &Service) -> Entry {
@@ -460,31 +420,6 @@ fn service_entry(s: &Service) -> Entry {
         service_resource(s),
         None,
     )
-}
-
-/// A pod as a workload of `state`: with the services of its namespace that select it.
-pub(super) fn workload_resource(mesh: &MeshConfig, state: &State, p: &Pod) -> v1::resource::Kind {
-    let services = state
-        .services_in(&p.namespace)
-        .filter(|s| s.selects(p))
-        .map(|s| format!("{}/{}", s.namespace, s.name))
-        .collect();
-    v1::resource::Kind::Workload(v1::Workload {
-        uid: p.uid.clone(),
-        namespace: p.namespace.clone(),
-        name: p.name.clone(),
-        node: p.node.clone(),
-        service_account: p.service_account.clone(),
-        // The trust domain is checked at start and the store admits only DNS labels, so this
-        // cannot fail; if it did, the agent would refuse the workload by name.
-        identity: Identity::try_new(&mesh.trust_domain, &p.namespace, &p.service_account)
-            .map(|id| id.to_string())
-            .unwrap_or_default(),
-        labels: to_map(&p.meta.labels),
-        annotations: to_map(&p.meta.annotations),
-        ips: p.ips.iter().map(ToString::to_string).collect(),
-        services,
-    })
 }
 
 fn workload_entry(mesh: &MeshConfig, state: &State, p: &Pod) -> Entry {
