@@ -802,3 +802,134 @@ pub fn table(reports: &[Report]) -> String {
     }
     out
 }
+
+/// What the agent's own state costs at a scale: built from pushes of `workloads` workloads and
+/// `services` services (in chunks, as the controller sends them), then `deltas` single-workload
+/// changes applied one at a time.
+#[derive(Debug, Serialize)]
+pub struct AgentReport {
+    pub workloads: usize,
+    pub services: usize,
+    /// RSS growth of this process for the state, MiB.
+    pub state_mib: f64,
+    pub full_apply_s: f64,
+    pub delta_p50_ms: f64,
+    pub delta_max_ms: f64,
+}
+
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+fn agent_workload(i: usize, services: usize, version: u64) -> v1::Resource {
+    let s = i % services;
+    let ns = s % 100;
+    let name = format!("ns-{ns}/pod-{i}");
+    v1::Resource {
+        key: Some(v1::ResourceKey {
+            r#type: weft_api::types::WORKLOAD.into(),
+            name: name.clone(),
+        }),
+        version,
+        kind: Some(v1::resource::Kind::Workload(v1::Workload {
+            uid: format!("0b5e1c2a-7d3f-4a61-9c8e-{i:012}"),
+            namespace: format!("ns-{ns}"),
+            name: format!("pod-{i}"),
+            node: format!("node-{}", i % 1000),
+            service_account: format!("sa-{s}"),
+            identity: format!("spiffe://cluster.local/ns/ns-{ns}/sa/sa-{s}"),
+            labels: [("app".to_owned(), format!("svc-{s}"))].into(),
+            annotations: Default::default(),
+            ips: vec![pod_ip(i).to_string()],
+            services: vec![format!("ns-{ns}/svc-{s}")],
+        })),
+    }
+}
+
+/// Measures the agent's state (`weft_node::state::State`) holding `workloads` and `services`.
+pub fn agent_state(workloads: usize, services: usize, deltas: usize) -> anyhow::Result<AgentReport> {
+    use weft_node::state::State;
+    let services = services.max(1);
+    let before = rss_mib();
+    let started = Instant::now();
+    let push = |resources: Vec<v1::Resource>, full: bool, more: bool| v1::Push {
+        nonce: "1".into(),
+        full,
+        resources,
+        revision: 1,
+        store_id: "s".into(),
+        resync: full,
+        more,
+        ..Default::default()
+    };
+    let service = |s: usize| v1::Resource {
+        key: Some(v1::ResourceKey {
+            r#type: weft_api::types::SERVICE.into(),
+            name: format!("ns-{}/svc-{s}", s % 100),
+        }),
+        version: 1,
+        kind: Some(v1::resource::Kind::Service(v1::Service {
+            namespace: format!("ns-{}", s % 100),
+            name: format!("svc-{s}"),
+            vips: vec![format!("10.96.{}.{}", s / 256, s % 256)],
+            ports: vec![v1::ServicePort {
+                name: "http".into(),
+                port: 80,
+                target_port: 8080,
+            }],
+        })),
+    };
+    // Chunks of 300 resources (about 64 KiB, as the controller cuts them).
+    let first = push(Vec::new(), true, true);
+    let empty = Arc::new(State::default());
+    let mut staged = empty.stage(&first);
+    let all: Vec<usize> = (0..services).map(|s| s + workloads).chain(0..workloads).collect();
+    for chunk in all.chunks(300) {
+        let resources = chunk
+            .iter()
+            .map(|i| {
+                if *i >= workloads {
+                    service(*i - workloads)
+                } else {
+                    agent_workload(*i, services, 1)
+                }
+            })
+            .collect();
+        staged.take(&push(resources, true, true));
+    }
+    let (state, rejected) = staged.finish();
+    anyhow::ensure!(rejected.is_empty(), "rejected: {:?}", rejected.first());
+    let full_apply_s = started.elapsed().as_secs_f64();
+    let mut state = Arc::new(state);
+    let state_mib = rss_mib() - before;
+    let mut times = Vec::new();
+    for d in 0..deltas {
+        let delta = push(
+            vec![agent_workload(d * 7919 % workloads, services, 2 + d as u64)],
+            false,
+            false,
+        );
+        let t = Instant::now();
+        let mut staged = state.stage(&delta);
+        staged.take(&delta);
+        let (next, _) = staged.finish();
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        state = Arc::new(next);
+    }
+    times.sort_by(f64::total_cmp);
+    anyhow::ensure!(state.sizes() == (workloads, services), "sizes {:?}", state.sizes());
+    Ok(AgentReport {
+        workloads,
+        services,
+        state_mib,
+        full_apply_s,
+        delta_p50_ms: times.get(times.len() / 2).copied().unwrap_or(0.0),
+        delta_max_ms: times.last().copied().unwrap_or(0.0),
+    })
+}

@@ -31,6 +31,11 @@ struct Args {
     /// Fail unless every agent got every change and no stream dropped.
     #[arg(long)]
     check: bool,
+    /// Instead: what the agent's own state costs holding this many workloads (and --agent-services).
+    #[arg(long)]
+    agent_workloads: Option<usize>,
+    #[arg(long, default_value_t = 10_000)]
+    agent_services: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,6 +44,14 @@ fn main() -> anyhow::Result<()> {
         args.namespaces > 0 && args.services > 0 && args.pods > 0 && !args.nodes.contains(&0),
         "--nodes, --pods, --namespaces and --services must be at least 1"
     );
+    if let Some(workloads) = args.agent_workloads {
+        let r = scale::agent_state(workloads, args.agent_services, 200)?;
+        println!(
+            "agent state: {} workloads, {} services: +{:.1} MiB RSS, full push applied in {:.2} s, a one-workload delta in {:.3} ms (p50), {:.3} ms (max of 200)",
+            r.workloads, r.services, r.state_mib, r.full_apply_s, r.delta_p50_ms, r.delta_max_ms
+        );
+        return Ok(());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut reports = Vec::new();
     for nodes in &args.nodes {
