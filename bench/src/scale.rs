@@ -128,10 +128,8 @@ fn key_hash(ty: &str, name: &str) -> u64 {
 
 /// What every simulated agent reports to.
 pub struct Probe {
-    started: Instant,
     watch: Mutex<Option<Watched>>,
     resyncs: Vec<AtomicU64>,
-    synced_at: Vec<AtomicU64>,
     drops: AtomicU64,
     pushes: AtomicU64,
     bytes: AtomicU64,
@@ -149,10 +147,8 @@ struct Watched {
 impl Probe {
     fn new(agents: usize) -> Arc<Probe> {
         Arc::new(Probe {
-            started: Instant::now(),
             watch: Mutex::new(None),
             resyncs: (0..agents).map(|_| AtomicU64::new(0)).collect(),
-            synced_at: (0..agents).map(|_| AtomicU64::new(0)).collect(),
             drops: AtomicU64::new(0),
             pushes: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
@@ -164,8 +160,6 @@ impl Probe {
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
         if resync {
             self.resyncs[agent].fetch_add(1, Ordering::Relaxed);
-            let at = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
-            self.synced_at[agent].store(at, Ordering::Relaxed);
         }
         let mut watch = self.watch.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(w) = watch.as_mut() {

@@ -322,14 +322,7 @@ impl State {
                 let pod = Pod::try_from(w).map_err(|e| e.to_string())?;
                 let identity: Identity = w.identity.parse().map_err(|e| format!("identity: {e}"))?;
                 let k = key(&pod.namespace, &pod.name);
-                self.remove_workload(&k);
-                for ip in &pod.ips {
-                    self.by_ip.insert(*ip, k.clone());
-                }
-                for s in &w.services {
-                    self.members.entry(s.clone()).or_default().insert(k.clone());
-                }
-                self.workloads.insert(
+                self.put_workload(
                     k,
                     Arc::new(Workload {
                         pod,
@@ -357,11 +350,7 @@ impl State {
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 let k = key(&s.namespace, &s.name);
-                self.remove_service(&k);
-                for vip in &vips {
-                    self.by_vip.insert(*vip, k.clone());
-                }
-                self.services.insert(
+                self.put_service(
                     k.clone(),
                     Arc::new(Service {
                         name: k,
@@ -388,6 +377,27 @@ impl State {
             None => return Err("resource without a body".into()),
         }
         Ok(())
+    }
+
+    /// Puts a workload in, replacing any of that key, with what indexes it (addresses, services).
+    fn put_workload(&mut self, k: String, w: Arc<Workload>) {
+        self.remove_workload(&k);
+        for ip in &w.pod.ips {
+            self.by_ip.insert(*ip, k.clone());
+        }
+        for s in &w.services {
+            self.members.entry(s.clone()).or_default().insert(k.clone());
+        }
+        self.workloads.insert(k, w);
+    }
+
+    /// Puts a service in, replacing any of that key, with its VIPs indexed.
+    fn put_service(&mut self, k: String, s: Arc<Service>) {
+        self.remove_service(&k);
+        for vip in &s.vips {
+            self.by_vip.insert(*vip, k.clone());
+        }
+        self.services.insert(k, s);
     }
 
     /// Removes a workload and what indexes it.
@@ -450,23 +460,12 @@ impl State {
             }
             types::WORKLOAD => {
                 if let Some(w) = self.workloads.get(name) {
-                    next.remove_workload(name);
-                    for ip in &w.pod.ips {
-                        next.by_ip.insert(*ip, name.to_owned());
-                    }
-                    for s in &w.services {
-                        next.members.entry(s.clone()).or_default().insert(name.to_owned());
-                    }
-                    next.workloads.insert(name.to_owned(), w.clone());
+                    next.put_workload(name.to_owned(), w.clone());
                 }
             }
             types::SERVICE => {
                 if let Some(s) = self.services.get(name) {
-                    next.remove_service(name);
-                    for vip in &s.vips {
-                        next.by_vip.insert(*vip, name.to_owned());
-                    }
-                    next.services.insert(name.to_owned(), s.clone());
+                    next.put_service(name.to_owned(), s.clone());
                 }
             }
             types::POLICY => {
