@@ -60,8 +60,16 @@ struct Harness {
 impl Harness {
     async fn start() -> Harness {
         let dir = tempfile::tempdir().unwrap();
+        // The store holds BASE before the controller starts, so its first distribution index
+        // (built before it serves) has it. Applied after the start, a subscriber could connect
+        // before the index caught up and get a first push without it.
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        weft_controller::store::Store::open(&state)
+            .unwrap()
+            .apply(BASE, "base.yaml")
+            .unwrap();
         let controller = start_in(dir.path()).await;
-        controller.store().apply(BASE, "base.yaml").unwrap();
         Harness {
             dir,
             controller: Some(controller),
