@@ -11,6 +11,7 @@
 
 use std::{
     collections::{BTreeSet, HashSet},
+    ffi::OsString,
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -31,6 +32,8 @@ use weft_node::{
     controller::{Controller, Deadlines},
     discovery::{self, Holdings},
 };
+
+pub mod kubernetes;
 
 /// The generated cluster.
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -278,29 +281,57 @@ impl Holdings for Sim {
     }
 }
 
-/// The controller process, with the files it was started with.
+/// How the controller is started: `weft-controller --listen <addr>` and these (kept for its
+/// restart).
+#[derive(Clone, Debug, Default)]
+struct Launch {
+    args: Vec<OsString>,
+    env: Vec<(String, OsString)>,
+    /// The admin socket it serves (the local store's): it is up once both answer.
+    admin_socket: Option<PathBuf>,
+    /// How long it may take to come up (the Kubernetes source lists the cluster first).
+    ready_within: Duration,
+}
+
+/// The controller process, with what it was started with.
 struct ControllerProcess {
     child: Child,
     dir: PathBuf,
     bin: PathBuf,
     listen: SocketAddr,
+    launch: Launch,
 }
 
 impl ControllerProcess {
-    fn start(bin: &Path, dir: &Path, listen: SocketAddr) -> anyhow::Result<ControllerProcess> {
+    /// The controller on the local store in `dir/state`, agents authenticated by `dir/tokens.json`.
+    fn local(bin: &Path, dir: &Path, listen: SocketAddr) -> anyhow::Result<ControllerProcess> {
+        let state = dir.join("state");
+        let launch = Launch {
+            args: vec![
+                "--state-dir".into(),
+                state.clone().into(),
+                "--node-tokens".into(),
+                dir.join("tokens.json").into(),
+            ],
+            env: Vec::new(),
+            admin_socket: Some(state.join("admin.sock")),
+            ready_within: Duration::from_secs(30),
+        };
+        ControllerProcess::start(bin, dir, listen, launch)
+    }
+
+    fn start(bin: &Path, dir: &Path, listen: SocketAddr, launch: Launch) -> anyhow::Result<ControllerProcess> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.join("controller.log"))
             .context("controller.log")?;
         let child = Command::new(bin)
-            .arg("--state-dir")
-            .arg(dir.join("state"))
             .arg("--listen")
             .arg(listen.to_string())
-            .arg("--node-tokens")
-            .arg(dir.join("tokens.json"))
+            .args(&launch.args)
             .env("RUST_LOG", "warn")
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -311,25 +342,28 @@ impl ControllerProcess {
             dir: dir.to_path_buf(),
             bin: bin.to_path_buf(),
             listen,
+            launch,
         };
         process.wait_ready()?;
         Ok(process)
     }
 
     fn socket(&self) -> PathBuf {
-        self.dir.join("state").join("admin.sock")
+        self.launch.admin_socket.clone().unwrap_or_default()
     }
 
     fn wait_ready(&self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let limit = self.launch.ready_within;
+        let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
-            if self.socket().exists() && std::net::TcpStream::connect(self.listen).is_ok() {
+            let socket = self.launch.admin_socket.as_ref().is_none_or(|s| s.exists());
+            if socket && std::net::TcpStream::connect(self.listen).is_ok() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         bail!(
-            "the controller did not come up within 30 s; see {}",
+            "the controller did not come up within {limit:?}; see {}",
             self.dir.join("controller.log").display()
         )
     }
@@ -384,7 +418,7 @@ impl ControllerProcess {
 
     fn restart(&mut self) -> anyhow::Result<()> {
         self.stop();
-        let next = ControllerProcess::start(&self.bin, &self.dir, self.listen)?;
+        let next = ControllerProcess::start(&self.bin, &self.dir, self.listen, self.launch.clone())?;
         drop(std::mem::replace(self, next));
         Ok(())
     }
@@ -473,7 +507,7 @@ pub async fn run(shape: Shape, bin_dir: &Path, dir: &Path) -> anyhow::Result<Rep
         l.local_addr()?.port()
     };
     let listen = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut controller = ControllerProcess::start(&bin_dir.join("weft-controller"), dir, listen)?;
+    let controller = ControllerProcess::local(&bin_dir.join("weft-controller"), dir, listen)?;
     let socket = controller.socket();
 
     // The cluster, then the agents (whose first pushes are full).
@@ -483,43 +517,14 @@ pub async fn run(shape: Shape, bin_dir: &Path, dir: &Path) -> anyhow::Result<Rep
     }
     eprintln!("  cluster applied in {:.1} s", started.elapsed().as_secs_f64());
     let probe = Probe::new(shape.nodes);
-    let mut receivers = Vec::new();
-    let ca = dir.join("state").join("root.pem");
-    let started = Instant::now();
-    let deadlines = Deadlines {
-        first_push: Duration::from_secs(120),
-        ..Deadlines::default()
-    };
-    for n in 0..shape.nodes {
-        // 127.1.0.1 onwards: each simulated node connects from an address of its own.
-        let local = IpAddr::V4(Ipv4Addr::from((127u32 << 24) + (1 << 16) + 1 + u32::try_from(n)?));
-        let client = Controller::with_local_address(
-            &format!("https://{listen}"),
-            &ca,
-            "weft-controller",
-            &dir.join("tokens").join(format!("node-{n}")),
-            deadlines,
-            Some(local),
-        )?;
-        let sim = Arc::new(Sim {
-            agent: n,
-            probe: probe.clone(),
-            held: imbl::HashMap::new(),
-            synced: false,
-        });
-        let (tx, rx) = watch::channel(sim);
-        receivers.push(rx);
-        tokio::spawn(discovery::run(client, format!("node-{n}"), tx));
-    }
-    wait_until("every agent's first push", Duration::from_secs(600), || {
-        probe.resyncs().iter().all(|r| *r >= 1)
-    })
+    let agents = Agents::start(
+        &shape,
+        &probe,
+        listen,
+        &dir.join("state").join("root.pem"),
+        &dir.join("tokens"),
+    )
     .await?;
-    let initial_sync_s = started.elapsed().as_secs_f64();
-    let full_bytes = probe.bytes.load(Ordering::Relaxed);
-    let full_push_bytes_per_workload = full_bytes as f64 / shape.nodes as f64 / shape.pods as f64;
-    eprintln!("  {} agents synced in {initial_sync_s:.1} s", shape.nodes);
-    let drops_before = probe.drops.load(Ordering::Relaxed);
 
     let all: BTreeSet<usize> = (0..shape.nodes).collect();
     let policy_ns = shape.namespace_of_service(3 % shape.services);
@@ -581,115 +586,203 @@ pub async fn run(shape: Shape, bin_dir: &Path, dir: &Path) -> anyhow::Result<Rep
     ];
     let mut reports = Vec::new();
     for (kind, yaml, is_apply, (ty, name), expected) in changes {
-        let key = key_hash(ty, &name);
-        {
-            let mut w = probe.watch.lock().unwrap_or_else(|e| e.into_inner());
-            *w = Some(Watched {
-                key,
-                since: Instant::now(),
-                arrived: vec![None; shape.nodes],
-                pushes: 0,
-                bytes: 0,
-            });
-        }
-        let cpu = controller.cpu();
-        let t = Instant::now();
-        if is_apply {
-            apply(&socket, yaml).await?;
-        } else {
-            delete(&socket, yaml).await?;
-        }
-        let apply_ms = t.elapsed().as_secs_f64() * 1e3;
-        let done = || {
-            let w = probe.watch.lock().unwrap_or_else(|e| e.into_inner());
-            w.as_ref()
-                .is_some_and(|w| expected.iter().all(|a| w.arrived[*a].is_some()))
-        };
-        let arrived_all = wait_until(kind, Duration::from_secs(120), done).await.is_ok();
-        let cpu_ms = (controller.cpu().saturating_sub(cpu)).as_secs_f64() * 1e3;
-        let w = probe
-            .watch
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .context("the watch")?;
-        let mut times: Vec<f64> = expected
-            .iter()
-            .filter_map(|a| w.arrived[*a])
-            .map(|d| d.as_secs_f64() * 1e3)
-            .collect();
-        times.sort_by(f64::total_cmp);
-        let pct = |p: f64| {
-            if times.is_empty() {
-                f64::NAN
+        let socket = &socket;
+        let change = async move {
+            if is_apply {
+                apply(socket, yaml).await
             } else {
-                let i = ((times.len() as f64 * p).ceil() as usize).clamp(1, times.len()) - 1;
-                times[i]
+                delete(socket, yaml).await
             }
         };
-        let report = ChangeReport {
-            kind,
-            expected: expected.len(),
-            arrived: times.len(),
-            apply_ms,
-            p50_ms: pct(0.50),
-            p99_ms: pct(0.99),
-            max_ms: times.last().copied().unwrap_or(f64::NAN),
-            bytes: w.bytes,
-            bytes_per_push: if w.pushes == 0 {
-                0.0
-            } else {
-                w.bytes as f64 / w.pushes as f64
-            },
-            controller_cpu_ms: cpu_ms,
-        };
-        eprintln!(
-            "  {kind}: {}/{} agents, p50 {:.0} ms, p99 {:.0} ms, apply {:.0} ms, cpu {:.0} ms{}",
-            report.arrived,
-            report.expected,
-            report.p50_ms,
-            report.p99_ms,
-            report.apply_ms,
-            report.controller_cpu_ms,
-            if arrived_all { "" } else { " (INCOMPLETE)" }
-        );
-        reports.push(report);
+        reports.push(measure(&probe, &controller, kind, (ty, &name), &expected, change).await?);
     }
-    let streams_dropped = probe.drops.load(Ordering::Relaxed) - drops_before;
-    let (rss, peak) = controller.memory();
+    agents.report(shape, reports, &probe, controller).await
+}
 
-    // A controller restart: every agent reconnects and resyncs what differs (nothing).
-    let before = probe.resyncs();
-    let bytes_before = probe.bytes.load(Ordering::Relaxed);
+/// The simulated agents, connected.
+struct Agents {
+    receivers: Vec<watch::Receiver<Arc<Sim>>>,
+    initial_sync_s: f64,
+    full_push_bytes_per_workload: f64,
+    drops_before: u64,
+}
+
+impl Agents {
+    /// Connects one simulated agent per node (node-N with the token in `tokens/node-N`) and waits
+    /// for every first push.
+    async fn start(
+        shape: &Shape,
+        probe: &Arc<Probe>,
+        listen: SocketAddr,
+        ca: &Path,
+        tokens: &Path,
+    ) -> anyhow::Result<Agents> {
+        let mut receivers = Vec::new();
+        let started = Instant::now();
+        let deadlines = Deadlines {
+            first_push: Duration::from_secs(120),
+            ..Deadlines::default()
+        };
+        for n in 0..shape.nodes {
+            // 127.1.0.1 onwards: each simulated node connects from an address of its own.
+            let local = IpAddr::V4(Ipv4Addr::from((127u32 << 24) + (1 << 16) + 1 + u32::try_from(n)?));
+            let client = Controller::with_local_address(
+                &format!("https://{listen}"),
+                ca,
+                "weft-controller",
+                &tokens.join(format!("node-{n}")),
+                deadlines,
+                Some(local),
+            )?;
+            let sim = Arc::new(Sim {
+                agent: n,
+                probe: probe.clone(),
+                held: imbl::HashMap::new(),
+                synced: false,
+            });
+            let (tx, rx) = watch::channel(sim);
+            receivers.push(rx);
+            tokio::spawn(discovery::run(client, format!("node-{n}"), tx));
+        }
+        wait_until("every agent's first push", Duration::from_secs(600), || {
+            probe.resyncs().iter().all(|r| *r >= 1)
+        })
+        .await?;
+        let initial_sync_s = started.elapsed().as_secs_f64();
+        let full_bytes = probe.bytes.load(Ordering::Relaxed);
+        eprintln!("  {} agents synced in {initial_sync_s:.1} s", shape.nodes);
+        Ok(Agents {
+            receivers,
+            initial_sync_s,
+            full_push_bytes_per_workload: full_bytes as f64 / shape.nodes as f64 / shape.pods as f64,
+            drops_before: probe.drops.load(Ordering::Relaxed),
+        })
+    }
+
+    /// After the changes: the streams dropped, the controller's memory, then a controller restart
+    /// (every agent reconnects and resyncs what differs: nothing), and the report.
+    async fn report(
+        self,
+        shape: Shape,
+        changes: Vec<ChangeReport>,
+        probe: &Probe,
+        mut controller: ControllerProcess,
+    ) -> anyhow::Result<Report> {
+        let streams_dropped = probe.drops.load(Ordering::Relaxed) - self.drops_before;
+        let (rss, peak) = controller.memory();
+        let before = probe.resyncs();
+        let bytes_before = probe.bytes.load(Ordering::Relaxed);
+        let t = Instant::now();
+        controller.restart()?;
+        wait_until(
+            "every agent's resync after the restart",
+            Duration::from_secs(300),
+            || probe.resyncs().iter().zip(&before).all(|(now, then)| now > then),
+        )
+        .await?;
+        let restart_resync_s = t.elapsed().as_secs_f64();
+        let restart_resync_bytes = probe.bytes.load(Ordering::Relaxed) - bytes_before;
+        let (restarted_rss, _) = controller.memory();
+        eprintln!(
+            "  restart: all {} agents resynced in {restart_resync_s:.2} s; controller RSS then {restarted_rss:.0} MiB",
+            shape.nodes
+        );
+        drop(self.receivers);
+        controller.stop();
+        Ok(Report {
+            shape,
+            initial_sync_s: self.initial_sync_s,
+            full_push_bytes_per_workload: self.full_push_bytes_per_workload,
+            changes,
+            streams_dropped,
+            controller_rss_mib: rss,
+            controller_peak_rss_mib: peak,
+            restart_resync_s,
+            restart_resync_bytes,
+            restarted_rss_mib: restarted_rss,
+        })
+    }
+}
+
+/// Makes one change (`change`: its commit) to the resource `(type, name)` and measures its
+/// distribution to the agents of `expected`.
+async fn measure(
+    probe: &Probe,
+    controller: &ControllerProcess,
+    kind: &'static str,
+    (ty, name): (&str, &str),
+    expected: &BTreeSet<usize>,
+    change: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<ChangeReport> {
+    let agents = probe.resyncs.len();
+    {
+        let mut w = probe.watch.lock().unwrap_or_else(|e| e.into_inner());
+        *w = Some(Watched {
+            key: key_hash(ty, name),
+            since: Instant::now(),
+            arrived: vec![None; agents],
+            pushes: 0,
+            bytes: 0,
+        });
+    }
+    let cpu = controller.cpu();
     let t = Instant::now();
-    controller.restart()?;
-    wait_until(
-        "every agent's resync after the restart",
-        Duration::from_secs(300),
-        || probe.resyncs().iter().zip(&before).all(|(now, then)| now > then),
-    )
-    .await?;
-    let restart_resync_s = t.elapsed().as_secs_f64();
-    let restart_resync_bytes = probe.bytes.load(Ordering::Relaxed) - bytes_before;
-    let (restarted_rss, _) = controller.memory();
+    change.await.with_context(|| format!("the {kind} change"))?;
+    let apply_ms = t.elapsed().as_secs_f64() * 1e3;
+    let done = || {
+        let w = probe.watch.lock().unwrap_or_else(|e| e.into_inner());
+        w.as_ref()
+            .is_some_and(|w| expected.iter().all(|a| w.arrived[*a].is_some()))
+    };
+    let arrived_all = wait_until(kind, Duration::from_secs(120), done).await.is_ok();
+    let cpu_ms = (controller.cpu().saturating_sub(cpu)).as_secs_f64() * 1e3;
+    let w = probe
+        .watch
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .context("the watch")?;
+    let mut times: Vec<f64> = expected
+        .iter()
+        .filter_map(|a| w.arrived[*a])
+        .map(|d| d.as_secs_f64() * 1e3)
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        if times.is_empty() {
+            f64::NAN
+        } else {
+            let i = ((times.len() as f64 * p).ceil() as usize).clamp(1, times.len()) - 1;
+            times[i]
+        }
+    };
+    let report = ChangeReport {
+        kind,
+        expected: expected.len(),
+        arrived: times.len(),
+        apply_ms,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        max_ms: times.last().copied().unwrap_or(f64::NAN),
+        bytes: w.bytes,
+        bytes_per_push: if w.pushes == 0 {
+            0.0
+        } else {
+            w.bytes as f64 / w.pushes as f64
+        },
+        controller_cpu_ms: cpu_ms,
+    };
     eprintln!(
-        "  restart: all {} agents resynced in {restart_resync_s:.2} s; controller RSS then {restarted_rss:.0} MiB",
-        shape.nodes
+        "  {kind}: {}/{} agents, p50 {:.0} ms, p99 {:.0} ms, apply {:.0} ms, cpu {:.0} ms{}",
+        report.arrived,
+        report.expected,
+        report.p50_ms,
+        report.p99_ms,
+        report.apply_ms,
+        report.controller_cpu_ms,
+        if arrived_all { "" } else { " (INCOMPLETE)" }
     );
-    drop(receivers);
-    controller.stop();
-    Ok(Report {
-        shape,
-        initial_sync_s,
-        full_push_bytes_per_workload,
-        changes: reports,
-        streams_dropped,
-        controller_rss_mib: rss,
-        controller_peak_rss_mib: peak,
-        restart_resync_s,
-        restart_resync_bytes,
-        restarted_rss_mib: restarted_rss,
-    })
+    Ok(report)
 }
 
 /// A change to measure: its kind, its YAML, apply (or delete), the (type, name) it changes and the

@@ -31,11 +31,21 @@ struct Args {
     /// Fail unless every agent got every change and no stream dropped.
     #[arg(long)]
     check: bool,
+    /// The controller's source: its local store, or a real API server (etcd and kube-apiserver
+    /// 1.20 on loopback, started for each run) holding the cluster as objects.
+    #[arg(long, value_enum, default_value_t = Source::Local)]
+    source: Source,
     /// Instead: what the agent's own state costs holding this many workloads (and --agent-services).
     #[arg(long)]
     agent_workloads: Option<usize>,
     #[arg(long, default_value_t = 10_000)]
     agent_services: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Source {
+    Local,
+    Kubernetes,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,14 +77,22 @@ fn main() -> anyhow::Result<()> {
             shape.pods, shape.services, shape.policies
         );
         let dir = args.out.join(format!("n{nodes}"));
-        let report = runtime
-            .block_on(scale::run(shape, &args.bin_dir, &dir))
-            .with_context(|| {
-                format!(
-                    "the run with N = {nodes} (controller log: {})",
-                    dir.join("controller.log").display()
-                )
-            })?;
+        let report = match args.source {
+            Source::Local => runtime.block_on(scale::run(shape, &args.bin_dir, &dir)),
+            Source::Kubernetes => {
+                // Started on this thread, which outlives it: its processes die with the thread
+                // that started them.
+                let server = weft_test_apiserver::ApiServer::start("scale", &[], &[])
+                    .context("the Kubernetes binaries are missing (cargo xtask kube up installs and builds them)")?;
+                runtime.block_on(scale::kubernetes::run(shape, &args.bin_dir, &dir, &server))
+            }
+        }
+        .with_context(|| {
+            format!(
+                "the run with N = {nodes} (controller log: {})",
+                dir.join("controller.log").display()
+            )
+        })?;
         reports.push(report);
     }
     let table = scale::table(&reports);
