@@ -1,35 +1,45 @@
-//! The local store: Kubernetes-style objects applied from YAML, kept in memory, persisted to
-//! `<state-dir>/store.json` after every commit and published to readers through a watch channel.
+//! The local store: Kubernetes-style objects applied from YAML, kept in memory, persisted in the
+//! state directory and published to readers through a watch channel.
 //!
 //! Every change is all or nothing: a request is validated completely against the current state
 //! first, then committed as one new revision (monotonic, persisted). A request that changes nothing
 //! commits nothing and keeps the revision. One writer at a time; readers never wait for writers
 //! (they hold an `Arc<State>` snapshot), and slow readers never hold writers up.
+//!
+//! A commit costs what it changes, not the size of the store. Validation looks up the objects of
+//! the request in indexes kept in every state beside the objects (pod uids, addresses, each
+//! namespace's namespace-wide PeerAuthentication: `index.rs`), updated by each commit. Persistence
+//! appends one record per commit to a write-ahead log, `store.log`, beside the snapshot,
+//! `store.json`, which a thread rewrites now and then (compaction) so that the log stays smaller
+//! than the snapshot; a store written before the log existed (the snapshot alone) opens as it is.
+//! The files, their format and why a crash loses no acknowledged revision: `disk.rs`.
 
+mod disk;
+mod index;
 pub mod manifest;
 pub mod objects;
 
 use std::{
-    collections::{BTreeSet, HashMap, hash_map::Entry},
-    fmt, fs,
+    collections::{BTreeSet, HashMap},
+    fmt,
     hash::Hash,
     io,
-    net::IpAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
 use imbl::OrdMap;
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+pub use disk::{LOG_NAME, LogProblem};
+use index::Index;
 pub use manifest::Invalid;
 use manifest::{Document, Invalid as InvalidDoc};
 pub use objects::{Kind, Object, ObjectRef};
 use objects::{Pod, Service};
 use weft_model::{peer_auth::PeerAuthentication, policy::AuthorizationPolicy};
 
-/// The file name of the persisted store inside the state directory.
+/// The file name of the store's snapshot inside the state directory (its log: [`LOG_NAME`]).
 pub const FILE_NAME: &str = "store.json";
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +71,16 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// A record of the log, not its last, is damaged or out of place. (A damaged last record is
+    /// what a crash while appending leaves: it is cut, not an error.)
+    #[error("{path}: record {record} is corrupt (move it and store.json away to start with an empty store)")]
+    LogCorrupt {
+        path: PathBuf,
+        /// 1-based: the line of the file.
+        record: usize,
+        #[source]
+        problem: LogProblem,
+    },
     #[error("cannot render YAML")]
     Render {
         #[source]
@@ -84,7 +104,7 @@ pub struct Outcome {
 }
 
 /// One consistent view of the store.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct State {
     /// The store's identity, a UUID fixed when the store is created and persisted with it: a store
     /// that was lost and started over has another one (agents then keep their last good state).
@@ -93,56 +113,47 @@ pub struct State {
     /// A persistent map: a new state shares all it did not change with the one before (cloning is
     /// O(1), a change O(log n)), and two states compare in time proportional to what differs.
     objects: OrdMap<ObjectRef, Arc<Object>>,
+    /// Who holds what must be unique, kept up to date with `objects` by [`put`](State::put) and
+    /// [`remove`](State::remove) (the only ways they change).
+    index: Index,
 }
+
+/// Two states are equal when they hold the same objects at the same revision of the same store
+/// (the index follows from the objects).
+impl PartialEq for State {
+    fn eq(&self, other: &State) -> bool {
+        self.id == other.id && self.revision == other.revision && self.objects == other.objects
+    }
+}
+
+impl Eq for State {}
 
 /// The store. Cheap to share behind an `Arc`.
 pub struct Store {
-    path: PathBuf,
-    /// Serializes writers; readers use `tx`.
-    write: Mutex<()>,
+    /// The log of commits, whose lock also serializes writers; readers use `tx`.
+    log: Arc<Mutex<disk::Log>>,
     tx: watch::Sender<Arc<State>>,
 }
 
 // === impl Store ===
 
 impl Store {
-    /// Opens the store persisted in `state_dir` (empty at revision 0 when there is none yet).
-    /// A file that does not parse is an error naming it: the store never starts over silently.
+    /// Opens the store persisted in `state_dir` (empty at revision 0 when there is none yet, with
+    /// its identity on disk before this returns). A snapshot that does not parse, or a log record
+    /// that is damaged before the log's end, is an error naming the file: the store never starts
+    /// over silently. A torn last record (a crash while it was appended) is cut.
     pub fn open(state_dir: &Path) -> Result<Store, Error> {
-        let path = state_dir.join(FILE_NAME);
-        let state = match fs::read(&path) {
-            Ok(bytes) => {
-                let file: Persisted = serde_json::from_slice(&bytes).map_err(|source| Error::Corrupt {
-                    path: path.clone(),
-                    source,
-                })?;
-                State {
-                    id: file.id,
-                    revision: file.revision,
-                    objects: file
-                        .objects
-                        .into_iter()
-                        .map(|o| (o.object_ref(), Arc::new(o)))
-                        .collect(),
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => State::default(),
-            Err(source) => return Err(Error::Read { path, source }),
-        };
-        let store = Store {
-            path,
-            write: Mutex::new(()),
+        Store::open_with(state_dir, disk::COMPACT_AFTER)
+    }
+
+    /// [`open`](Store::open), compacting once the log is larger than `compact_after` bytes and the
+    /// snapshot.
+    fn open_with(state_dir: &Path, compact_after: u64) -> Result<Store, Error> {
+        let (state, log) = disk::open(state_dir, compact_after)?;
+        Ok(Store {
+            log: Arc::new(Mutex::new(log)),
             tx: watch::Sender::new(Arc::new(state)),
-        };
-        if store.snapshot().id.is_empty() {
-            // A new store (or one written before stores had an identity): its identity is fixed now,
-            // on disk before anyone is told it.
-            let mut state = (*store.snapshot()).clone();
-            state.id = random_uid()?;
-            store.persist(&state)?;
-            store.tx.send_replace(Arc::new(state));
-        }
-        Ok(store)
+        })
     }
 
     /// The current state.
@@ -157,7 +168,7 @@ impl Store {
 
     /// Applies every object of a YAML stream, all or nothing. Besides each object being valid on its
     /// own, the new state must hold no two pods with one uid and no address twice (pod IPs and
-    /// service VIPs share one space); an error names both objects. Blocking (it writes the file).
+    /// service VIPs share one space); an error names both objects. Blocking (it writes the log).
     pub fn apply(&self, yaml: &str, file: &str) -> Result<Outcome, Error> {
         let docs = manifest::parse(yaml, file)?;
         self.commit(|current| current.plan_apply(docs, file))
@@ -192,12 +203,10 @@ impl Store {
         manifest::render(selected.map(|(_, o)| &**o)).map_err(|source| Error::Render { source })
     }
 
-    /// Runs `plan` against the current state under the write lock; persists and publishes its new
-    /// state, if it has one.
+    /// Runs `plan` against the current state under the write lock; logs and publishes its new
+    /// state, if it has one (once its record is on disk), then starts a compaction if one is due.
     fn commit(&self, plan: impl FnOnce(&State) -> Result<Plan, Error>) -> Result<Outcome, Error> {
-        // A panic while holding the lock leaves nothing half-written (the state is only replaced
-        // after persisting), so a poisoned lock is safe to take over.
-        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let mut log = disk::lock(&self.log);
         let current = self.snapshot();
         let Plan { results, next } = plan(&current)?;
         let Some(mut next) = next else {
@@ -207,47 +216,24 @@ impl Store {
             });
         };
         next.revision = current.revision + 1;
-        self.persist(&next)?;
-        let revision = next.revision;
-        self.tx.send_replace(Arc::new(next));
-        Ok(Outcome { results, revision })
-    }
-
-    /// Writes the state durably (write, fsync, rename, fsync of the directory).
-    fn persist(&self, state: &State) -> Result<(), Error> {
-        let err = |source| Error::Persist {
-            path: self.path.clone(),
-            source,
-        };
-        let file = PersistedRef {
-            format: 1,
-            id: &state.id,
-            revision: state.revision,
-            objects: state.objects.values().map(|o| &**o).collect(),
-        };
-        let bytes = serde_json::to_vec_pretty(&file).map_err(|e| err(io::Error::other(e)))?;
-        weft_api::durable::write(&self.path, &bytes, 0o600).map_err(err)?;
-        Ok(())
+        log.append(&current, &next)?;
+        let next = Arc::new(next);
+        self.tx.send_replace(next.clone());
+        log.compact_if_due(&self.log, &next);
+        Ok(Outcome {
+            results,
+            revision: next.revision,
+        })
     }
 }
 
-/// The on-disk form of the store.
-#[derive(Serialize, Deserialize)]
-struct Persisted {
-    format: u32,
-    #[serde(default)]
-    id: String,
-    revision: u64,
-    objects: Vec<Object>,
-}
-
-/// [`Persisted`], written from a state without copying its objects.
-#[derive(Serialize)]
-struct PersistedRef<'a> {
-    format: u32,
-    id: &'a str,
-    revision: u64,
-    objects: Vec<&'a Object>,
+/// A store that goes away (the controller's clean shutdown) waits for a compaction under way and
+/// compacts what its log holds: `store.json` then holds the whole store. Failures are logged; the
+/// log keeps every revision.
+impl Drop for Store {
+    fn drop(&mut self) {
+        disk::close(&self.log, &self.snapshot());
+    }
 }
 
 /// A planned change: result lines, and the new state (`None`: nothing changes).
@@ -259,14 +245,36 @@ struct Plan {
 // === impl State ===
 
 impl State {
-    /// A state of another source of the same model (the Kubernetes source). `id` names that source's
-    /// store (agents follow one store and refuse pushes of another); `revision` orders its states and
-    /// must not go back. An object whose reference repeats replaces the earlier one.
+    /// A state of another source of the same model (the Kubernetes source), or the store's as read
+    /// from its snapshot. `id` names that source's store (agents follow one store and refuse pushes
+    /// of another); `revision` orders its states and must not go back. An object whose reference
+    /// repeats replaces the earlier one.
     pub fn new(id: String, revision: u64, objects: impl IntoIterator<Item = Object>) -> State {
+        let objects: OrdMap<ObjectRef, Arc<Object>> =
+            objects.into_iter().map(|o| (o.object_ref(), Arc::new(o))).collect();
+        let index = Index::of(objects.values());
         State {
             id,
             revision,
-            objects: objects.into_iter().map(|o| (o.object_ref(), Arc::new(o))).collect(),
+            objects,
+            index,
+        }
+    }
+
+    /// Stores `object`, replacing the one of its reference if there is one, and updates the index.
+    fn put(&mut self, object: Arc<Object>) {
+        let r = object.object_ref();
+        if let Some(old) = self.objects.get(&r) {
+            self.index.remove(old);
+        }
+        self.index.insert(&object);
+        self.objects.insert(r, object);
+    }
+
+    /// Removes the object `r` names, if there is one, and updates the index.
+    fn remove(&mut self, r: &ObjectRef) {
+        if let Some(old) = self.objects.remove(r) {
+            self.index.remove(&old);
         }
     }
 
@@ -354,6 +362,8 @@ impl State {
         })
     }
 
+    /// Plans an apply: every document is checked against the state's index and the documents
+    /// before it, so the work is proportional to the request.
     fn plan_apply(&self, docs: Vec<Document<Object>>, file: &str) -> Result<Plan, Error> {
         let at = |index: usize, r: &ObjectRef, field: Option<String>, problem: String| InvalidDoc {
             file: file.to_owned(),
@@ -364,27 +374,13 @@ impl State {
         };
         let mut seen: HashMap<ObjectRef, usize> = HashMap::new();
         let mut new_namespaces = BTreeSet::new();
-        // Pod uids, and addresses (pod IPs and service VIPs share one space), held by the objects
-        // this apply does not replace; then by the objects it applies, one by one.
+        // What the stored objects this apply replaces hold is free for the apply's objects; what the
+        // others hold is taken. The apply's objects take what they hold, one by one.
         let replaced: BTreeSet<ObjectRef> = docs.iter().map(|d| d.item.object_ref()).collect();
-        let mut uids: HashMap<String, Holder> = HashMap::new();
-        let mut addresses: HashMap<IpAddr, Holder> = HashMap::new();
+        let mut uids = Claims::new(&self.index.uids, &replaced);
+        let mut addresses = Claims::new(&self.index.addresses, &replaced);
         // The namespace-wide PeerAuthentication of each namespace (at most one).
-        let mut namespace_wide: HashMap<String, Holder> = HashMap::new();
-        for (r, object) in self.objects.iter().filter(|(r, _)| !replaced.contains(r)) {
-            let holder = || (r.clone(), None);
-            match &**object {
-                Object::Pod(p) => {
-                    uids.insert(p.uid.clone(), holder());
-                    addresses.extend(p.ips.iter().map(|ip| (*ip, holder())));
-                }
-                Object::Service(s) => addresses.extend(s.cluster_ips.iter().map(|ip| (*ip, holder()))),
-                Object::PeerAuthentication(p) if p.is_namespace_wide() => {
-                    namespace_wide.insert(r.namespace.clone(), holder());
-                }
-                _ => {}
-            }
-        }
+        let mut namespace_wide = Claims::new(&self.index.namespace_wide, &replaced);
 
         let mut next = self.clone();
         let mut results = Vec::with_capacity(docs.len());
@@ -427,30 +423,34 @@ impl State {
             let in_use = |field: String, problem: String| Error::from(at(index, &r, Some(field), problem));
             match &object {
                 Object::Pod(pod) => {
-                    claim(&mut uids, pod.uid.clone(), holder()).map_err(|p| in_use("metadata.uid".into(), p))?;
+                    uids.claim(pod.uid.clone(), holder())
+                        .map_err(|p| in_use("metadata.uid".into(), p))?;
                     for (i, ip) in pod.ips.iter().enumerate() {
-                        claim(&mut addresses, *ip, holder())
+                        addresses
+                            .claim(*ip, holder())
                             .map_err(|p| in_use(format!("status.podIPs[{i}].ip"), p))?;
                     }
                 }
                 Object::Service(service) => {
                     for (i, ip) in service.cluster_ips.iter().enumerate() {
-                        claim(&mut addresses, *ip, holder()).map_err(|p| in_use(format!("spec.clusterIPs[{i}]"), p))?;
+                        addresses
+                            .claim(*ip, holder())
+                            .map_err(|p| in_use(format!("spec.clusterIPs[{i}]"), p))?;
                     }
                 }
                 // Istio would pick the oldest of two; Weft has no creation time, and says so.
                 Object::PeerAuthentication(p) if p.is_namespace_wide() => {
-                    if let Some((other, document)) = namespace_wide.get(&r.namespace) {
-                        let where_ = document.map(|d| format!(" (document {d})")).unwrap_or_default();
+                    if let Some(other) = namespace_wide.holder(&r.namespace) {
                         return Err(in_use(
                             "spec.selector".into(),
                             format!(
-                                "namespace {:?} already has a PeerAuthentication without a selector, {other}{where_}: a namespace (the root namespace: the mesh) has at most one",
-                                r.namespace
+                                "namespace {:?} already has a PeerAuthentication without a selector, {}: a namespace (the root namespace: the mesh) has at most one",
+                                r.namespace,
+                                describe(&other)
                             ),
                         ));
                     }
-                    namespace_wide.insert(r.namespace.clone(), holder());
+                    namespace_wide.take(r.namespace.clone(), holder());
                 }
                 _ => {}
             }
@@ -459,9 +459,11 @@ impl State {
                 Some(_) => "configured",
                 None => "created",
             };
-            changed |= verb != "unchanged";
             results.push(r.result_line(verb));
-            next.objects.insert(r, Arc::new(object));
+            if verb != "unchanged" {
+                changed = true;
+                next.put(Arc::new(object));
+            }
         }
         Ok(Plan {
             results,
@@ -491,24 +493,28 @@ impl State {
                 });
             }
         }
-        // Objects in deleted namespaces go too, after what was named.
+        // Objects in deleted namespaces go too, after what was named, in reference order.
         let namespaces: BTreeSet<&str> = doomed
             .iter()
             .filter(|r| r.kind == Kind::Namespace)
             .map(|r| r.name.as_str())
             .collect();
-        let cascade: Vec<ObjectRef> = self
-            .objects
-            .keys()
-            .filter(|r| r.kind.is_namespaced() && namespaces.contains(r.namespace.as_str()) && !seen.contains_key(r))
-            .cloned()
-            .collect();
+        let mut cascade = Vec::new();
+        for kind in Kind::ALL.into_iter().filter(|k| k.is_namespaced()) {
+            for namespace in &namespaces {
+                cascade.extend(
+                    self.in_namespace(kind, namespace)
+                        .map(Object::object_ref)
+                        .filter(|r| !seen.contains_key(r)),
+                );
+            }
+        }
         doomed.extend(cascade);
         let mut next = self.clone();
         let results = doomed
             .iter()
             .map(|r| {
-                next.objects.remove(r);
+                next.remove(r);
                 r.result_line("deleted")
             })
             .collect();
@@ -523,19 +529,55 @@ impl State {
 /// (`None`: the stored object).
 type Holder = (ObjectRef, Option<usize>);
 
-/// Records `holder` as the holder of `key`, or says who holds it already.
-fn claim<K: Eq + Hash + fmt::Display>(taken: &mut HashMap<K, Holder>, key: K, holder: Holder) -> Result<(), String> {
-    match taken.entry(key) {
-        Entry::Occupied(e) => {
-            let (other, document) = e.get();
-            let where_ = document.map(|d| format!(" (document {d})")).unwrap_or_default();
-            Err(format!("{} is already used by {other}{where_}", e.key()))
-        }
-        Entry::Vacant(e) => {
-            e.insert(holder);
-            Ok(())
+/// What the objects of one apply take of one kind of unique value (pod uids, addresses, ...),
+/// over what the stored objects hold.
+struct Claims<'a, K> {
+    stored: &'a OrdMap<K, Arc<Object>>,
+    /// Stored objects the apply replaces: what they hold is free.
+    replaced: &'a BTreeSet<ObjectRef>,
+    taken: HashMap<K, Holder>,
+}
+
+impl<'a, K: Ord + Hash + Clone + fmt::Display> Claims<'a, K> {
+    fn new(stored: &'a OrdMap<K, Arc<Object>>, replaced: &'a BTreeSet<ObjectRef>) -> Self {
+        Claims {
+            stored,
+            replaced,
+            taken: HashMap::new(),
         }
     }
+
+    /// Who holds `key`: an earlier object of the apply, or a stored one the apply keeps.
+    fn holder(&self, key: &K) -> Option<Holder> {
+        self.taken.get(key).cloned().or_else(|| {
+            self.stored
+                .get(key)
+                .map(|o| o.object_ref())
+                .filter(|r| !self.replaced.contains(r))
+                .map(|r| (r, None))
+        })
+    }
+
+    fn take(&mut self, key: K, holder: Holder) {
+        self.taken.insert(key, holder);
+    }
+
+    /// Takes `key` for `holder`, or says who holds it already.
+    fn claim(&mut self, key: K, holder: Holder) -> Result<(), String> {
+        match self.holder(&key) {
+            Some(other) => Err(format!("{key} is already used by {}", describe(&other))),
+            None => {
+                self.take(key, holder);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// `Pod default/web`, and ` (document 2)` when the holder is a document of this apply.
+fn describe((other, document): &Holder) -> String {
+    let where_ = document.map(|d| format!(" (document {d})")).unwrap_or_default();
+    format!("{other}{where_}")
 }
 
 fn namespace_ref(name: &str) -> ObjectRef {
@@ -558,6 +600,9 @@ fn random_uid() -> Result<String, Error> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod disk_tests;
 
 #[cfg(test)]
 mod peer_auth_tests;
