@@ -1,5 +1,7 @@
 //! Which pods the mesh captures.
 
+use std::collections::BTreeMap;
+
 use crate::{
     annotations::{DATAPLANE_MODE, DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_NONE},
     workload::{Namespace, Pod, WorkloadSnapshot},
@@ -12,7 +14,13 @@ use crate::{
 /// ([`crate::annotations::validate_value`]); should one arrive anyway, it counts as no annotation on a
 /// pod (the namespace decides) and enrolls nothing on a namespace.
 pub fn is_enrolled(pod: &Pod, namespace: Option<&Namespace>) -> bool {
-    match pod.annotations.get(DATAPLANE_MODE).map(String::as_str) {
+    is_enrolled_by_annotations(&pod.annotations, namespace)
+}
+
+/// [`is_enrolled`] for a pod known by its annotations, all that the decision reads of it (the node
+/// agent holds pods in a compact form of its own).
+pub fn is_enrolled_by_annotations(pod_annotations: &BTreeMap<String, String>, namespace: Option<&Namespace>) -> bool {
+    match pod_annotations.get(DATAPLANE_MODE).map(String::as_str) {
         Some(DATAPLANE_MODE_NONE) => false,
         Some(DATAPLANE_MODE_AMBIENT) => true,
         _ => namespace
