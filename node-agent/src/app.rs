@@ -289,7 +289,12 @@ impl NodeControl {
             self.networks.apply(event);
             saved = self.networks.save(&self.state_file).map_err(|e| display_chain(&e));
         }
-        let snapshot = with_networks(state.snapshot(), &self.networks);
+        // This node's pods, and the one a CNI event asks about.
+        let asked = event.map(|e| match e {
+            PodEvent::Add(n) => n.uid.as_str(),
+            PodEvent::Delete { uid } => uid.as_str(),
+        });
+        let snapshot = with_networks(state.snapshot_on(&self.reconciler.node, asked), &self.networks);
         if state.synced {
             // Before the first push the agent knows nothing; reconciling then would unenroll everything.
             self.reconciler.reconcile(&snapshot, state, &mut self.capture);
@@ -316,7 +321,7 @@ impl NodeControl {
     /// Gives each pod of this node that the agent has no network for the namespace, among the
     /// node's pinned ones, that holds its address ([`adopt`]), as if the CNI plugin had reported it.
     fn adopt(&mut self, state: &State) {
-        let snapshot = state.snapshot();
+        let snapshot = state.snapshot_on(&self.reconciler.node, None);
         let unplaced: Vec<&Pod> = snapshot
             .pods_on(&self.reconciler.node)
             .filter(|p| self.networks.get(&p.uid).is_none())
@@ -545,14 +550,14 @@ impl Reconciler {
                 // Labels, service account or addresses changed: applied in place, never by
                 // unenrolling (a moment uncaptured, and listeners to bind again).
                 let current = running.current();
-                if (current.pod != *pod || current.identity != workload.identity)
-                    && let Err(e) = running.update(pod, &workload.identity, capture)
+                if (current.pod != *pod || current.identity != **workload.identity())
+                    && let Err(e) = running.update(pod, workload.identity(), capture)
                 {
                     tracing::error!(error = %display_chain(&e), "updating pod; will retry");
                 }
                 continue;
             }
-            match InPod::enroll(pod, &workload.identity, &self.mesh, capture) {
+            match InPod::enroll(pod, workload.identity(), &self.mesh, capture) {
                 Ok(p) => {
                     self.pods.insert(uid.to_owned(), p);
                     self.failures.remove(uid);

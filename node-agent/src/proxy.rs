@@ -132,8 +132,8 @@ struct Record {
     direction: Direction,
     mode: Mode,
     src: SocketAddr,
-    /// The peer's workload (`namespace/name`) when known.
-    peer_workload: Option<String>,
+    /// The peer's workload (`namespace/name`) when known: the state's own name, shared.
+    peer_workload: Option<Arc<str>>,
     /// The peer's SPIFFE identity: the verified client's inbound, the expected server's outbound.
     peer_identity: Option<Identity>,
     dst: Option<SocketAddr>,
@@ -165,9 +165,9 @@ impl Record {
 impl Drop for Record {
     fn drop(&mut self) {
         // Formatted straight into the record: no strings built per connection.
-        let own_name = Shown(Some(&self.ctx.name));
+        let own_name = Shown(Some(self.ctx.name.as_str()));
         let own_identity = Shown(Some(&self.own.identity));
-        let peer_name = Shown(self.peer_workload.as_ref());
+        let peer_name = Shown(self.peer_workload.as_deref());
         let peer_identity = Shown(self.peer_identity.as_ref());
         let (direction, src_workload, src_identity, dst_workload, dst_identity) = match self.direction {
             Direction::Outbound => ("outbound", own_name, own_identity, peer_name, peer_identity),
@@ -199,9 +199,9 @@ impl Drop for Record {
 }
 
 /// An optional value displayed as itself or as nothing.
-struct Shown<'a, T>(Option<&'a T>);
+struct Shown<'a, T: ?Sized>(Option<&'a T>);
 
-impl<T: std::fmt::Display> std::fmt::Display for Shown<'_, T> {
+impl<T: std::fmt::Display + ?Sized> std::fmt::Display for Shown<'_, T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
             Some(v) => v.fmt(f),

@@ -6,6 +6,11 @@
 //! so a delta costs its own size (O(log n) per resource), not the size of the mesh, and readers of
 //! the old state are never in the way. A service's endpoints are the workloads that name it
 //! (`Workload::services`), indexed here as they come and go.
+//!
+//! The state is compact (an agent holds every workload of the mesh): a workload is stored once,
+//! under its own key, and the maps point to it; what pods have in common (names, identities, label
+//! sets) is held once for all of them ([`intern`]). Every lookup a connection makes (`plan`,
+//! `workload_by_ip`, `authorize`, `mtls_requirement`) allocates nothing.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -13,34 +18,20 @@ use std::{
     sync::Arc,
 };
 
-use imbl::{HashMap as PMap, OrdSet};
+use imbl::{OrdMap, OrdSet};
 use weft_api::{sync, types, v1};
 use weft_hbone::identity::Identity;
 use weft_model::{
-    Namespace, Pod, WorkloadSnapshot, enrollment, peer_auth,
+    Namespace, WorkloadSnapshot, enrollment, peer_auth,
     policy::{self, Scope},
 };
 
-/// A pod as the data plane sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Workload {
-    pub pod: Pod,
-    pub identity: Identity,
-    /// The services that select it (`namespace/name`).
-    pub services: Vec<String>,
-    /// The controller's version of it.
-    pub version: u64,
-}
+mod index;
+mod intern;
+mod workload;
 
-/// A service: its cluster IPs and port mapping. Its endpoints are the workloads naming it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Service {
-    pub name: String,
-    pub vips: Vec<IpAddr>,
-    /// (service port, target port)
-    pub ports: Vec<(u16, u16)>,
-    pub version: u64,
-}
+use index::{ByIp, ByKey, Endpoints, Pending};
+pub use workload::{Labels, Service, Uid, Workload};
 
 /// A resource the agent could not take; the controller is told (NACK) and the previous version, if
 /// any, stays.
@@ -52,15 +43,19 @@ pub struct Rejected {
 
 #[derive(Clone, Debug, Default)]
 pub struct State {
-    namespaces: BTreeMap<String, (Namespace, u64)>,
-    workloads: PMap<String, Arc<Workload>>,
-    services: PMap<String, Arc<Service>>,
-    /// Service key -> the keys of the workloads that name it.
-    members: PMap<String, OrdSet<String>>,
+    namespaces: OrdMap<String, (Arc<Namespace>, u64)>,
+    workloads: OrdSet<ByKey<Workload>>,
+    services: OrdSet<ByKey<Service>>,
+    /// Service key -> its endpoints: the workloads that name it.
+    members: OrdMap<Arc<str>, Endpoints>,
     policies: Scoped<policy::Compiled>,
     peer_auths: Scoped<peer_auth::Compiled>,
-    by_ip: PMap<IpAddr, String>,
-    by_vip: PMap<IpAddr, String>,
+    by_ip: ByIp<Arc<Workload>>,
+    by_vip: ByIp<Arc<Service>>,
+    /// The values this state's lineage shares (every state made from this one by pushes).
+    interner: intern::Shared,
+    /// Membership changes of the push being staged, not yet in `members`.
+    pending: Pending,
     /// Store revision of the last push applied.
     pub revision: u64,
     /// Whether a first (full) push has arrived since the agent started.
@@ -147,21 +142,29 @@ pub enum Plan {
     Hbone {
         peer: SocketAddr,
         target: SocketAddr,
-        identity: Identity,
+        identity: Arc<Identity>,
         /// `namespace/name` of the destination workload.
-        workload: String,
+        workload: Arc<str>,
     },
     /// Not in the mesh (or a pod that is not enrolled): plain TCP, as without the mesh.
     Passthrough {
         target: SocketAddr,
-        workload: Option<String>,
+        workload: Option<Arc<str>>,
     },
     /// A service VIP with no endpoint (or no such port): nothing to connect to.
-    NoEndpoint { service: String },
+    NoEndpoint { service: Arc<str> },
 }
 
 fn key(ns: &str, name: &str) -> String {
     format!("{ns}/{name}")
+}
+
+/// `held` if it equals `new`, else `new`: the state keeps one copy of what did not change.
+fn held_or_new<T: PartialEq>(held: Option<&Arc<T>>, new: T) -> Arc<T> {
+    match held.filter(|held| ***held == new) {
+        Some(held) => held.clone(),
+        None => Arc::new(new),
+    }
 }
 
 /// A push being applied, chunk by chunk, to a state nobody sees until [`Staged::finish`]: a push
@@ -174,11 +177,16 @@ pub struct Staged {
     replaced: HashSet<usize>,
     received: HashSet<String>,
     rejected: Vec<Rejected>,
+    /// Resources put or removed, for the interner's pruning.
+    changes: usize,
 }
 
 impl Staged {
     /// Applies one chunk (the first included).
     pub fn take(&mut self, chunk: &v1::Push) {
+        let shared = self.next.interner.clone();
+        let mut interner = shared.lock();
+        self.changes += chunk.removed.len() + chunk.resources.len();
         for removed in &chunk.removed {
             self.next.remove(&removed.r#type, &removed.name);
         }
@@ -193,7 +201,7 @@ impl Staged {
             if !self.replaced.is_empty() && self.replaced.contains(&sync::bucket(&k.r#type, &k.name)) {
                 self.received.insert(format!("{}/{}", k.r#type, k.name));
             }
-            if let Err(error) = self.next.insert(res) {
+            if let Err(error) = self.next.insert(res, &self.base, &mut interner) {
                 let full_key = format!("{}/{}", k.r#type, k.name);
                 tracing::warn!(resource = %full_key, %error, "rejecting resource");
                 // Keep what the agent had for it, if anything. `insert` changes nothing when it
@@ -222,8 +230,10 @@ impl Staged {
                 self.next.remove(ty, &name);
             }
         }
+        std::mem::take(&mut self.next.pending).flush(&mut self.next.members);
         self.next.policies.reindex();
         self.next.peer_auths.reindex();
+        self.next.interner.lock().changed(self.changes);
         (self.next, self.rejected)
     }
 }
@@ -233,7 +243,16 @@ impl State {
     /// replaces everything, except that a rejected resource keeps its previous version; a bucket
     /// resync replaces what the agent held in those buckets.
     pub fn stage(self: &Arc<Self>, first: &v1::Push) -> Staged {
-        let mut next = if first.full { State::default() } else { (**self).clone() };
+        // Values only states older than this one used are dropped now and then.
+        self.interner.lock().maybe_prune();
+        let mut next = if first.full {
+            State {
+                interner: self.interner.clone(),
+                ..State::default()
+            }
+        } else {
+            (**self).clone()
+        };
         next.synced = true;
         next.revision = first.revision;
         Staged {
@@ -247,6 +266,7 @@ impl State {
             },
             received: HashSet::new(),
             rejected: Vec::new(),
+            changes: 0,
         }
     }
 
@@ -263,8 +283,8 @@ impl State {
         self.namespaces
             .keys()
             .map(|k| (types::NAMESPACE, k.as_str()))
-            .chain(self.workloads.keys().map(|k| (types::WORKLOAD, k.as_str())))
-            .chain(self.services.keys().map(|k| (types::SERVICE, k.as_str())))
+            .chain(self.workloads.iter().map(|w| (types::WORKLOAD, &**w.0.key())))
+            .chain(self.services.iter().map(|s| (types::SERVICE, &*s.0.name)))
             .chain(self.policies.by_name.keys().map(|k| (types::POLICY, k.as_str())))
             .chain(
                 self.peer_auths
@@ -284,13 +304,9 @@ impl State {
             .chain(
                 self.workloads
                     .iter()
-                    .map(|(k, w)| (types::WORKLOAD, k.as_str(), w.version)),
+                    .map(|w| (types::WORKLOAD, &**w.0.key(), w.0.version())),
             )
-            .chain(
-                self.services
-                    .iter()
-                    .map(|(k, s)| (types::SERVICE, k.as_str(), s.version)),
-            )
+            .chain(self.services.iter().map(|s| (types::SERVICE, &*s.0.name, s.0.version)))
             .chain(
                 self.policies
                     .by_name
@@ -311,54 +327,26 @@ impl State {
         (self.workloads.len(), self.services.len())
     }
 
-    fn insert(&mut self, res: &v1::Resource) -> Result<(), String> {
+    /// Takes one resource. A workload or service equal to the one `base` (the state the push
+    /// applies to) holds is that one: a full push or resync makes no second copy of what it did
+    /// not change.
+    fn insert(&mut self, res: &v1::Resource, base: &State, interner: &mut intern::Interner) -> Result<(), String> {
         use v1::resource::Kind;
         let version = res.version;
         match &res.kind {
             Some(Kind::Namespace(n)) => {
-                self.namespaces.insert(n.name.clone(), (Namespace::from(n), version));
+                self.namespaces
+                    .insert(n.name.clone(), (Arc::new(Namespace::from(n)), version));
             }
             Some(Kind::Workload(w)) => {
-                let pod = Pod::try_from(w).map_err(|e| e.to_string())?;
-                let identity: Identity = w.identity.parse().map_err(|e| format!("identity: {e}"))?;
-                let k = key(&pod.namespace, &pod.name);
-                self.put_workload(
-                    k,
-                    Arc::new(Workload {
-                        pod,
-                        identity,
-                        services: w.services.clone(),
-                        version,
-                    }),
-                );
+                let new = Workload::from_wire(w, version, interner)?;
+                let held = base.workload(new.key());
+                self.put_workload(held_or_new(held, new));
             }
             Some(Kind::Service(s)) => {
-                let vips = s
-                    .vips
-                    .iter()
-                    .map(|v| {
-                        v.parse::<IpAddr>()
-                            .map_err(|_| format!("vips: {v:?} is not an IP address"))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                let ports = s
-                    .ports
-                    .iter()
-                    .map(|p| match (u16::try_from(p.port), u16::try_from(p.target_port)) {
-                        (Ok(a), Ok(b)) if a != 0 && b != 0 => Ok((a, b)),
-                        _ => Err(format!("ports: {}->{} out of range", p.port, p.target_port)),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                let k = key(&s.namespace, &s.name);
-                self.put_service(
-                    k.clone(),
-                    Arc::new(Service {
-                        name: k,
-                        vips,
-                        ports,
-                        version,
-                    }),
-                );
+                let new = Service::from_wire(s, version, interner)?;
+                let held = base.service(&new.name);
+                self.put_service(held_or_new(held, new));
             }
             Some(Kind::Policy(p)) => {
                 let policy = policy::Compiled::try_from(p).map_err(|e| e.to_string())?;
@@ -380,53 +368,65 @@ impl State {
     }
 
     /// Puts a workload in, replacing any of that key, with what indexes it (addresses, services).
-    fn put_workload(&mut self, k: String, w: Arc<Workload>) {
-        self.remove_workload(&k);
-        for ip in &w.pod.ips {
-            self.by_ip.insert(*ip, k.clone());
+    /// The very workload held already changes nothing (and copies no map node).
+    fn put_workload(&mut self, w: Arc<Workload>) {
+        if self.workload(w.key()).is_some_and(|held| Arc::ptr_eq(held, &w)) {
+            return;
         }
-        for s in &w.services {
-            self.members.entry(s.clone()).or_default().insert(k.clone());
+        if let Some(ByKey(old)) = self.workloads.insert(ByKey(w.clone())) {
+            self.unindex_workload(&old);
         }
-        self.workloads.insert(k, w);
+        for ip in w.ips() {
+            self.by_ip.insert(*ip, w.clone());
+        }
+        for s in w.services() {
+            self.pending.put(s, &w);
+        }
     }
 
     /// Puts a service in, replacing any of that key, with its VIPs indexed.
-    fn put_service(&mut self, k: String, s: Arc<Service>) {
-        self.remove_service(&k);
-        for vip in &s.vips {
-            self.by_vip.insert(*vip, k.clone());
+    fn put_service(&mut self, s: Arc<Service>) {
+        if self.service(&s.name).is_some_and(|held| Arc::ptr_eq(held, &s)) {
+            return;
         }
-        self.services.insert(k, s);
+        if let Some(ByKey(old)) = self.services.insert(ByKey(s.clone())) {
+            self.unindex_service(&old);
+        }
+        for vip in &s.vips {
+            self.by_vip.insert(*vip, s.clone());
+        }
     }
 
     /// Removes a workload and what indexes it.
     fn remove_workload(&mut self, k: &str) {
-        let Some(old) = self.workloads.remove(k) else {
-            return;
-        };
-        for ip in &old.pod.ips {
-            if self.by_ip.get(ip).is_some_and(|owner| owner == k) {
-                self.by_ip.remove(ip);
-            }
-        }
-        for s in &old.services {
-            if let Some(set) = self.members.get_mut(s) {
-                set.remove(k);
-                if set.is_empty() {
-                    self.members.remove(s);
-                }
-            }
+        if let Some(ByKey(old)) = self.workloads.remove(k) {
+            self.unindex_workload(&old);
         }
     }
 
     fn remove_service(&mut self, k: &str) {
-        let Some(old) = self.services.remove(k) else {
-            return;
-        };
+        if let Some(ByKey(old)) = self.services.remove(k) {
+            self.unindex_service(&old);
+        }
+    }
+
+    /// Takes `old` (no longer held) out of the indexes: its addresses, unless another workload
+    /// took them since, and its services' endpoints.
+    fn unindex_workload(&mut self, old: &Arc<Workload>) {
+        for ip in old.ips() {
+            if self.by_ip.get(*ip).is_some_and(|owner| Arc::ptr_eq(owner, old)) {
+                self.by_ip.remove(*ip);
+            }
+        }
+        for s in old.services() {
+            self.pending.remove(s, old.key());
+        }
+    }
+
+    fn unindex_service(&mut self, old: &Arc<Service>) {
         for vip in &old.vips {
-            if self.by_vip.get(vip).is_some_and(|owner| owner == k) {
-                self.by_vip.remove(vip);
+            if self.by_vip.get(*vip).is_some_and(|owner| Arc::ptr_eq(owner, old)) {
+                self.by_vip.remove(*vip);
             }
         }
     }
@@ -459,13 +459,13 @@ impl State {
                 }
             }
             types::WORKLOAD => {
-                if let Some(w) = self.workloads.get(name) {
-                    next.put_workload(name.to_owned(), w.clone());
+                if let Some(w) = self.workload(name) {
+                    next.put_workload(w.clone());
                 }
             }
             types::SERVICE => {
-                if let Some(s) = self.services.get(name) {
-                    next.put_service(name.to_owned(), s.clone());
+                if let Some(s) = self.service(name) {
+                    next.put_service(s.clone());
                 }
             }
             types::POLICY => {
@@ -484,30 +484,44 @@ impl State {
         }
     }
 
-    /// Namespaces and pods, for the enrollment reconciler.
-    pub fn snapshot(&self) -> WorkloadSnapshot {
+    /// Namespaces, and the pods on `node` and the pod `uid` (wherever it runs), for the enrollment
+    /// reconciler: it acts on its own node's pods, and answers the CNI plugin about one pod.
+    /// Converting every workload of the mesh to a model pod on each of its steps would cost more
+    /// than the state itself.
+    pub fn snapshot_on(&self, node: &str, uid: Option<&str>) -> WorkloadSnapshot {
+        let uid = uid.and_then(Uid::parse);
         WorkloadSnapshot {
-            namespaces: self.namespaces.values().map(|(n, _)| n.clone()).collect(),
-            pods: self.workloads.values().map(|w| w.pod.clone()).collect(),
+            namespaces: self.namespaces.values().map(|(n, _)| (**n).clone()).collect(),
+            pods: self
+                .workloads
+                .iter()
+                .filter(|w| w.0.node() == node || Some(w.0.uid()) == uid)
+                .map(|w| w.0.to_pod())
+                .collect(),
         }
     }
 
     /// Whether a pod with this uid is known.
     pub fn has_pod(&self, uid: &str) -> bool {
-        self.workloads.values().any(|w| w.pod.uid == uid)
+        Uid::parse(uid).is_some_and(|uid| self.workloads.iter().any(|w| w.0.uid() == uid))
     }
 
     pub fn workload(&self, key: &str) -> Option<&Arc<Workload>> {
-        self.workloads.get(key)
+        self.workloads.get(key).map(|w| &w.0)
+    }
+
+    fn service(&self, key: &str) -> Option<&Arc<Service>> {
+        self.services.get(key).map(|s| &s.0)
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
-        self.by_ip.get(&ip).and_then(|k| self.workloads.get(k))
+        self.by_ip.get(ip)
     }
 
     /// Whether the workload's traffic is meshed (enrolled by its own or its namespace's annotation).
     pub fn is_meshed(&self, w: &Workload) -> bool {
-        enrollment::is_enrolled(&w.pod, self.namespaces.get(&w.pod.namespace).map(|(n, _)| n))
+        let namespace = self.namespaces.get(w.namespace()).map(|(n, _)| &**n);
+        enrollment::is_enrolled_by_annotations(w.annotations(), namespace)
     }
 
     /// The policies that can apply to a workload of `namespace`: the mesh-wide ones and the
@@ -522,35 +536,26 @@ impl State {
         self.peer_auths.for_namespace(namespace)
     }
 
-    /// The addresses of `service`'s endpoints of the family of `v6`.
-    fn endpoint_ips<'a>(&'a self, service: &str, v6: bool) -> impl Iterator<Item = IpAddr> + 'a {
-        self.members
-            .get(service)
-            .into_iter()
-            .flat_map(|set| set.iter())
-            .filter_map(|k| self.workloads.get(k))
-            .filter_map(move |w| w.pod.ips.iter().copied().find(|ip| ip.is_ipv6() == v6))
-    }
-
     /// Where a connection to `dst` goes. `pick` chooses among a service's endpoints (round robin
-    /// when the caller increments it per connection). Allocates nothing but the plan's names.
+    /// when the caller increments it per connection). Allocates nothing: the plan's names and
+    /// identity are the state's own, shared.
     pub fn plan(&self, dst: SocketAddr, pick: usize) -> Plan {
         let mut target = dst;
-        if let Some(service) = self.by_vip.get(&dst.ip()).and_then(|k| self.services.get(k)) {
-            let Some((_, target_port)) = service.ports.iter().find(|(p, _)| *p == dst.port()) else {
-                return Plan::NoEndpoint {
-                    service: service.name.clone(),
-                };
+        if let Some(service) = self.by_vip.get(dst.ip()) {
+            let no_endpoint = || Plan::NoEndpoint {
+                service: service.name.clone(),
             };
-            // Endpoints with an address of the family the client used: counted, then the pick-th.
-            let count = self.endpoint_ips(&service.name, dst.is_ipv6()).count();
-            let Some(ip) = (count > 0)
-                .then(|| self.endpoint_ips(&service.name, dst.is_ipv6()).nth(pick % count))
+            let Some((_, target_port)) = service.ports.iter().find(|(p, _)| *p == dst.port()) else {
+                return no_endpoint();
+            };
+            // Endpoints with an address of the family the client used: the pick-th.
+            let v6 = dst.is_ipv6();
+            let endpoints = self.members.get(&*service.name).map_or(&[][..], |e| e.of_family(v6));
+            let Some(ip) = (!endpoints.is_empty())
+                .then(|| endpoints[pick % endpoints.len()].ip(v6))
                 .flatten()
             else {
-                return Plan::NoEndpoint {
-                    service: service.name.clone(),
-                };
+                return no_endpoint();
             };
             target = SocketAddr::new(ip, *target_port);
         }
@@ -558,12 +563,12 @@ impl State {
             Some(w) if self.is_meshed(w) => Plan::Hbone {
                 peer: SocketAddr::new(target.ip(), weft_model::ports::HBONE),
                 target,
-                identity: w.identity.clone(),
-                workload: w.pod.qualified_name(),
+                identity: w.identity().clone(),
+                workload: w.key().clone(),
             },
             Some(w) => Plan::Passthrough {
                 target,
-                workload: Some(w.pod.qualified_name()),
+                workload: Some(w.key().clone()),
             },
             None => Plan::Passthrough { target, workload: None },
         }
@@ -575,10 +580,10 @@ impl State {
 /// what the agent knows now, never on what it knew when the pod was enrolled. A workload this state
 /// does not have (or has under another uid) is refused: there is nothing current to decide on.
 pub fn authorize(state: &State, key: &str, uid: &str, conn: &policy::Connection<'_>) -> policy::Decision {
-    let Some(pod) = current_pod(state, key, uid) else {
+    let Some(w) = current(state, key, uid) else {
         return policy::Decision::Deny { policy: None };
     };
-    policy::decide(state.policies_for(&pod.namespace), target(pod), conn)
+    policy::decide(state.policies_for(w.namespace()), target(w), conn)
 }
 
 /// What `port` of the workload `key` (`namespace/name`, with `uid`) requires of a connection's
@@ -587,22 +592,23 @@ pub fn authorize(state: &State, key: &str, uid: &str, conn: &policy::Connection<
 /// state does not have is [`Permissive`](peer_auth::Requirement::Permissive) here; [`authorize`]
 /// refuses it.
 pub fn mtls_requirement(state: &State, key: &str, uid: &str, port: u16) -> peer_auth::Requirement {
-    let Some(pod) = current_pod(state, key, uid) else {
+    let Some(w) = current(state, key, uid) else {
         return peer_auth::Requirement::Permissive;
     };
-    peer_auth::requirement(state.peer_auths_for(&pod.namespace), target(pod), port)
+    peer_auth::requirement(state.peer_auths_for(w.namespace()), target(w), port)
 }
 
 /// The workload `key` as `state` has it now, if it is still the pod `uid`.
-fn current_pod<'a>(state: &'a State, key: &str, uid: &str) -> Option<&'a Pod> {
-    state.workload(key).map(|w| &w.pod).filter(|p| p.uid == uid)
+fn current<'a>(state: &'a State, key: &str, uid: &str) -> Option<&'a Workload> {
+    let uid = Uid::parse(uid)?;
+    state.workload(key).map(|w| &**w).filter(|w| w.uid() == uid)
 }
 
 /// What policies select a workload by: its namespace and current labels.
-fn target(pod: &Pod) -> policy::Target<'_> {
+fn target(w: &Workload) -> policy::Target<'_> {
     policy::Target {
-        namespace: &pod.namespace,
-        labels: &pod.labels,
+        namespace: w.namespace(),
+        labels: w.labels(),
     }
 }
 
@@ -614,3 +620,12 @@ mod tests;
 
 #[cfg(test)]
 mod peer_auth_tests;
+
+#[cfg(test)]
+mod counting;
+
+#[cfg(test)]
+mod alloc_tests;
+
+#[cfg(test)]
+mod compact_tests;

@@ -41,7 +41,7 @@ pub async fn plaintext(ctx: Arc<PodContext>, downstream: TcpStream, peer: Socket
         return;
     }
     let state = ctx.mesh.state();
-    record.peer_workload = state.workload_by_ip(peer.ip()).map(|w| w.pod.qualified_name());
+    record.peer_workload = state.workload_by_ip(peer.ip()).map(|w| w.key().clone());
     // A STRICT PeerAuthentication of this port refuses plaintext before any AuthorizationPolicy.
     if let Requirement::Strict { policy } = state::mtls_requirement(&state, &ctx.name, &ctx.uid, dst.port()) {
         record.reason = Reason::StrictMtls;
@@ -169,7 +169,7 @@ impl Handler for Inbound {
             return (record, Err(Refusal::Forbidden));
         }
         let state = ctx.mesh.state();
-        record.peer_workload = state.workload_by_ip(req.peer.ip()).map(|w| w.pod.qualified_name());
+        record.peer_workload = state.workload_by_ip(req.peer.ip()).map(|w| w.key().clone());
         if let Decision::Deny { policy } = Authz::of_request(req).decide(ctx, &state) {
             record.policy = policy;
             record.reason = Reason::Denied;

@@ -52,8 +52,8 @@ pub async fn outbound(ctx: Arc<PodContext>, downstream: TcpStream, v6: bool) {
             record.mode = Mode::Hbone;
             record.dst = Some(target);
             record.peer_workload = Some(workload);
-            record.peer_identity = Some(identity.clone());
-            hbone(&mut record, downstream, peer, target, identity).await;
+            record.peer_identity = Some(Identity::clone(&identity));
+            hbone(&mut record, downstream, peer, target, Identity::clone(&identity)).await;
         }
         Plan::Passthrough { target, workload } => {
             record.peer_workload = workload;

@@ -112,8 +112,8 @@ impl Pod {
         });
         let workload = state.workload("shop/web").expect("shop/web");
         let ctx = PodContext::new(
-            workload.pod.clone(),
-            workload.identity.clone(),
+            workload.to_pod(),
+            Identity::clone(workload.identity()),
             NetNs::current().unwrap(),
             mesh,
         );

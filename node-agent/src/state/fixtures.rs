@@ -124,3 +124,98 @@ pub(crate) fn policy(
         }),
     )
 }
+
+/// shop (meshed): web-1 and web-2 behind the service shop/web, and the service shop/empty;
+/// legacy (outside the mesh): db.
+pub(crate) fn shop_and_legacy() -> Vec<v1::Resource> {
+    vec![
+        ns("shop", true),
+        ns("legacy", false),
+        member_of(pod("shop", "web-1", "10.244.1.11", &[("app", "web")]), &["shop/web"]),
+        member_of(pod("shop", "web-2", "10.244.2.11", &[("app", "web")]), &["shop/web"]),
+        pod("legacy", "db", "10.244.1.12", &[]),
+        service("shop", "web", "10.96.0.10"),
+        service("shop", "empty", "10.96.0.11"),
+    ]
+}
+
+/// `service` with these VIPs instead of its one.
+pub(crate) fn with_vips(mut service: v1::Resource, vips: &[&str]) -> v1::Resource {
+    if let Some(Kind::Service(s)) = &mut service.kind {
+        s.vips = vips.iter().map(|v| v.to_string()).collect();
+    }
+    service
+}
+
+/// A policy's rules: one, for connections from `source`.
+pub(crate) fn from_source(source: v1::PolicySource) -> Vec<v1::Rule> {
+    vec![v1::Rule {
+        from: vec![source],
+        ..v1::Rule::default()
+    }]
+}
+
+/// An AUDIT policy of `namespace` matching connections to `port`.
+pub(crate) fn audit_port(namespace: &str, name: &str, port: u16) -> v1::Resource {
+    policy(
+        namespace,
+        name,
+        v1::Action::Audit,
+        v1::Scope::Namespace,
+        vec![v1::Rule {
+            when: vec![v1::Condition {
+                key: "destination.port".into(),
+                values: vec![port.to_string()],
+                not_values: vec![],
+            }],
+            ..v1::Rule::default()
+        }],
+    )
+}
+
+/// A PeerAuthentication: its mode, and port-level modes (which need a selector).
+pub(crate) fn peer_auth(
+    namespace: &str,
+    name: &str,
+    scope: v1::Scope,
+    selector: Option<(&str, &str)>,
+    mode: v1::MtlsMode,
+    ports: &[(u32, v1::MtlsMode)],
+) -> v1::Resource {
+    res(
+        types::PEER_AUTHENTICATION,
+        &format!("{namespace}/{name}"),
+        Kind::PeerAuthentication(v1::PeerAuthentication {
+            namespace: namespace.into(),
+            name: name.into(),
+            selector: selector.map(|(k, v)| v1::Selector {
+                match_labels: HashMap::from([(k.to_owned(), v.to_owned())]),
+            }),
+            mode: mode as i32,
+            port_level_mtls: ports
+                .iter()
+                .map(|(port, mode)| v1::PortMtls {
+                    port: *port,
+                    mode: *mode as i32,
+                })
+                .collect(),
+            scope: scope as i32,
+        }),
+    )
+}
+
+/// `workload` with these addresses (in this order) instead of its one.
+pub(crate) fn with_ips(mut workload: v1::Resource, ips: &[&str]) -> v1::Resource {
+    if let Some(Kind::Workload(w)) = &mut workload.kind {
+        w.ips = ips.iter().map(|ip| ip.to_string()).collect();
+    }
+    workload
+}
+
+/// `workload` placed on `node` instead.
+pub(crate) fn with_node(mut workload: v1::Resource, node: &str) -> v1::Resource {
+    if let Some(Kind::Workload(w)) = &mut workload.kind {
+        w.node = node.into();
+    }
+    workload
+}

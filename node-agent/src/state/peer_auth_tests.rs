@@ -1,45 +1,13 @@
 //! PeerAuthentication in the agent's state: taken from a push, indexed, and resolved for a
 //! workload's port with its current labels; a bad one is NACKed and the previous version kept.
 
-use std::collections::HashMap;
-
-use weft_api::v1::{self, resource::Kind};
+use weft_api::v1;
 use weft_model::peer_auth::Requirement;
 
 use super::{fixtures::*, *};
 
 fn cart(labels: &[(&str, &str)]) -> v1::Resource {
     pod("shop", "cart", "10.244.1.5", labels)
-}
-
-fn pa(
-    namespace: &str,
-    name: &str,
-    scope: v1::Scope,
-    selector: Option<(&str, &str)>,
-    mode: v1::MtlsMode,
-    ports: &[(u32, v1::MtlsMode)],
-) -> v1::Resource {
-    res(
-        types::PEER_AUTHENTICATION,
-        &format!("{namespace}/{name}"),
-        Kind::PeerAuthentication(v1::PeerAuthentication {
-            namespace: namespace.into(),
-            name: name.into(),
-            selector: selector.map(|(k, v)| v1::Selector {
-                match_labels: HashMap::from([(k.to_owned(), v.to_owned())]),
-            }),
-            mode: mode as i32,
-            port_level_mtls: ports
-                .iter()
-                .map(|(port, mode)| v1::PortMtls {
-                    port: *port,
-                    mode: *mode as i32,
-                })
-                .collect(),
-            scope: scope as i32,
-        }),
-    )
 }
 
 fn strict_by(state: &State, port: u16) -> Option<String> {
@@ -52,13 +20,13 @@ fn strict_by(state: &State, port: u16) -> Option<String> {
 #[test]
 fn peer_authentications_from_pushes_decide_with_the_workloads_current_labels() {
     use v1::MtlsMode::*;
-    let mesh_strict = pa("weft-system", "default", v1::Scope::Mesh, None, MtlsStrict, &[]);
+    let mesh_strict = peer_auth("weft-system", "default", v1::Scope::Mesh, None, MtlsStrict, &[]);
     let (state, rejected) = State::default().apply(&push(true, vec![cart(&[("app", "cart")]), mesh_strict], &[]));
     assert!(rejected.is_empty(), "{rejected:?}");
     assert_eq!(strict_by(&state, 8080).as_deref(), Some("weft-system/default"));
 
     // A selector policy exempting 8080: only for pods with the label.
-    let exempt = pa(
+    let exempt = peer_auth(
         "shop",
         "cart",
         v1::Scope::Namespace,
@@ -92,12 +60,12 @@ fn peer_authentications_from_pushes_decide_with_the_workloads_current_labels() {
 #[test]
 fn a_bad_peer_authentication_is_rejected_and_its_previous_version_kept() {
     use v1::MtlsMode::*;
-    let ns_strict = pa("shop", "default", v1::Scope::Namespace, None, MtlsStrict, &[]);
+    let ns_strict = peer_auth("shop", "default", v1::Scope::Namespace, None, MtlsStrict, &[]);
     let (state, _) = State::default().apply(&push(true, vec![cart(&[]), ns_strict], &[]));
     assert_eq!(strict_by(&state, 80).as_deref(), Some("shop/default"));
     // Port-level without a selector is invalid: NACKed by name, the STRICT one stays, also on a
     // full push.
-    let bad = pa(
+    let bad = peer_auth(
         "shop",
         "default",
         v1::Scope::Namespace,

@@ -3,19 +3,7 @@ use weft_api::v1::{self, resource::Kind};
 use super::{fixtures::*, *};
 
 fn mesh() -> State {
-    let (state, rejected) = State::default().apply(&push(
-        true,
-        vec![
-            ns("shop", true),
-            ns("legacy", false),
-            member_of(pod("shop", "web-1", "10.244.1.11", &[("app", "web")]), &["shop/web"]),
-            member_of(pod("shop", "web-2", "10.244.2.11", &[("app", "web")]), &["shop/web"]),
-            pod("legacy", "db", "10.244.1.12", &[]),
-            service("shop", "web", "10.96.0.10"),
-            service("shop", "empty", "10.96.0.11"),
-        ],
-        &[],
-    ));
+    let (state, rejected) = State::default().apply(&push(true, shop_and_legacy(), &[]));
     assert!(rejected.is_empty(), "{rejected:?}");
     state
 }
@@ -32,7 +20,7 @@ fn a_meshed_pod_gets_hbone_with_its_identity() {
         Plan::Hbone {
             peer: addr("10.244.2.11:15008"),
             target: addr("10.244.2.11:8080"),
-            identity: "spiffe://cluster.local/ns/shop/sa/default".parse().unwrap(),
+            identity: Arc::new("spiffe://cluster.local/ns/shop/sa/default".parse().unwrap()),
             workload: "shop/web-2".into(),
         }
     );
@@ -98,8 +86,8 @@ fn increments_add_and_remove_and_a_full_push_replaces() {
     assert_eq!(state.revision, 7);
 
     let (state, _) = state.apply(&push(true, vec![ns("shop", true)], &[]));
-    assert!(state.snapshot().pods.is_empty());
-    assert_eq!(state.snapshot().namespaces.len(), 1);
+    assert!(state.snapshot_on("node1", None).pods.is_empty());
+    assert_eq!(state.snapshot_on("node1", None).namespaces.len(), 1);
 }
 
 #[test]
@@ -146,8 +134,8 @@ fn policies_follow_pushes_and_decide_for_the_pod_s_namespace_only() {
     let (with, rejected) = state.apply(&push(false, vec![deny_all], &[]));
     assert!(rejected.is_empty(), "{rejected:?}");
     let conn = conn();
-    let web = with.workload("shop/web-2").unwrap().pod.uid.clone();
-    let db = with.workload("legacy/db").unwrap().pod.uid.clone();
+    let web = with.workload("shop/web-2").unwrap().uid().to_string();
+    let db = with.workload("legacy/db").unwrap().uid().to_string();
     assert!(matches!(
         authorize(&with, "shop/web-2", &web, &conn),
         policy::Decision::Deny { .. }
@@ -177,13 +165,10 @@ fn mesh_wide_policies_decide_for_pods_of_every_namespace() {
         "require-mtls",
         v1::Action::Deny,
         v1::Scope::Mesh,
-        vec![v1::Rule {
-            from: vec![v1::PolicySource {
-                not_principals: vec!["*".into()],
-                ..v1::PolicySource::default()
-            }],
-            ..v1::Rule::default()
-        }],
+        from_source(v1::PolicySource {
+            not_principals: vec!["*".into()],
+            ..v1::PolicySource::default()
+        }),
     );
     let (state, rejected) = mesh().apply(&push(false, vec![require_mtls], &[]));
     assert!(rejected.is_empty(), "{rejected:?}");
@@ -192,7 +177,7 @@ fn mesh_wide_policies_decide_for_pods_of_every_namespace() {
         ..conn()
     };
     for key in ["shop/web-2", "legacy/db"] {
-        let uid = state.workload(key).unwrap().pod.uid.clone();
+        let uid = state.workload(key).unwrap().uid().to_string();
         assert_eq!(
             authorize(&state, key, &uid, &plaintext),
             policy::Decision::Deny {
@@ -211,7 +196,7 @@ fn mesh_wide_policies_decide_for_pods_of_every_namespace() {
         vec![v1::Rule::default()],
     );
     let (state, _) = state.apply(&push(false, vec![scoped], &[]));
-    let uid = state.workload("legacy/db").unwrap().pod.uid.clone();
+    let uid = state.workload("legacy/db").unwrap().uid().to_string();
     assert_eq!(
         authorize(&state, "legacy/db", &uid, &plaintext),
         policy::Decision::ALLOW
@@ -222,23 +207,10 @@ fn mesh_wide_policies_decide_for_pods_of_every_namespace() {
 
 #[test]
 fn a_matching_audit_policy_is_named_in_the_decision() {
-    let audit = policy(
-        "shop",
-        "audit-8080",
-        v1::Action::Audit,
-        v1::Scope::Namespace,
-        vec![v1::Rule {
-            when: vec![v1::Condition {
-                key: "destination.port".into(),
-                values: vec!["8080".into()],
-                not_values: vec![],
-            }],
-            ..v1::Rule::default()
-        }],
-    );
+    let audit = audit_port("shop", "audit-8080", 8080);
     let (state, rejected) = mesh().apply(&push(false, vec![audit], &[]));
     assert!(rejected.is_empty(), "{rejected:?}");
-    let uid = state.workload("shop/web-2").unwrap().pod.uid.clone();
+    let uid = state.workload("shop/web-2").unwrap().uid().to_string();
     let decision = authorize(&state, "shop/web-2", &uid, &conn());
     assert_eq!(decision.audit(), Some("shop/audit-8080"));
     let other_port = policy::Connection {
@@ -297,7 +269,7 @@ fn a_service_spreads_over_the_workloads_naming_it_as_they_come_and_go() {
             Plan::Hbone {
                 peer: addr("10.244.2.11:15008"),
                 target: addr("10.244.2.11:8080"),
-                identity: "spiffe://cluster.local/ns/shop/sa/default".parse().unwrap(),
+                identity: Arc::new("spiffe://cluster.local/ns/shop/sa/default".parse().unwrap()),
                 workload: "shop/web-2".into(),
             },
             "pick {pick}"
