@@ -899,19 +899,32 @@ pub struct AgentReport {
     pub services: usize,
     /// RSS growth of this process for the state, MiB.
     pub state_mib: f64,
+    /// RSS of the whole process holding the state, MiB: what an agent would hold, less the
+    /// agent's own code and runtime.
+    pub process_mib: f64,
+    /// The same after `malloc_trim`, as the agent does every few seconds: without the free heap
+    /// pages that building the state left behind.
+    pub process_trimmed_mib: f64,
+    /// The process's peak RSS, MiB (the full apply's transients included).
+    pub process_peak_mib: f64,
     pub full_apply_s: f64,
     pub delta_p50_ms: f64,
     pub delta_max_ms: f64,
 }
 
-fn rss_mib() -> f64 {
+/// A field of this process's `/proc/self/status` in kB (`VmRSS`, `VmHWM`), as MiB.
+fn status_mib(field: &str) -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .unwrap_or(0.0)
         / 1024.0
+}
+
+fn rss_mib() -> f64 {
+    status_mib("VmRSS")
 }
 
 fn agent_workload(i: usize, services: usize, version: u64) -> v1::Resource {
@@ -994,7 +1007,11 @@ pub fn agent_state(workloads: usize, services: usize, deltas: usize) -> anyhow::
     anyhow::ensure!(rejected.is_empty(), "rejected: {:?}", rejected.first());
     let full_apply_s = started.elapsed().as_secs_f64();
     let mut state = Arc::new(state);
-    let state_mib = rss_mib() - before;
+    let process_mib = rss_mib();
+    let state_mib = process_mib - before;
+    // SAFETY: malloc_trim only releases memory malloc does not hand out; safe at any time.
+    unsafe { libc::malloc_trim(0) };
+    let process_trimmed_mib = rss_mib();
     let mut times = Vec::new();
     for d in 0..deltas {
         let delta = push(
@@ -1015,6 +1032,9 @@ pub fn agent_state(workloads: usize, services: usize, deltas: usize) -> anyhow::
         workloads,
         services,
         state_mib,
+        process_mib,
+        process_trimmed_mib,
+        process_peak_mib: status_mib("VmHWM"),
         full_apply_s,
         delta_p50_ms: times.get(times.len() / 2).copied().unwrap_or(0.0),
         delta_max_ms: times.last().copied().unwrap_or(0.0),

@@ -60,6 +60,12 @@ fn main() -> anyhow::Result<()> {
             "agent state: {} workloads, {} services: +{:.1} MiB RSS, full push applied in {:.2} s, a one-workload delta in {:.3} ms (p50), {:.3} ms (max of 200)",
             r.workloads, r.services, r.state_mib, r.full_apply_s, r.delta_p50_ms, r.delta_max_ms
         );
+        // Reported, not asserted: the bar (64 MiB for an agent holding this) includes the agent's
+        // own code and runtime, which this process does not have.
+        println!(
+            "agent state: process RSS holding it {:.1} MiB ({:.1} MiB after malloc_trim, peak {:.1} MiB); bar for a whole agent: 64 MiB",
+            r.process_mib, r.process_trimmed_mib, r.process_peak_mib
+        );
         return Ok(());
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
