@@ -39,6 +39,22 @@ fn crash_image(store: &Store, dir: &Path) -> tempfile::TempDir {
     image
 }
 
+/// A store as [`store_with_pods`] makes it (its directory kept alive with it), and a crash image of it.
+fn crashed_store_with_pods(pods: usize) -> ((tempfile::TempDir, Store), tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_pods(dir.path(), pods);
+    let image = crash_image(&store, dir.path());
+    ((dir, store), image)
+}
+
+/// A store opened from what a crash would leave of `store` now holds what `store` holds.
+fn assert_a_crash_now_loses_nothing(store: &Store, dir: &Path) {
+    let image = crash_image(store, dir);
+    let reopened = Store::open(image.path()).unwrap();
+    assert_eq!(*reopened.snapshot(), *store.snapshot());
+    assert_eq!(reopened.snapshot().index, store.snapshot().index);
+}
+
 /// The log's lines.
 fn log_lines(dir: &Path) -> Vec<String> {
     fs::read_to_string(dir.join(LOG_NAME))
@@ -107,16 +123,13 @@ fn a_torn_last_record_is_dropped_and_the_store_goes_on() {
         );
         // The next commit takes the revision the torn one had, and a reopen sees it.
         assert_eq!(reopened.apply(&pod("p2", "10.0.0.3"), "pod.yaml").unwrap().revision, 4);
-        let again = crash_image(&reopened, image.path());
-        assert_eq!(*Store::open(again.path()).unwrap().snapshot(), *reopened.snapshot());
+        assert_a_crash_now_loses_nothing(&reopened, image.path());
     }
 }
 
 #[test]
 fn a_corrupt_record_before_the_last_is_an_error_naming_the_file_and_the_record() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store_with_pods(dir.path(), 3);
-    let image = crash_image(&store, dir.path());
+    let (_store, image) = crashed_store_with_pods(3);
     let log = image.path().join(LOG_NAME);
     let lines = log_lines(image.path());
     let mut damaged = lines.clone();
@@ -206,8 +219,7 @@ fn compaction_moves_the_log_into_the_snapshot_and_a_reopen_sees_the_same_state()
     assert!(base > 1, "compacted");
     assert_eq!(revisions, (base + 1..=41).collect::<Vec<_>>());
 
-    let image = crash_image(&store, dir.path());
-    assert_eq!(*Store::open(image.path()).unwrap().snapshot(), *store.snapshot());
+    assert_a_crash_now_loses_nothing(&store, dir.path());
     // A clean close compacts the rest: the snapshot alone holds the store.
     let before = store.snapshot();
     drop(store);
@@ -219,9 +231,7 @@ fn compaction_moves_the_log_into_the_snapshot_and_a_reopen_sees_the_same_state()
 
 #[test]
 fn a_crash_between_snapshot_and_log_cut_applies_no_record_twice() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store_with_pods(dir.path(), 3);
-    let image = crash_image(&store, dir.path());
+    let ((_dir, store), image) = crashed_store_with_pods(3);
     // The snapshot of revision 3 is on disk; the log still holds revisions 1 to 4.
     let state = store.snapshot();
     let mut at_3 = (*state).clone();
@@ -279,15 +289,12 @@ fn a_store_written_before_the_log_opens_and_goes_on() {
         "its objects are indexed"
     );
     assert_eq!(store.apply(&pod("db", "10.0.0.2"), "pod.yaml").unwrap().revision, 8);
-    let image = crash_image(&store, dir.path());
-    assert_eq!(*Store::open(image.path()).unwrap().snapshot(), *store.snapshot());
+    assert_a_crash_now_loses_nothing(&store, dir.path());
 }
 
 #[test]
 fn a_log_without_its_snapshot_is_set_aside_and_a_new_store_starts() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store_with_pods(dir.path(), 2);
-    let image = crash_image(&store, dir.path());
+    let ((_dir, store), image) = crashed_store_with_pods(2);
     let old_id = store.snapshot().id.clone();
     fs::remove_file(image.path().join(FILE_NAME)).unwrap();
     let log = fs::read(image.path().join(LOG_NAME)).unwrap();
