@@ -20,7 +20,7 @@ pub mod manifest;
 pub mod objects;
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     fmt,
     hash::Hash,
     io,
@@ -259,6 +259,30 @@ impl State {
             objects,
             index,
         }
+    }
+
+    /// The next state of another source (the Kubernetes source), holding exactly `objects`, made
+    /// from this one: an object equal to the one it replaces (the same `Arc`, when the source keeps
+    /// what did not change) stays as it was, so the two states share everything but the difference,
+    /// and [`changes`](State::changes) between them, like each step of the index, costs what
+    /// changed. Comparing costs a map lookup per object (no deep comparison of the same `Arc`).
+    pub fn succeeded_by(&self, id: String, revision: u64, objects: impl IntoIterator<Item = Arc<Object>>) -> State {
+        let mut next = self.clone();
+        next.id = id;
+        next.revision = revision;
+        let mut present = HashSet::with_capacity(self.objects.len());
+        for object in objects {
+            let r = object.object_ref();
+            if self.objects.get(&r) != Some(&object) {
+                next.put(object);
+            }
+            present.insert(r);
+        }
+        let gone: Vec<ObjectRef> = self.objects.keys().filter(|r| !present.contains(*r)).cloned().collect();
+        for r in &gone {
+            next.remove(r);
+        }
+        next
     }
 
     /// Stores `object`, replacing the one of its reference if there is one, and updates the index.

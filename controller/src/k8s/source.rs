@@ -9,6 +9,10 @@
 //! - **Coalesced.** After a change the model is rebuilt at most every [`COALESCE`], and a state is
 //!   published only when its objects differ from the last one's (a status write, a pod that is not
 //!   a workload yet, a relabelled object the model does not carry publish nothing).
+//! - **Proportional.** A rebuild converts only the objects whose `resourceVersion` changed (the
+//!   others keep their model object, the same `Arc`), and the new state is made from the last one,
+//!   sharing all that did not change: what follows it (the distribution index) works on the
+//!   difference. A rebuild still walks every object once, a map lookup each.
 //! - **Identity: the cluster's.** The state id is the UID of the `kube-system` namespace, which
 //!   lives as long as the cluster: agents follow one store id and refuse pushes of another, so a
 //!   controller pointed at another cluster cannot take over their configuration.
@@ -167,7 +171,10 @@ async fn run(
                     tracing::warn!(object = %note.object, "{}", note.message);
                 }
                 let revision = caches.max_revision.max(floor.unwrap_or(0));
-                let next = State::new(id, revision, built.objects);
+                // Made from the last state, sharing what did not change (a build keeps the `Arc` of
+                // each object that did not): the index's step after it costs what changed.
+                let last = states.as_ref().map(|tx| tx.borrow().clone()).unwrap_or_default();
+                let next = last.succeeded_by(id, revision, built.objects);
                 match &states {
                     None => {
                         tracing::info!(
@@ -184,7 +191,7 @@ async fn run(
                     }
                     Some(tx) => {
                         tx.send_if_modified(|current| {
-                            let changed = current.id != next.id || !current.objects().eq(next.objects());
+                            let changed = current.id != next.id || current.changes(&next).next().is_some();
                             if changed {
                                 tracing::debug!(revision, "publishing a new state");
                                 *current = Arc::new(next);

@@ -624,3 +624,56 @@ fn a_store_keeps_its_identity_across_restarts_and_a_new_store_gets_another() {
         "a store started over"
     );
 }
+
+#[test]
+fn a_successor_state_shares_what_did_not_change_and_differs_by_the_change() {
+    let (_dir, s) = store();
+    s.apply(
+        &format!(
+            "{NS}---\n{}---\n{}",
+            pod("a", "n1", "10.1.0.1"),
+            pod("b", "n1", "10.1.0.2")
+        ),
+        "x.yaml",
+    )
+    .unwrap();
+    let before = s.snapshot();
+    let shared: Vec<Arc<Object>> = before.objects.values().cloned().collect();
+    // The same objects (the same Arcs): nothing differs.
+    let same = before.succeeded_by("other-id".into(), 9, shared.clone());
+    assert_eq!((same.id.as_str(), same.revision), ("other-id", 9));
+    assert_eq!(before.changes(&same).count(), 0);
+    // Equal but fresh copies are kept as they were, too.
+    let copies = before.succeeded_by(before.id.clone(), 9, shared.iter().map(|o| Arc::new((**o).clone())));
+    assert_eq!(before.changes(&copies).count(), 0);
+    // One relabelled, one gone, one new: exactly those differ, and the index follows.
+    let mut next: Vec<Arc<Object>> = shared
+        .iter()
+        .filter(|o| o.object_ref().name != "b")
+        .map(|o| match &**o {
+            Object::Pod(p) if p.name == "a" => {
+                let mut p = p.clone();
+                p.meta.labels.insert("version".into(), "v2".into());
+                Arc::new(Object::Pod(p))
+            }
+            _ => o.clone(),
+        })
+        .collect();
+    let (_other, c) = store();
+    c.apply(&format!("{NS}---\n{}", pod("c", "n2", "10.1.0.2")), "y.yaml")
+        .unwrap();
+    next.extend(
+        c.snapshot()
+            .objects
+            .values()
+            .filter(|o| o.object_ref().name == "c")
+            .cloned(),
+    );
+    let after = before.succeeded_by(before.id.clone(), 10, next);
+    let changed: Vec<String> = before
+        .changes(&after)
+        .map(|(old, new)| new.or(old).unwrap().object_ref().to_string())
+        .collect();
+    assert_eq!(changed, ["Pod default/a", "Pod default/b", "Pod default/c"]);
+    assert_eq!(after, State::new(after.id.clone(), 10, after.objects().cloned()));
+}

@@ -30,7 +30,8 @@ pub struct Snapshot {
 /// One build's result.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Built {
-    pub objects: Vec<Object>,
+    /// An object that did not change since the last build is the same `Arc` as then.
+    pub objects: Vec<Arc<Object>>,
     /// The verdict on every custom resource, valid or not.
     pub conditions: Conditions,
     /// What to tell the operator about objects, new since the last build: an object's notes are
@@ -46,13 +47,35 @@ pub struct Note {
     pub message: String,
 }
 
-/// Builds the model, remembering across builds the last valid version of each custom resource.
+/// Builds the model, remembering across builds each plain object's conversion and the last valid
+/// version of each custom resource.
 #[derive(Debug, Default)]
 pub struct Builder {
+    /// By object: the namespaces', service accounts', services' and pods' conversions.
+    converted: HashMap<ObjectRef, Conversion>,
     /// By object: the uid and the model object of the last version that was valid.
     last_valid: HashMap<ObjectRef, (String, Object)>,
     /// By object: the notes last given, so that each is given once.
     noted: HashMap<ObjectRef, Vec<String>>,
+}
+
+/// A plain object's conversion, kept while the object keeps its uid and `resourceVersion` (which
+/// every write changes): a build converts only the objects that changed, and one that did not keeps
+/// its `Arc`, so consecutive states share it and compare in time proportional to what changed.
+/// Without a `resourceVersion` (never from an API server) an object is converted every time.
+#[derive(Debug)]
+struct Conversion {
+    uid: Option<String>,
+    version: Option<String>,
+    /// The model object (`None`: not one, as a pod that is not a workload), or why there is none.
+    outcome: Result<Option<Model>, Invalid>,
+}
+
+/// A plain object's model object, with the warnings its conversion gave.
+#[derive(Debug)]
+struct Model {
+    object: Arc<Object>,
+    warnings: Vec<String>,
 }
 
 /// One custom resource as the watch holds it, whichever kind.
@@ -77,41 +100,36 @@ impl Builder {
     pub fn build(&mut self, snapshot: &Snapshot) -> Built {
         let mut objects = Vec::new();
         let mut notes: BTreeMap<ObjectRef, Vec<String>> = BTreeMap::new();
-        let mut take = |result: Result<Option<Converted>, Invalid>, r: ObjectRef| match result {
-            Ok(Some(c)) => {
-                if !c.warnings.is_empty() {
-                    let ws = c.warnings.iter().map(|w| w.to_string());
-                    notes.entry(r).or_default().extend(ws);
-                }
-                objects.push(c.object);
-            }
-            Ok(None) => {}
-            Err(e) => notes
-                .entry(e.object.clone())
-                .or_default()
-                .push(format!("{}: left out of the model", e.problem)),
+        let mut converted = HashMap::with_capacity(self.converted.len());
+        let mut plain = Plain {
+            before: &mut self.converted,
+            after: &mut converted,
         };
-        for ns in &snapshot.namespaces {
-            take(
-                convert::namespace(ns).map(Some),
-                convert::object_ref(Kind::Namespace, &ns.metadata),
-            );
+        plain.convert(&snapshot.namespaces, Kind::Namespace, |o| {
+            convert::namespace(o).map(Some)
+        });
+        plain.convert(&snapshot.service_accounts, Kind::ServiceAccount, |o| {
+            convert::service_account(o).map(Some)
+        });
+        plain.convert(&snapshot.services, Kind::Service, |o| convert::service(o).map(Some));
+        plain.convert(&snapshot.pods, Kind::Pod, convert::pod);
+        for (r, conversion) in &converted {
+            match &conversion.outcome {
+                Ok(Some(Model { object, warnings })) => {
+                    if !warnings.is_empty() {
+                        notes.entry(r.clone()).or_default().extend(warnings.iter().cloned());
+                    }
+                    objects.push(object.clone());
+                }
+                Ok(None) => {}
+                Err(e) => notes
+                    .entry(e.object.clone())
+                    .or_default()
+                    .push(format!("{}: left out of the model", e.problem)),
+            }
         }
-        for sa in &snapshot.service_accounts {
-            take(
-                convert::service_account(sa).map(Some),
-                convert::object_ref(Kind::ServiceAccount, &sa.metadata),
-            );
-        }
-        for svc in &snapshot.services {
-            take(
-                convert::service(svc).map(Some),
-                convert::object_ref(Kind::Service, &svc.metadata),
-            );
-        }
-        for pod in &snapshot.pods {
-            take(convert::pod(pod), convert::object_ref(Kind::Pod, &pod.metadata));
-        }
+        // Deleted objects are forgotten with their conversions.
+        self.converted = converted;
 
         let resources = custom_resources(snapshot);
         let mut accepted: BTreeMap<ObjectRef, Result<Object, FieldProblem>> = resources
@@ -140,7 +158,7 @@ impl Builder {
             );
             match verdict {
                 Ok(object) => {
-                    objects.push(object.clone());
+                    objects.push(Arc::new(object.clone()));
                     last_valid.insert(res.object.clone(), (uid, object.clone()));
                 }
                 Err(problem) => {
@@ -150,7 +168,7 @@ impl Builder {
                         .filter(|(kept_uid, _)| *kept_uid == uid);
                     let message = match kept {
                         Some(kept) => {
-                            objects.push(kept.1.clone());
+                            objects.push(Arc::new(kept.1.clone()));
                             last_valid.insert(res.object.clone(), kept);
                             format!("{problem}: the last valid version stays enforced")
                         }
@@ -177,6 +195,43 @@ impl Builder {
             objects,
             conditions,
             notes: new_notes,
+        }
+    }
+}
+
+/// The plain objects' conversions: the last build's, and this one's.
+struct Plain<'a> {
+    before: &'a mut HashMap<ObjectRef, Conversion>,
+    after: &'a mut HashMap<ObjectRef, Conversion>,
+}
+
+impl Plain<'_> {
+    /// Converts the objects of one kind, taking over the last build's conversion of each that kept
+    /// its uid and `resourceVersion`.
+    fn convert<K: kube::Resource>(
+        &mut self,
+        objects: &[Arc<K>],
+        kind: Kind,
+        convert: impl Fn(&K) -> Result<Option<Converted>, Invalid>,
+    ) {
+        for o in objects {
+            let meta = o.meta();
+            let r = convert::object_ref(kind, meta);
+            let same = |c: &Conversion| c.version.is_some() && c.version == meta.resource_version && c.uid == meta.uid;
+            let conversion = match self.before.remove(&r) {
+                Some(c) if same(&c) => c,
+                _ => Conversion {
+                    uid: meta.uid.clone(),
+                    version: meta.resource_version.clone(),
+                    outcome: convert(o).map(|c| {
+                        c.map(|c| Model {
+                            warnings: c.warnings.iter().map(|w| w.to_string()).collect(),
+                            object: Arc::new(c.object),
+                        })
+                    }),
+                },
+            };
+            self.after.insert(r, conversion);
         }
     }
 }

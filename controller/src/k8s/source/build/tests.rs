@@ -68,7 +68,7 @@ fn refs(built: &Built) -> Vec<String> {
 }
 
 fn spec_of(built: &Built, name: &str) -> Option<weft_model::policy::Spec> {
-    built.objects.iter().find_map(|o| match o {
+    built.objects.iter().find_map(|o| match &**o {
         Object::AuthorizationPolicy(p) if p.metadata.name == name => Some(p.spec.clone()),
         _ => None,
     })
@@ -242,4 +242,52 @@ fn objects_that_cannot_be_read_are_left_out_and_noted_once() {
     assert_eq!(built.notes.len(), 1);
     assert_eq!(built.notes[0].object, r(Kind::Pod, "odd"));
     assert!(builder.build(&snapshot).notes.is_empty());
+}
+
+/// The pod of [`cluster`] at `resource_version`, with `labels`.
+fn versioned_pod(resource_version: &str, labels: Value) -> Arc<core::Pod> {
+    arc(json!({
+        "metadata": {"name": "web", "namespace": "shop", "uid": UID_A, "resourceVersion": resource_version, "labels": labels},
+        "spec": {"nodeName": "node1", "containers": [{"name": "c"}]},
+        "status": {"podIPs": [{"ip": "10.1.0.5"}]},
+    }))
+}
+
+fn model_of(built: &Built, kind: Kind, name: &str) -> Arc<Object> {
+    let wanted = r(kind, name);
+    built
+        .objects
+        .iter()
+        .find(|o| o.object_ref() == wanted)
+        .cloned()
+        .unwrap_or_else(|| panic!("{wanted} is not in the model"))
+}
+
+#[test]
+fn an_object_converts_again_only_when_its_resource_version_changes() {
+    let mut snapshot = cluster();
+    snapshot.pods = vec![versioned_pod("7", json!({"app": "web"}))];
+    let mut builder = Builder::default();
+    let first = builder.build(&snapshot);
+    let again = builder.build(&snapshot);
+    assert!(Arc::ptr_eq(
+        &model_of(&first, Kind::Pod, "web"),
+        &model_of(&again, Kind::Pod, "web")
+    ));
+    // A new resourceVersion: converted again, and the change is in the model.
+    snapshot.pods = vec![versioned_pod("8", json!({"app": "web", "version": "v2"}))];
+    let changed = builder.build(&snapshot);
+    let pod = model_of(&changed, Kind::Pod, "web");
+    assert!(!Arc::ptr_eq(&model_of(&again, Kind::Pod, "web"), &pod));
+    let Object::Pod(p) = &*pod else { panic!("{pod:?}") };
+    assert_eq!(p.meta.labels.get("version").map(String::as_str), Some("v2"));
+    // Without a resourceVersion (as in the other tests) an object is converted every time.
+    let plain = builder.build(&cluster());
+    assert!(!Arc::ptr_eq(
+        &model_of(&plain, Kind::Pod, "web"),
+        &model_of(&builder.build(&cluster()), Kind::Pod, "web")
+    ));
+    // A deleted object is forgotten with its conversion.
+    snapshot.pods.clear();
+    assert!(!refs(&builder.build(&snapshot)).contains(&"Pod shop/web".to_owned()));
 }
