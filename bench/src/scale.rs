@@ -134,6 +134,8 @@ pub struct Probe {
     watch: Mutex<Option<Watched>>,
     resyncs: Vec<AtomicU64>,
     drops: AtomicU64,
+    /// Connections whose TLS handshake with the controller timed out (the agent's deadline).
+    handshake_timeouts: AtomicU64,
     pushes: AtomicU64,
     bytes: AtomicU64,
 }
@@ -153,6 +155,7 @@ impl Probe {
             watch: Mutex::new(None),
             resyncs: (0..agents).map(|_| AtomicU64::new(0)).collect(),
             drops: AtomicU64::new(0),
+            handshake_timeouts: AtomicU64::new(0),
             pushes: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
         })
@@ -276,8 +279,11 @@ impl Holdings for Sim {
         (next, Vec::new())
     }
 
-    fn stream_ended(&self) {
+    fn stream_ended(&self, error: Option<&tonic::Status>) {
         self.probe.drops.fetch_add(1, Ordering::Relaxed);
+        if error.is_some_and(|e| e.message().contains("handshake timeout")) {
+            self.probe.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -461,12 +467,15 @@ pub struct Report {
     pub controller_peak_rss_mib: f64,
     pub restart_resync_s: f64,
     pub restart_resync_bytes: u64,
+    /// TLS handshakes with the controller that timed out, in the whole run (restart included).
+    pub handshake_timeouts: u64,
     /// The restarted controller's RSS once every agent resynced (no full push since it started).
     pub restarted_rss_mib: f64,
 }
 
 impl Report {
-    /// Whether every agent got every change and no stream dropped (what CI asserts; no timing).
+    /// Whether every agent got every change, no stream dropped and no TLS handshake timed out (what
+    /// CI asserts; no timing).
     pub fn complete(&self) -> Result<(), String> {
         for c in &self.changes {
             if c.arrived != c.expected {
@@ -477,6 +486,12 @@ impl Report {
             return Err(format!(
                 "{} streams dropped while changes were distributed",
                 self.streams_dropped
+            ));
+        }
+        if self.handshake_timeouts > 0 {
+            return Err(format!(
+                "{} TLS handshakes with the controller timed out",
+                self.handshake_timeouts
             ));
         }
         Ok(())
@@ -699,6 +714,7 @@ impl Agents {
             controller_peak_rss_mib: peak,
             restart_resync_s,
             restart_resync_bytes,
+            handshake_timeouts: probe.handshake_timeouts.load(Ordering::Relaxed),
             restarted_rss_mib: restarted_rss,
         })
     }
@@ -869,13 +885,13 @@ pub fn table(reports: &[Report]) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "| N | initial sync s | full push bytes/workload | streams dropped | controller RSS MiB (peak) | restart: all resynced s | restart bytes | RSS after restart MiB |"
+        "| N | initial sync s | full push bytes/workload | streams dropped | controller RSS MiB (peak) | restart: all resynced s | restart bytes | RSS after restart MiB | handshake timeouts |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
     for r in reports {
         let _ = writeln!(
             out,
-            "| {} | {:.1} | {:.0} | {} | {:.0} ({:.0}) | {:.2} | {} | {:.0} |",
+            "| {} | {:.1} | {:.0} | {} | {:.0} ({:.0}) | {:.2} | {} | {:.0} | {} |",
             r.shape.nodes,
             r.initial_sync_s,
             r.full_push_bytes_per_workload,
@@ -884,7 +900,8 @@ pub fn table(reports: &[Report]) -> String {
             r.controller_peak_rss_mib,
             r.restart_resync_s,
             r.restart_resync_bytes,
-            r.restarted_rss_mib
+            r.restarted_rss_mib,
+            r.handshake_timeouts
         );
     }
     out

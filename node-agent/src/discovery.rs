@@ -62,8 +62,9 @@ pub trait Holdings: Send + Sync + Sized + 'static {
     fn take(staged: &mut Self::Staged, chunk: &Push);
     /// The holdings after the last chunk, and the keys ("type/name") rejected, with why.
     fn finish(staged: Self::Staged) -> (Self, Vec<(String, String)>);
-    /// Told each time a config stream ended (the agent then reconnects).
-    fn stream_ended(&self) {}
+    /// Told each time a config stream ended, or could not be opened, with the error if there was
+    /// one (the agent then reconnects).
+    fn stream_ended(&self, _error: Option<&tonic::Status>) {}
 }
 
 impl Holdings for State {
@@ -96,13 +97,17 @@ pub async fn run<H: Holdings>(controller: Controller, node: String, tx: watch::S
     let mut backoff = BACKOFF_MIN;
     let mut followed = None;
     loop {
-        match follow(&controller, &node, &tx, &mut followed).await {
-            Ok(pushes) => tracing::warn!(pushes, "the controller closed the config stream; reconnecting"),
-            Err((pushes, status)) => {
-                tracing::warn!(pushes, code = ?status.code(), error = %status.message(), "config stream; reconnecting")
+        let error = match follow(&controller, &node, &tx, &mut followed).await {
+            Ok(pushes) => {
+                tracing::warn!(pushes, "the controller closed the config stream; reconnecting");
+                None
             }
-        }
-        tx.borrow().stream_ended();
+            Err((pushes, status)) => {
+                tracing::warn!(pushes, code = ?status.code(), error = %status.message(), "config stream; reconnecting");
+                Some(status)
+            }
+        };
+        tx.borrow().stream_ended(error.as_ref());
         // A stream that delivered something was healthy: start the backoff over.
         if tx.borrow().synced() {
             backoff = BACKOFF_MIN;

@@ -1,6 +1,6 @@
 //! `weft-scale`: the control-plane scale harness (see `weft_bench::scale`). `cargo xtask scale` runs
 //! it against the release build; `--check` (CI's short form) fails unless every agent got every
-//! change and no stream dropped, and asserts no timing.
+//! change, no stream dropped and no TLS handshake timed out, and asserts no timing.
 
 use std::path::PathBuf;
 
@@ -28,7 +28,7 @@ struct Args {
     /// Where scale.json, scale.md and each run's controller log go.
     #[arg(long, default_value = "target/scale")]
     out: PathBuf,
-    /// Fail unless every agent got every change and no stream dropped.
+    /// Fail unless every agent got every change and no stream dropped and no TLS handshake timed out.
     #[arg(long)]
     check: bool,
     /// The controller's source: its local store, or a real API server (etcd and kube-apiserver
@@ -111,7 +111,7 @@ fn main() -> anyhow::Result<()> {
             r.complete()
                 .map_err(|e| anyhow::anyhow!("N = {}: {e}", r.shape.nodes))?;
         }
-        eprintln!("scale: every agent got every change; no stream dropped");
+        eprintln!("scale: every agent got every change; no stream dropped; no handshake timed out");
     }
     // The agents' tasks hold connections to a controller that is gone: do not wait for them.
     runtime.shutdown_background();
