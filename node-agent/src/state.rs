@@ -368,13 +368,12 @@ impl State {
     }
 
     /// Puts a workload in, replacing any of that key, with what indexes it (addresses, services).
-    /// The very workload held already changes nothing (and copies no map node).
+    /// The very workload held already changes no index.
     fn put_workload(&mut self, w: Arc<Workload>) {
-        if self.workload(w.key()).is_some_and(|held| Arc::ptr_eq(held, &w)) {
-            return;
-        }
-        if let Some(ByKey(old)) = self.workloads.insert(ByKey(w.clone())) {
-            self.unindex_workload(&old);
+        match self.workloads.insert(ByKey(w.clone())) {
+            Some(ByKey(old)) if Arc::ptr_eq(&old, &w) => return,
+            Some(ByKey(old)) => self.unindex_workload(&old),
+            None => {}
         }
         for ip in w.ips() {
             self.by_ip.insert(*ip, w.clone());
@@ -386,11 +385,10 @@ impl State {
 
     /// Puts a service in, replacing any of that key, with its VIPs indexed.
     fn put_service(&mut self, s: Arc<Service>) {
-        if self.service(&s.name).is_some_and(|held| Arc::ptr_eq(held, &s)) {
-            return;
-        }
-        if let Some(ByKey(old)) = self.services.insert(ByKey(s.clone())) {
-            self.unindex_service(&old);
+        match self.services.insert(ByKey(s.clone())) {
+            Some(ByKey(old)) if Arc::ptr_eq(&old, &s) => return,
+            Some(ByKey(old)) => self.unindex_service(&old),
+            None => {}
         }
         for vip in &s.vips {
             self.by_vip.insert(*vip, s.clone());
