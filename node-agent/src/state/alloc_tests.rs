@@ -50,9 +50,7 @@ fn mesh() -> State {
         audit_8080,
         strict,
     ]);
-    let (state, rejected) = State::default().apply(&push(true, resources, &[]));
-    assert!(rejected.is_empty(), "{rejected:?}");
-    state
+    state_of(resources)
 }
 
 fn addr(s: &str) -> SocketAddr {

@@ -20,9 +20,7 @@ fn three_pods_pushed() -> Vec<v1::Resource> {
 }
 
 fn three_pods() -> State {
-    let (state, rejected) = State::default().apply(&push(true, three_pods_pushed(), &[]));
-    assert!(rejected.is_empty(), "{rejected:?}");
-    state
+    state_of(three_pods_pushed())
 }
 
 fn workload<'a>(state: &'a State, key: &str) -> &'a Arc<Workload> {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use weft_api::v1::{self, resource::Kind};
 
-use super::types;
+use super::{State, types};
 
 pub(crate) fn res(kind: &str, name: &str, body: Kind) -> v1::Resource {
     v1::Resource {
@@ -123,6 +123,13 @@ pub(crate) fn policy(
             scope: scope as i32,
         }),
     )
+}
+
+/// The state a first (full) push of `resources` makes, every one taken.
+pub(crate) fn state_of(resources: Vec<v1::Resource>) -> State {
+    let (state, rejected) = State::default().apply(&push(true, resources, &[]));
+    assert!(rejected.is_empty(), "{rejected:?}");
+    state
 }
 
 /// shop (meshed): web-1 and web-2 behind the service shop/web, and the service shop/empty;

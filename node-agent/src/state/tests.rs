@@ -3,9 +3,7 @@ use weft_api::v1::{self, resource::Kind};
 use super::{fixtures::*, *};
 
 fn mesh() -> State {
-    let (state, rejected) = State::default().apply(&push(true, shop_and_legacy(), &[]));
-    assert!(rejected.is_empty(), "{rejected:?}");
-    state
+    state_of(shop_and_legacy())
 }
 
 fn addr(s: &str) -> SocketAddr {
