@@ -22,7 +22,7 @@ use std::{
 
 use weft_hbone::identity::Identity;
 
-use super::workload::{Labels, Template};
+use super::workload::{Labels, Share, Template};
 
 /// Each pool is cut in this many slices, pruned one at a time.
 const SLICES: usize = 32;
@@ -221,5 +221,27 @@ impl<K: Hash + Eq, V> Sliced<K, V> {
 
     fn len(&self) -> usize {
         self.slices.iter().map(HashMap::len).sum()
+    }
+}
+
+impl Share for Interner {
+    fn string(&mut self, s: String) -> Arc<str> {
+        Interner::string(self, s)
+    }
+
+    fn identity(&mut self, identity: Identity) -> Arc<Identity> {
+        Interner::identity(self, identity)
+    }
+
+    fn labels(&mut self, labels: Labels) -> Arc<Labels> {
+        Interner::labels(self, labels)
+    }
+
+    fn services(&mut self, names: &[String]) -> Arc<[Arc<str>]> {
+        Interner::services(self, names)
+    }
+
+    fn template(&mut self, template: Template) -> Arc<Template> {
+        Interner::template(self, template)
     }
 }

@@ -1,5 +1,5 @@
 //! Workloads and services as the agent holds them: compact, with what pods share held once
-//! ([`super::intern`]). A workload is its key, uid, node, addresses and version, and a [`Template`]:
+//! (the state's interner). A workload is its key, uid, node, addresses and version, and a [`Template`]:
 //! service account, identity, labels, annotations and services, the same for every pod of a
 //! ReplicaSet. Converted from the wire once, at the boundary, validated as the model's [`Pod`] is.
 
@@ -14,10 +14,20 @@ use weft_api::v1;
 use weft_hbone::identity::Identity;
 use weft_model::Pod;
 
-use super::intern::Interner;
-
 /// A label or annotation set.
 pub type Labels = BTreeMap<String, String>;
+
+/// Where a conversion from the wire takes the values workloads share: each call gives the one
+/// shared copy of its argument (the state's interner, `super::intern`).
+pub(super) trait Share {
+    fn string(&mut self, s: String) -> Arc<str>;
+    fn identity(&mut self, identity: Identity) -> Arc<Identity>;
+    fn labels(&mut self, labels: Labels) -> Arc<Labels>;
+    /// The list of these services (`namespace/name`), each name shared.
+    fn services(&mut self, names: &[String]) -> Arc<[Arc<str>]>;
+    /// The template of these parts, each taken from this same sharer.
+    fn template(&mut self, template: Template) -> Arc<Template>;
+}
 
 /// A pod as the data plane sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,7 +80,7 @@ pub struct Service {
 impl Workload {
     /// A workload from the wire: validated as the model's [`Pod`] is (the one conversion of the
     /// boundary), its identity parsed, what it shares with other workloads taken from `interner`.
-    pub(super) fn from_wire(w: &v1::Workload, version: u64, interner: &mut Interner) -> Result<Self, String> {
+    pub(super) fn from_wire(w: &v1::Workload, version: u64, interner: &mut impl Share) -> Result<Self, String> {
         let pod = Pod::try_from(w).map_err(|e| e.to_string())?;
         let identity: Identity = w.identity.parse().map_err(|e| format!("identity: {e}"))?;
         // Pod::try_from checked the uid's form.
@@ -280,7 +290,7 @@ impl fmt::Debug for Ips {
 
 impl Service {
     /// A service from the wire: every VIP an address, every port in range and not 0.
-    pub(super) fn from_wire(s: &v1::Service, version: u64, interner: &mut Interner) -> Result<Self, String> {
+    pub(super) fn from_wire(s: &v1::Service, version: u64, interner: &mut impl Share) -> Result<Self, String> {
         let vips = s
             .vips
             .iter()
