@@ -321,22 +321,16 @@ fn changes<'a>(client: &'a Client, shape: &'a Shape) -> Vec<Change<'a>> {
     let labelled_ns = format!("ns-{}", shape.pod(5).0);
     let svc = 7 % shape.services;
     let svc_ns = format!("ns-{}", shape.namespace_of_service(svc));
-    let merge = |v: Value| Patch::Merge(v);
     vec![
         Change {
             kind: "policy",
             key: (POLICY, format!("{policy_ns}/pol-3")),
             expected: shape.nodes_of_namespace(shape.namespace_of_service(3 % shape.services)),
-            request: Box::pin({
-                let ns = policy_ns.clone();
-                async move {
-                    let spec = json!({"spec": {"rules": [{"from": [{"source": {"namespaces": ["ns-1"]}}]}]}});
-                    policies(client, &ns)
-                        .patch("pol-3", &PatchParams::default(), &merge(spec))
-                        .await?;
-                    Ok(())
-                }
-            }),
+            request: merge_patch(
+                policies(client, &policy_ns),
+                "pol-3",
+                json!({"spec": {"rules": [{"from": [{"source": {"namespaces": ["ns-1"]}}]}]}}),
+            ),
         },
         Change {
             kind: "pod-add",
@@ -348,64 +342,46 @@ fn changes<'a>(client: &'a Client, shape: &'a Shape) -> Vec<Change<'a>> {
             kind: "pod-label",
             key: (WORKLOAD, format!("{labelled_ns}/pod-5")),
             expected: all.clone(),
-            request: Box::pin(async move {
-                Api::<Pod>::namespaced(client.clone(), &labelled_ns)
-                    .patch(
-                        "pod-5",
-                        &PatchParams::default(),
-                        &merge(json!({"metadata": {"labels": {"version": "v2"}}})),
-                    )
-                    .await?;
-                Ok(())
-            }),
+            request: merge_patch(
+                Api::<Pod>::namespaced(client.clone(), &labelled_ns),
+                "pod-5",
+                json!({"metadata": {"labels": {"version": "v2"}}}),
+            ),
         },
         Change {
             kind: "pod-delete",
             key: (WORKLOAD, format!("{new_ns}/pod-{new_pod}")),
             expected: all.clone(),
-            request: Box::pin({
-                let ns = new_ns.clone();
-                async move {
-                    // No kubelet confirms a graceful deletion here: the pod goes at once.
-                    Api::<Pod>::namespaced(client.clone(), &ns)
-                        .delete(&format!("pod-{new_pod}"), &DeleteParams::default().grace_period(0))
-                        .await?;
-                    Ok(())
-                }
+            request: Box::pin(async move {
+                // No kubelet confirms a graceful deletion here: the pod goes at once.
+                Api::<Pod>::namespaced(client.clone(), &new_ns)
+                    .delete(&format!("pod-{new_pod}"), &DeleteParams::default().grace_period(0))
+                    .await?;
+                Ok(())
             }),
         },
         Change {
             kind: "service",
             key: (SERVICE, format!("{svc_ns}/svc-{svc}")),
             expected: all.clone(),
-            request: Box::pin({
-                let ns = svc_ns.clone();
-                async move {
-                    let ports = json!({"spec": {"ports": [
-                        {"name": "http", "port": 80, "targetPort": 8080},
-                        {"name": "alt", "port": 81, "targetPort": 8081},
-                    ]}});
-                    Api::<Service>::namespaced(client.clone(), &ns)
-                        .patch(&format!("svc-{svc}"), &PatchParams::default(), &merge(ports))
-                        .await?;
-                    Ok(())
-                }
-            }),
+            request: merge_patch(
+                Api::<Service>::namespaced(client.clone(), &svc_ns),
+                &format!("svc-{svc}"),
+                json!({"spec": {"ports": [
+                    {"name": "http", "port": 80, "targetPort": 8080},
+                    {"name": "alt", "port": 81, "targetPort": 8081},
+                ]}}),
+            ),
         },
         Change {
             kind: "namespace",
             key: (NAMESPACE, "ns-0".to_owned()),
             expected: all.clone(),
-            request: Box::pin(async move {
-                Api::<Namespace>::all(client.clone())
-                    .patch(
-                        "ns-0",
-                        &PatchParams::default(),
-                        &merge(json!({"metadata": {"labels": {"tier": "gold"}}})),
-                    )
-                    .await?;
-                Ok(())
-            }),
+            request: merge_patch(
+                Api::<Namespace>::all(client.clone()),
+                "ns-0",
+                json!({"metadata": {"labels": {"tier": "gold"}}}),
+            ),
         },
         Change {
             kind: "root-policy",
@@ -419,4 +395,16 @@ fn changes<'a>(client: &'a Client, shape: &'a Shape) -> Vec<Change<'a>> {
             }),
         },
     ]
+}
+
+/// A change's request: a merge patch of object `name` through `api`.
+fn merge_patch<'a, K>(api: Api<K>, name: &str, patch: Value) -> futures::future::BoxFuture<'a, anyhow::Result<()>>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let name = name.to_owned();
+    Box::pin(async move {
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(patch)).await?;
+        Ok(())
+    })
 }
