@@ -25,6 +25,18 @@ pub struct EncodedPush {
     pub replaced_buckets: Vec<u32>,
     pub resync: bool,
     pub more: bool,
+    /// A notice, not a push: see [`v1::Push::queued`].
+    pub queued: Option<v1::Queued>,
+}
+
+impl EncodedPush {
+    /// The notice that a subscriber's resync waits for its turn behind about `ahead` others.
+    pub fn queued(ahead: u32) -> Self {
+        Self {
+            queued: Some(v1::Queued { ahead }),
+            ..Self::default()
+        }
+    }
 }
 
 // The tags of `Push` in weft.proto; the test below checks them against the generated type.
@@ -37,6 +49,7 @@ const STORE_ID: u32 = 6;
 const REPLACED_BUCKETS: u32 = 7;
 const RESYNC: u32 = 8;
 const MORE: u32 = 9;
+const QUEUED: u32 = 10;
 
 impl Message for EncodedPush {
     fn encode_raw(&self, buf: &mut impl BufMut) {
@@ -60,6 +73,9 @@ impl Message for EncodedPush {
         }
         if self.more {
             encoding::bool::encode(MORE, &self.more, buf);
+        }
+        if let Some(queued) = &self.queued {
+            encoding::message::encode(QUEUED, queued, buf);
         }
     }
 
@@ -90,6 +106,9 @@ impl Message for EncodedPush {
             if flag {
                 len += encoding::bool::encoded_len(FULL, &flag);
             }
+        }
+        if let Some(queued) = &self.queued {
+            len += encoding::message::encoded_len(QUEUED, queued);
         }
         len
     }
@@ -144,6 +163,7 @@ mod tests {
             replaced_buckets: vec![3, 700],
             resync: true,
             more: true,
+            queued: None,
         };
         let encoded = EncodedPush {
             nonce: push.nonce.clone(),
@@ -155,6 +175,7 @@ mod tests {
             replaced_buckets: push.replaced_buckets.clone(),
             resync: push.resync,
             more: push.more,
+            queued: None,
         };
         let bytes = encoded.encode_to_vec();
         assert_eq!(bytes.len(), encoded.encoded_len());
@@ -164,5 +185,23 @@ mod tests {
         let empty = EncodedPush::default();
         assert_eq!(empty.encode_to_vec(), v1::Push::default().encode_to_vec());
         assert_eq!(empty.encoded_len(), 0);
+    }
+
+    #[test]
+    fn a_queued_notice_decodes_as_a_push_with_only_queued_set() {
+        for ahead in [0, 1, 300, u32::MAX] {
+            let notice = EncodedPush::queued(ahead);
+            let bytes = notice.encode_to_vec();
+            assert_eq!(bytes.len(), notice.encoded_len());
+            let push = v1::Push::decode(&bytes[..]).expect("a Push");
+            assert_eq!(
+                push,
+                v1::Push {
+                    queued: Some(v1::Queued { ahead }),
+                    ..v1::Push::default()
+                }
+            );
+            assert_eq!(bytes, push.encode_to_vec(), "the same bytes as the generated encoding");
+        }
     }
 }

@@ -136,6 +136,9 @@ pub struct Probe {
     drops: AtomicU64,
     /// Connections whose TLS handshake with the controller timed out (the agent's deadline).
     handshake_timeouts: AtomicU64,
+    /// Notices that an agent's resync waits for its turn, and the most agents one said were ahead.
+    queued_notices: AtomicU64,
+    most_ahead: AtomicU64,
     pushes: AtomicU64,
     bytes: AtomicU64,
 }
@@ -156,6 +159,8 @@ impl Probe {
             resyncs: (0..agents).map(|_| AtomicU64::new(0)).collect(),
             drops: AtomicU64::new(0),
             handshake_timeouts: AtomicU64::new(0),
+            queued_notices: AtomicU64::new(0),
+            most_ahead: AtomicU64::new(0),
             pushes: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
         })
@@ -284,6 +289,11 @@ impl Holdings for Sim {
         if error.is_some_and(|e| e.message().contains("handshake timeout")) {
             self.probe.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    fn queued(&self, ahead: u32) {
+        self.probe.queued_notices.fetch_add(1, Ordering::Relaxed);
+        self.probe.most_ahead.fetch_max(u64::from(ahead), Ordering::Relaxed);
     }
 }
 
@@ -460,6 +470,11 @@ pub struct ChangeReport {
 pub struct Report {
     pub shape: Shape,
     pub initial_sync_s: f64,
+    /// Streams that ended before every agent's first push (each agent then reconnects, at the back
+    /// of the controller's queue of resyncs).
+    pub initial_sync_drops: u64,
+    /// The most resyncs the controller said waited ahead of an agent's, in the first sync.
+    pub initial_sync_most_ahead: u64,
     pub full_push_bytes_per_workload: f64,
     pub changes: Vec<ChangeReport>,
     pub streams_dropped: u64,
@@ -481,6 +496,12 @@ impl Report {
             if c.arrived != c.expected {
                 return Err(format!("{}: {} of {} agents got it", c.kind, c.arrived, c.expected));
             }
+        }
+        if self.initial_sync_drops > 0 {
+            return Err(format!(
+                "{} streams ended before every agent's first push",
+                self.initial_sync_drops
+            ));
         }
         if self.streams_dropped > 0 {
             return Err(format!(
@@ -618,6 +639,7 @@ pub async fn run(shape: Shape, bin_dir: &Path, dir: &Path) -> anyhow::Result<Rep
 struct Agents {
     receivers: Vec<watch::Receiver<Arc<Sim>>>,
     initial_sync_s: f64,
+    initial_sync_most_ahead: u64,
     full_push_bytes_per_workload: f64,
     drops_before: u64,
 }
@@ -634,10 +656,9 @@ impl Agents {
     ) -> anyhow::Result<Agents> {
         let mut receivers = Vec::new();
         let started = Instant::now();
-        let deadlines = Deadlines {
-            first_push: Duration::from_secs(120),
-            ..Deadlines::default()
-        };
+        // The agent's own deadlines: a resync that waits for its turn is told so, and does not
+        // take the wait for a silent controller however long the queue.
+        let deadlines = Deadlines::default();
         for n in 0..shape.nodes {
             // 127.1.0.1 onwards: each simulated node connects from an address of its own.
             let local = IpAddr::V4(Ipv4Addr::from((127u32 << 24) + (1 << 16) + 1 + u32::try_from(n)?));
@@ -665,10 +686,17 @@ impl Agents {
         .await?;
         let initial_sync_s = started.elapsed().as_secs_f64();
         let full_bytes = probe.bytes.load(Ordering::Relaxed);
-        eprintln!("  {} agents synced in {initial_sync_s:.1} s", shape.nodes);
+        let drops = probe.drops.load(Ordering::Relaxed);
+        let most_ahead = probe.most_ahead.load(Ordering::Relaxed);
+        eprintln!(
+            "  {} agents synced in {initial_sync_s:.1} s ({} notices that a resync waits, at most {most_ahead} ahead; {drops} streams ended)",
+            shape.nodes,
+            probe.queued_notices.load(Ordering::Relaxed)
+        );
         Ok(Agents {
             receivers,
             initial_sync_s,
+            initial_sync_most_ahead: most_ahead,
             full_push_bytes_per_workload: full_bytes as f64 / shape.nodes as f64 / shape.pods as f64,
             drops_before: probe.drops.load(Ordering::Relaxed),
         })
@@ -707,6 +735,8 @@ impl Agents {
         Ok(Report {
             shape,
             initial_sync_s: self.initial_sync_s,
+            initial_sync_drops: self.drops_before,
+            initial_sync_most_ahead: self.initial_sync_most_ahead,
             full_push_bytes_per_workload: self.full_push_bytes_per_workload,
             changes,
             streams_dropped,
@@ -885,15 +915,17 @@ pub fn table(reports: &[Report]) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "| N | initial sync s | full push bytes/workload | streams dropped | controller RSS MiB (peak) | restart: all resynced s | restart bytes | RSS after restart MiB | handshake timeouts |"
+        "| N | initial sync s | its drops | most queued ahead | full push bytes/workload | streams dropped | controller RSS MiB (peak) | restart: all resynced s | restart bytes | RSS after restart MiB | handshake timeouts |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
     for r in reports {
         let _ = writeln!(
             out,
-            "| {} | {:.1} | {:.0} | {} | {:.0} ({:.0}) | {:.2} | {} | {:.0} | {} |",
+            "| {} | {:.1} | {} | {} | {:.0} | {} | {:.0} ({:.0}) | {:.2} | {} | {:.0} | {} |",
             r.shape.nodes,
             r.initial_sync_s,
+            r.initial_sync_drops,
+            r.initial_sync_most_ahead,
             r.full_push_bytes_per_workload,
             r.streams_dropped,
             r.controller_rss_mib,

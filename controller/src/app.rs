@@ -470,6 +470,7 @@ impl Core {
                 root_namespace: config.root_namespace.clone(),
             },
             shutdown_rx.clone(),
+            config.limits.resyncs,
         );
         // Admission and the TLS handshake happen in `listener::incoming`, the HTTP/2 and message
         // bounds here: see `listener` for each bound and why.

@@ -27,18 +27,64 @@ use desired::TypeFilter;
 use index::{Index, MeshConfig};
 use session::{Acked, CHUNK_BYTES, Subscriber};
 
-/// Streams sending a resync of more than one chunk at a time: after a controller restart thousands
-/// of agents reconnect at once, and those that need more than a little are served this many at a
-/// time, so that the pushes in flight (and the memory they hold) stay bounded. Agents that held what
-/// they should get an empty resync and never wait here.
+/// Streams sending a resync of more than one chunk at a time, unless told otherwise: after a
+/// controller restart thousands of agents reconnect at once, and those that need more than a little
+/// are served this many at a time, so that the pushes in flight (and the memory they hold) stay
+/// bounded. Agents that held what they should get an empty resync and never wait here.
 pub const CONCURRENT_RESYNCS: usize = 32;
+
+/// How often a subscriber whose resync waits for its turn is told so ([`EncodedPush::queued`]): well
+/// within the agent's deadline for a silent controller (`weft_node::controller::Deadlines`, 30 s).
+pub const QUEUED_NOTICE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How large resyncs take turns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResyncLimits {
+    /// Sent at a time (at least 1): [`CONCURRENT_RESYNCS`].
+    pub concurrent: usize,
+    /// How often a waiting subscriber is told that it waits: [`QUEUED_NOTICE_EVERY`].
+    pub notice_every: std::time::Duration,
+}
+
+impl Default for ResyncLimits {
+    fn default() -> Self {
+        Self {
+            concurrent: CONCURRENT_RESYNCS,
+            notice_every: QUEUED_NOTICE_EVERY,
+        }
+    }
+}
+
+/// The turns of large resyncs: [`ResyncLimits::concurrent`] at a time, first come first served, and
+/// an estimate of how many wait ahead of each waiter.
+#[derive(Debug)]
+struct Turns {
+    notice_every: std::time::Duration,
+    permits: Arc<tokio::sync::Semaphore>,
+    /// Tickets given to waiters, in order...
+    issued: std::sync::atomic::AtomicU64,
+    /// ...and one past the highest ticket whose holder got its turn (the semaphore is fair: turns
+    /// come in ticket order, but for waiters who left, which the estimate then counts as waiting).
+    served: std::sync::atomic::AtomicU64,
+}
+
+impl Turns {
+    fn new(limits: ResyncLimits) -> Self {
+        Self {
+            notice_every: limits.notice_every,
+            permits: Arc::new(tokio::sync::Semaphore::new(limits.concurrent.max(1))),
+            issued: 0.into(),
+            served: 0.into(),
+        }
+    }
+}
 
 /// The `Config` service.
 pub struct ConfigService {
     index: watch::Receiver<Arc<Index>>,
     auth: Arc<NodeAuth>,
     shutdown: watch::Receiver<bool>,
-    resyncs: Arc<tokio::sync::Semaphore>,
+    turns: Arc<Turns>,
 }
 
 impl ConfigService {
@@ -46,18 +92,19 @@ impl ConfigService {
     /// or the Kubernetes source's): every stream follows it, through one [`Index`] made from each new
     /// state (see [`follow`]). `mesh.root_namespace`'s policies go to every node, marked mesh-wide.
     /// `shutdown` turning true ends every stream (cleanly, status OK), so that the server can drain.
-    /// Spawns the index's task: call it on the runtime.
+    /// Large resyncs take turns as `resyncs` says. Spawns the index's task: call it on the runtime.
     pub fn new(
         states: watch::Receiver<Arc<State>>,
         auth: Arc<NodeAuth>,
         mesh: MeshConfig,
         shutdown: watch::Receiver<bool>,
+        resyncs: ResyncLimits,
     ) -> Self {
         Self {
             index: follow(states, mesh),
             auth,
             shutdown,
-            resyncs: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_RESYNCS)),
+            turns: Arc::new(Turns::new(resyncs)),
         }
     }
 }
@@ -107,7 +154,7 @@ impl config_server::Config for ConfigService {
             tx,
             index: self.index.clone(),
             shutdown: self.shutdown.clone(),
-            resyncs: self.resyncs.clone(),
+            turns: self.turns.clone(),
         };
         let span = tracing::info_span!("config_stream", node = %node, peer = ?peer);
         tokio::spawn(stream.run().instrument(span));
@@ -122,7 +169,7 @@ struct Stream {
     tx: mpsc::Sender<Result<EncodedPush, Status>>,
     index: watch::Receiver<Arc<Index>>,
     shutdown: watch::Receiver<bool>,
-    resyncs: Arc<tokio::sync::Semaphore>,
+    turns: Arc<Turns>,
 }
 
 impl Stream {
@@ -150,16 +197,17 @@ impl Stream {
         tracing::info!(types = ?subscribe.types, held = subscribe.held.is_some(), "subscribed");
         // A full resync waits for its turn before it is even computed (it holds the whole world); a
         // resync by buckets is computed first, and waits only when it turns out large.
+        let notify = subscribe.accepts_queued;
         let mut permit = None;
         if Subscriber::resync_is_full(&self.index.borrow(), subscribe.held.as_ref()) {
-            let Some(p) = self.turn().await else { return };
+            let Some(p) = self.turn(notify).await else { return };
             permit = Some(p);
         }
         let mut subscriber = Subscriber::new(self.node.clone(), filter.clone());
         let mut first = subscriber.resync(&self.index.borrow_and_update().clone(), subscribe.held.as_ref());
         if permit.is_none() && first.resources.iter().map(|e| e.bytes.len()).sum::<usize>() > CHUNK_BYTES {
             drop(first);
-            let Some(p) = self.turn().await else { return };
+            let Some(p) = self.turn(notify).await else { return };
             permit = Some(p);
             subscriber = Subscriber::new(self.node.clone(), filter);
             first = subscriber.resync(&self.index.borrow_and_update().clone(), subscribe.held.as_ref());
@@ -209,12 +257,40 @@ impl Stream {
     }
 
     /// Waits for a turn to send a large resync ([`CONCURRENT_RESYNCS`]); `None` when the subscriber
-    /// went away or the controller is shutting down meanwhile.
-    async fn turn(&mut self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        tokio::select! {
-            permit = self.resyncs.clone().acquire_owned() => permit.ok(),
-            _ = wait_true(&mut self.shutdown) => None,
-            () = self.tx.closed() => None,
+    /// went away or the controller is shutting down meanwhile. A subscriber that must wait, and
+    /// `notify`: understands notices, is told so at once and every [`ResyncLimits::notice_every`]
+    /// until its turn, so that it does not take the wait for a silent controller and go to the back of the
+    /// queue.
+    async fn turn(&mut self, notify: bool) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        use std::sync::atomic::Ordering;
+        if let Ok(permit) = self.turns.permits.clone().try_acquire_owned() {
+            return Some(permit);
+        }
+        let ticket = self.turns.issued.fetch_add(1, Ordering::Relaxed);
+        let acquire = self.turns.permits.clone().acquire_owned();
+        tokio::pin!(acquire);
+        let mut notices = tokio::time::interval(self.turns.notice_every);
+        notices.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let waited = std::time::Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                permit = &mut acquire => {
+                    self.turns.served.fetch_max(ticket + 1, Ordering::Relaxed);
+                    tracing::debug!(waited_ms = waited.elapsed().as_millis() as u64, "the resync's turn came");
+                    return permit.ok();
+                }
+                _ = wait_true(&mut self.shutdown) => return None,
+                () = self.tx.closed() => return None,
+                _ = notices.tick(), if notify => {
+                    let ahead = ticket.saturating_sub(self.turns.served.load(Ordering::Relaxed));
+                    let ahead = u32::try_from(ahead).unwrap_or(u32::MAX);
+                    tracing::debug!(ahead, "the resync waits for its turn; told the subscriber");
+                    if self.tx.send(Ok(EncodedPush::queued(ahead))).await.is_err() {
+                        return None;
+                    }
+                }
+            }
         }
     }
 

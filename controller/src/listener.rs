@@ -69,11 +69,13 @@ pub const MAX_SIGN_REQUEST: usize = 16 * 1024;
 /// Pause after an accept error such as EMFILE, so that the loop does not spin while it lasts.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
-/// The per-peer bounds of the listener that can be changed (by flag or by tests).
+/// The bounds of the agent-facing address that can be changed (by flag or by tests).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     pub admission: AdmissionLimits,
     pub handshake_timeout: Duration,
+    /// How large resyncs take turns.
+    pub resyncs: crate::distribution::ResyncLimits,
 }
 
 impl Default for Limits {
@@ -81,6 +83,7 @@ impl Default for Limits {
         Self {
             admission: ADMISSION,
             handshake_timeout: HANDSHAKE_TIMEOUT,
+            resyncs: crate::distribution::ResyncLimits::default(),
         }
     }
 }

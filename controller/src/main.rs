@@ -83,6 +83,10 @@ struct Args {
     /// --listen is fixed (see docs/architecture.md).
     #[arg(long, hide = true, value_parser = parse_handshake_timeout)]
     handshake_timeout: Option<Duration>,
+    /// Large resyncs (a new agent's whole config) sent at a time. After a restart, agents that
+    /// need more wait their turn in order of arrival, and are told that they wait.
+    #[arg(long, default_value_t = weft_controller::distribution::CONCURRENT_RESYNCS, value_parser = parse_concurrent_resyncs)]
+    concurrent_resyncs: usize,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -126,6 +130,13 @@ fn parse_lifetime(s: &str) -> Result<Duration, String> {
         return Err("must be between 1m and 365d".into());
     }
     Ok(d)
+}
+
+fn parse_concurrent_resyncs(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n @ 1..=4096) => Ok(n),
+        _ => Err("must be a whole number from 1 to 4096".into()),
+    }
 }
 
 fn parse_handshake_timeout(s: &str) -> Result<Duration, String> {
@@ -217,6 +228,10 @@ fn main() -> ExitCode {
         server_name: args.server_name,
         limits: listener::Limits {
             handshake_timeout: args.handshake_timeout.unwrap_or(listener::HANDSHAKE_TIMEOUT),
+            resyncs: weft_controller::distribution::ResyncLimits {
+                concurrent: args.concurrent_resyncs,
+                ..Default::default()
+            },
             ..listener::Limits::default()
         },
     };

@@ -200,6 +200,7 @@ async fn subscribe(addr: SocketAddr, root: &str) -> Agent {
             node: "node1".into(),
             types: Vec::new(),
             held: None,
+            accepts_queued: false,
         })),
     })
     .await

@@ -150,12 +150,19 @@ struct Sub {
 
 impl Sub {
     async fn open(channel: Channel, token: &str, node: &str, types: &[&str]) -> Result<Sub, tonic::Status> {
-        Self::subscribe(channel, token, node, types, None).await
+        Self::subscribe(channel, token, node, types, None, false).await
     }
 
     /// Subscribes with token-1 (node1's), saying what it holds.
     async fn open_held(channel: Channel, node: &str, held: Option<Held>) -> Result<Sub, tonic::Status> {
-        Self::subscribe(channel, "token-1", node, &[], held).await
+        Self::subscribe(channel, "token-1", node, &[], held, false).await
+    }
+
+    /// Subscribes as node1, saying whether it understands notices that its resync waits.
+    async fn open_queued(channel: Channel, accepts_queued: bool) -> Sub {
+        Self::subscribe(channel, "token-1", "node1", &[], None, accepts_queued)
+            .await
+            .unwrap()
     }
 
     async fn subscribe(
@@ -164,6 +171,7 @@ impl Sub {
         node: &str,
         types: &[&str],
         held: Option<Held>,
+        accepts_queued: bool,
     ) -> Result<Sub, tonic::Status> {
         let (tx, rx) = mpsc::channel(8);
         tx.send(StreamRequest {
@@ -171,6 +179,7 @@ impl Sub {
                 node: node.into(),
                 types: types.iter().map(|t| t.to_string()).collect(),
                 held,
+                accepts_queued,
             })),
         })
         .await
@@ -554,4 +563,150 @@ async fn a_connection_silent_after_its_tls_handshake_is_closed_at_the_deadline()
         started.elapsed()
     );
     controller.shutdown().await.unwrap();
+}
+
+/// A channel to the controller whose HTTP/2 windows are the protocol's smallest defaults: a
+/// subscriber that stops reading on it stalls the controller's sending after about 64 KiB.
+async fn narrow_channel(controller: &Controller) -> Channel {
+    let root = std::fs::read_to_string(controller.roots_path()).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(root))
+        .domain_name("weft-controller");
+    Endpoint::from_shared(format!("https://{}", controller.listen_addr()))
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// The notices that the resync waits (their `ahead`), then the whole resync that follows them:
+/// its chunks' resource count. No notice may come once the push began.
+async fn notices_then_resync(sub: &mut Sub) -> (Vec<u32>, Push, usize) {
+    let mut notices = Vec::new();
+    let mut first = loop {
+        let message = sub.next().await.unwrap();
+        match &message.queued {
+            Some(q) => notices.push(q.ahead),
+            None => break message,
+        }
+    };
+    let mut resources = first.resources.len();
+    let mut last = first.clone();
+    while last.more {
+        last = sub.next().await.unwrap();
+        assert!(
+            last.queued.is_none(),
+            "a notice in the middle of push {:?}",
+            first.nonce
+        );
+        assert_eq!(last.nonce, first.nonce);
+        resources += last.resources.len();
+    }
+    first.resources.clear();
+    (notices, first, resources)
+}
+
+/// After a restart thousands of agents need their whole config at once, and the controller sends
+/// a bounded number of large resyncs at a time. A subscriber whose resync waits is told so at once
+/// and then every notice period, with about how many wait ahead of it (so that the agent does not
+/// take the wait for a silent controller and reconnect at the back of the queue); one that did not
+/// ask for notices waits in silence; each gets its whole resync when its turn comes, in order.
+#[tokio::test]
+async fn a_resync_that_waits_for_its_turn_is_told_so_until_its_turn_comes() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    // About 3 MB of resync: far beyond what a stalled subscriber's windows and the controller's
+    // buffers take in.
+    let labels: Vec<String> = (0..10).map(|j| format!("k{j}: {}", "v".repeat(60))).collect();
+    let labels = labels.join(", ");
+    let mut yaml = BASE.to_owned();
+    for i in 0..2000 {
+        yaml.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: default, labels: {{{labels}}}}}\nspec: {{nodeName: node1}}\nstatus: {{podIP: 10.1.{}.{}}}\n",
+            i / 250,
+            i % 250 + 1
+        ));
+    }
+    weft_controller::store::Store::open(&state)
+        .unwrap()
+        .apply(&yaml, "base.yaml")
+        .unwrap();
+    let limits = weft_controller::listener::Limits {
+        resyncs: weft_controller::distribution::ResyncLimits {
+            concurrent: 1,
+            notice_every: Duration::from_millis(200),
+        },
+        ..Default::default()
+    };
+    let controller = start_with(dir.path(), limits).await;
+    let h = Harness {
+        dir,
+        controller: Some(controller),
+    };
+
+    // The one turn: a subscriber whose resync begins and then stalls, as it reads nothing more.
+    let mut holder = Sub::open_queued(narrow_channel(h.controller()).await, true).await;
+    let begun = holder.next().await.unwrap();
+    assert!(begun.queued.is_none() && begun.full && begun.more, "{:?}", begun.nonce);
+
+    let channel = h.channel().await;
+    let mut told = Sub::open_queued(channel.clone(), true).await;
+    let first = told.next().await.unwrap();
+    assert_eq!(
+        first.queued,
+        Some(v1::Queued { ahead: 0 }),
+        "told at once, nothing ahead"
+    );
+    let mut silent = Sub::open_queued(channel.clone(), false).await;
+    let mut third = Sub::open_queued(channel.clone(), true).await;
+    // Its notices say two wait ahead once the silent one's wait is counted (it subscribed first,
+    // but nothing shows when the controller read its subscription).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let notice = third.next().await.unwrap();
+        let ahead = notice.queued.expect("only notices while the turn is held").ahead;
+        if ahead == 2 {
+            break;
+        }
+        assert!(ahead < 2, "{ahead} ahead of the third of three waiting");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the estimate never counted the silent subscriber"
+        );
+    }
+    // Told again while it waits, and nothing but that.
+    for _ in 0..2 {
+        assert_eq!(told.next().await.unwrap().queued, Some(v1::Queued { ahead: 0 }));
+    }
+    silent.quiet().await;
+
+    // The holder reads its resync to the end: the turns go round, in order of arrival.
+    let mut total = begun.resources.len();
+    let mut last = begun;
+    while last.more {
+        last = holder.next().await.unwrap();
+        total += last.resources.len();
+    }
+    assert!(total > 2000, "{total} resources in the holder's resync");
+    let (notices, push, resources) = notices_then_resync(&mut told).await;
+    assert!(notices.iter().all(|a| *a == 0), "{notices:?}");
+    assert!(push.full && push.resync);
+    assert_eq!(resources, total, "the waiting subscriber's resync is whole");
+    let (notices, push, resources) = notices_then_resync(&mut silent).await;
+    assert!(
+        notices.is_empty(),
+        "a subscriber that did not ask is told nothing: {notices:?}"
+    );
+    assert!(push.full);
+    assert_eq!(resources, total);
+    let (notices, push, resources) = notices_then_resync(&mut third).await;
+    assert!(notices.iter().all(|a| *a <= 2), "{notices:?}");
+    assert!(push.full);
+    assert_eq!(resources, total);
+    h.stop().await;
 }

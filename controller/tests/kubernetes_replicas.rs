@@ -809,6 +809,7 @@ async fn node_agents_are_known_by_their_pod_bound_tokens() {
             node: node.into(),
             types: vec![],
             held: None,
+            accepts_queued: false,
         })),
     };
     tx.send(subscribe("node-a")).await.unwrap();

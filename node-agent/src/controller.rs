@@ -61,7 +61,9 @@ pub struct Deadlines {
     /// ...unanswered for this long closes it: a controller that vanished without FIN or RST (its
     /// node died, a partition) ends the config stream, which then reconnects.
     pub keepalive_timeout: Duration,
-    /// From opening the config stream to its first push, the full resync.
+    /// From opening the config stream until its first push (the resync) is complete, the longest
+    /// the controller may stay silent: every chunk, and every notice that the resync waits for its
+    /// turn (a loaded controller sends a bounded number at a time), starts it again.
     pub first_push: Duration,
 }
 

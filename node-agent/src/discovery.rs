@@ -65,6 +65,9 @@ pub trait Holdings: Send + Sync + Sized + 'static {
     /// Told each time a config stream ended, or could not be opened, with the error if there was
     /// one (the agent then reconnects).
     fn stream_ended(&self, _error: Option<&tonic::Status>) {}
+    /// Told each time the controller said that this stream's resync waits for its turn, behind about
+    /// `ahead` others.
+    fn queued(&self, _ahead: u32) {}
 }
 
 impl Holdings for State {
@@ -136,6 +139,7 @@ pub async fn follow<H: Holdings>(
             node: node.to_owned(),
             types: Vec::new(),
             held,
+            accepts_queued: true,
         })),
     };
     // The receiver is alive (held below), so the first send of a fresh channel cannot fail.
@@ -144,13 +148,16 @@ pub async fn follow<H: Holdings>(
         .max_decoding_message_size(MAX_PUSH_CHUNK);
     let mut pushes = 0;
     // Connecting, the TLS handshake and opening the stream have their own deadlines
-    // (`controller::Deadlines`); this one bounds them all, and the first push. Later pushes come only
-    // when something changes: the connection's keepalive tells a quiet controller from a gone one.
+    // (`controller::Deadlines`); this one bounds them all, and then the silence between the
+    // controller's messages until the first push is complete: each chunk, and each notice that the
+    // resync waits for its turn, starts it again. A busy controller says so; a silent one is left.
+    // Later pushes come only when something changes: the connection's keepalive tells a quiet
+    // controller from a gone one.
     let first_push = controller.deadlines().first_push;
-    let deadline = tokio::time::Instant::now() + first_push;
+    let mut deadline = tokio::time::Instant::now() + first_push;
     let late = || {
         tonic::Status::deadline_exceeded(format!(
-            "no first push from the controller within {}s",
+            "the controller sent nothing for {}s before the first push was complete",
             first_push.as_secs_f32()
         ))
     };
@@ -163,9 +170,11 @@ pub async fn follow<H: Holdings>(
     let mut staged: Option<(H::Staged, Push)> = None;
     loop {
         let next = if pushes == 0 {
-            tokio::time::timeout_at(deadline, stream.message())
+            let next = tokio::time::timeout_at(deadline, stream.message())
                 .await
-                .map_err(|_| (pushes, late()))?
+                .map_err(|_| (pushes, late()))?;
+            deadline = tokio::time::Instant::now() + first_push;
+            next
         } else {
             stream.message().await
         };
@@ -174,6 +183,19 @@ pub async fn follow<H: Holdings>(
             Ok(None) => return Ok(pushes),
             Err(s) => return Err((pushes, s)),
         };
+        if let Some(queued) = &chunk.queued {
+            // A notice, not a push: only ever while no push has begun on this stream.
+            if pushes > 0 || staged.is_some() {
+                let why = "the controller said the resync waits for its turn after it had begun";
+                return Err((pushes, tonic::Status::internal(why)));
+            }
+            tracing::info!(
+                ahead = queued.ahead,
+                "the controller queued this node's resync: waiting for its turn"
+            );
+            tx.borrow().queued(queued.ahead);
+            continue;
+        }
         let (mut holdings, head) = match staged.take() {
             Some((h, head)) if head.nonce == chunk.nonce => (h, head),
             Some((_, head)) => {
@@ -215,6 +237,7 @@ pub async fn follow<H: Holdings>(
                     replaced_buckets: chunk.replaced_buckets.clone(),
                     resync: chunk.resync,
                     more: false,
+                    queued: None,
                 };
                 (current.stage(&chunk), head)
             }
@@ -407,6 +430,150 @@ mod tests {
         tokio::task::spawn_blocking(move || server.join().unwrap())
             .await
             .unwrap();
+    }
+
+    /// What a scripted controller sends on each config stream, one message after another, with a
+    /// pause before each; then it keeps the stream open and says nothing more.
+    #[derive(Clone)]
+    struct Script(Vec<(Duration, weft_api::encoded::EncodedPush)>);
+
+    #[tonic::async_trait]
+    impl weft_api::encoded::config_server::Config for Script {
+        type StreamStream = ReceiverStream<Result<weft_api::encoded::EncodedPush, tonic::Status>>;
+
+        async fn stream(
+            &self,
+            request: tonic::Request<tonic::Streaming<StreamRequest>>,
+        ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
+            let (tx, rx) = mpsc::channel(4);
+            let script = self.0.clone();
+            tokio::spawn(async move {
+                let _inbound = request.into_inner();
+                for (pause, message) in script {
+                    tokio::time::sleep(pause).await;
+                    if tx.send(Ok(message)).await.is_err() {
+                        return;
+                    }
+                }
+                tx.closed().await;
+            });
+            Ok(tonic::Response::new(ReceiverStream::new(rx)))
+        }
+    }
+
+    /// Serves `script` over TLS on loopback as `weft-controller`; returns the agent's controller
+    /// handle, with a first-push deadline of 1 s.
+    async fn scripted(dir: &Path, script: Script) -> (Controller, tokio::task::JoinHandle<()>) {
+        let (cert, key) = credentials(dir);
+        let mut config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(vec![cert], key)
+                .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (conns, incoming) = mpsc::channel::<std::io::Result<_>>(4);
+            tokio::spawn(async move {
+                while let Ok((tcp, _)) = listener.accept().await {
+                    if let Ok(tls) = acceptor.accept(tcp).await
+                        && conns.send(Ok(tls)).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+            tonic::transport::Server::builder()
+                .add_service(weft_api::encoded::config_server::ConfigServer::new(script))
+                .serve_with_incoming(ReceiverStream::new(incoming))
+                .await
+                .unwrap();
+        });
+        let deadlines = Deadlines {
+            first_push: Duration::from_secs(1),
+            ..Deadlines::default()
+        };
+        (controller(dir, addr, deadlines), server)
+    }
+
+    fn resync(more: bool) -> weft_api::encoded::EncodedPush {
+        weft_api::encoded::EncodedPush {
+            nonce: "1-1".into(),
+            full: true,
+            resync: true,
+            revision: 1,
+            store_id: "store".into(),
+            more,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resync_queued_longer_than_the_deadline_is_waited_for_while_the_controller_says_so() {
+        let scratch = Scratch::new("queued");
+        // Four notices 400 ms apart, then the resync in two chunks 400 ms apart: 2 s in all, twice
+        // the 1 s deadline, and never 1 s of silence.
+        let every = Duration::from_millis(400);
+        let mut script: Vec<_> = (0..4u32)
+            .map(|i| (every, weft_api::encoded::EncodedPush::queued(3 - i)))
+            .collect();
+        script.push((every, resync(true)));
+        script.push((every, resync(false)));
+        let (controller, server) = scripted(&scratch.0, Script(script)).await;
+        // The scripted controller keeps the stream open after its push: follow the stream until
+        // the push is taken, and stop there.
+        let (tx, mut rx) = watch::channel(Arc::new(State::default()));
+        let started = Instant::now();
+        let follower = tokio::spawn(async move { follow(&controller, "node1", &tx, &mut None).await });
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| s.synced))
+            .await
+            .expect("no resync within 10 s")
+            .expect("the stream ended before its resync");
+        assert!(started.elapsed() >= Duration::from_secs(2), "{:?}", started.elapsed());
+        assert!(
+            !follower.is_finished(),
+            "the stream is still open: {:?}",
+            follower.await
+        );
+        follower.abort();
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_controller_silent_after_saying_the_resync_is_queued_is_left_at_the_deadline() {
+        let scratch = Scratch::new("queued-silent");
+        let script = Script(vec![(Duration::ZERO, weft_api::encoded::EncodedPush::queued(5))]);
+        let (controller, server) = scripted(&scratch.0, script).await;
+        let (ended, took) = follow_once(&controller).await;
+        let (pushes, status) = ended.expect_err("the controller went silent");
+        assert_eq!(pushes, 0);
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        assert!(status.message().contains("sent nothing for 1s"), "{status:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_queued_notice_in_the_middle_of_a_push_breaks_the_stream() {
+        let scratch = Scratch::new("queued-midway");
+        let script = Script(vec![
+            (Duration::ZERO, resync(true)),
+            (Duration::ZERO, weft_api::encoded::EncodedPush::queued(0)),
+        ]);
+        let (controller, server) = scripted(&scratch.0, script).await;
+        let (ended, _) = follow_once(&controller).await;
+        let (pushes, status) = ended.expect_err("a protocol error");
+        assert_eq!(pushes, 0);
+        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+        assert!(
+            status.message().contains("waits for its turn after it had begun"),
+            "{status:?}"
+        );
+        server.abort();
     }
 
     #[test]

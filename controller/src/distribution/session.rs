@@ -103,6 +103,7 @@ impl Outgoing {
             replaced_buckets: Vec::new(),
             resync: self.resync,
             more,
+            queued: None,
         };
         let mut chunks = Vec::new();
         let mut current = head(true);
