@@ -75,7 +75,10 @@ pub async fn run(shape: Shape, bin_dir: &Path, dir: &Path, server: &ApiServer) -
             SYSTEM.into(),
             "--state-dir".into(),
             state.clone().into(),
-        ],
+        ]
+        .into_iter()
+        .chain(shape.controller_args())
+        .collect(),
         env: vec![
             ("KUBECONFIG".into(), server.kubeconfig.clone().into()),
             ("POD_NAME".into(), "weft-controller-0".into()),

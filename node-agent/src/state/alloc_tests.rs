@@ -147,7 +147,7 @@ fn finding_a_peer_and_deciding_a_connection_allocate_nothing() {
 }
 
 /// `n` workloads as the pods of ReplicaSets of 10 (one template and one service each) over 20
-/// namespaces and 100 nodes: the bench's shape (`weft-scale --agent-workloads`), smaller.
+/// namespaces and 100 nodes: the bench's shape (`weft-agent-state`), smaller.
 fn replica_sets(n: usize) -> Vec<v1::Resource> {
     let sets = n / 10;
     let services = (0..sets).map(|s| service(&format!("ns-{}", s % 20), &format!("svc-{s}"), &vip(s)));
