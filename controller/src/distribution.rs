@@ -37,13 +37,21 @@ pub const CONCURRENT_RESYNCS: usize = 32;
 /// within the agent's deadline for a silent controller (`weft_node::controller::Deadlines`, 30 s).
 pub const QUEUED_NOTICE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Longest a subscriber holding a turn may take in nothing of its resync: past it, its stream ends
+/// (it reconnects and asks again) and the turn goes to the next in line. Without it, one subscriber
+/// that stops reading (its HTTP/2 PINGs still answered) would hold a turn for as long as it lives,
+/// and those told to wait would wait as long.
+pub const RESYNC_STALL: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// How large resyncs take turns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ResyncLimits {
     /// Sent at a time (at least 1): [`CONCURRENT_RESYNCS`].
     pub concurrent: usize,
-    /// How often a waiting subscriber is told that it waits: [`QUEUED_NOTICE_EVERY`].
+    /// How often a waiting subscriber is told that it waits (at least 10 ms): [`QUEUED_NOTICE_EVERY`].
     pub notice_every: std::time::Duration,
+    /// How long a subscriber holding a turn may take in nothing: [`RESYNC_STALL`].
+    pub stall: std::time::Duration,
 }
 
 impl Default for ResyncLimits {
@@ -51,6 +59,7 @@ impl Default for ResyncLimits {
         Self {
             concurrent: CONCURRENT_RESYNCS,
             notice_every: QUEUED_NOTICE_EVERY,
+            stall: RESYNC_STALL,
         }
     }
 }
@@ -60,6 +69,7 @@ impl Default for ResyncLimits {
 #[derive(Debug)]
 struct Turns {
     notice_every: std::time::Duration,
+    stall: std::time::Duration,
     permits: Arc<tokio::sync::Semaphore>,
     /// Tickets given to waiters, in order...
     issued: std::sync::atomic::AtomicU64,
@@ -71,7 +81,8 @@ struct Turns {
 impl Turns {
     fn new(limits: ResyncLimits) -> Self {
         Self {
-            notice_every: limits.notice_every,
+            notice_every: limits.notice_every.max(std::time::Duration::from_millis(10)),
+            stall: limits.stall,
             permits: Arc::new(tokio::sync::Semaphore::new(limits.concurrent.max(1))),
             issued: 0.into(),
             served: 0.into(),
@@ -212,7 +223,8 @@ impl Stream {
             subscriber = Subscriber::new(self.node.clone(), filter);
             first = subscriber.resync(&self.index.borrow_and_update().clone(), subscribe.held.as_ref());
         }
-        if !self.send(first).await {
+        let stall = permit.as_ref().map(|_| self.turns.stall);
+        if !self.send(first, stall).await {
             return;
         }
         drop(permit);
@@ -220,7 +232,7 @@ impl Stream {
             if subscriber.ready() {
                 let now = self.index.borrow_and_update().clone();
                 if let Some(push) = subscriber.next(&now)
-                    && !self.send(push).await
+                    && !self.send(push, None).await
                 {
                     return;
                 }
@@ -285,17 +297,21 @@ impl Stream {
                 _ = notices.tick(), if notify => {
                     let ahead = ticket.saturating_sub(self.turns.served.load(Ordering::Relaxed));
                     let ahead = u32::try_from(ahead).unwrap_or(u32::MAX);
-                    tracing::debug!(ahead, "the resync waits for its turn; told the subscriber");
-                    if self.tx.send(Ok(EncodedPush::queued(ahead))).await.is_err() {
-                        return None;
+                    // Never blocks: a subscriber that has not read the last notices gets no more (and
+                    // a notice waiting to be sent cannot hold up the turn when it comes).
+                    match self.tx.try_send(Ok(EncodedPush::queued(ahead))) {
+                        Ok(()) => tracing::debug!(ahead, "the resync waits for its turn; told the subscriber"),
+                        Err(mpsc::error::TrySendError::Full(_)) => {}
+                        Err(mpsc::error::TrySendError::Closed(_)) => return None,
                     }
                 }
             }
         }
     }
 
-    /// Sends one push, in chunks; false when the subscriber went away.
-    async fn send(&mut self, push: session::Outgoing) -> bool {
+    /// Sends one push, in chunks; false when the subscriber went away, or took in nothing for
+    /// `stall` (then its stream ends).
+    async fn send(&mut self, push: session::Outgoing, stall: Option<std::time::Duration>) -> bool {
         tracing::debug!(
             nonce = push.nonce,
             full = push.full,
@@ -307,7 +323,20 @@ impl Stream {
             "push"
         );
         for chunk in push.chunks(CHUNK_BYTES) {
-            if self.tx.send(Ok(chunk)).await.is_err() {
+            let sent = match stall {
+                Some(stall) => match tokio::time::timeout(stall, self.tx.send(Ok(chunk))).await {
+                    Ok(sent) => sent,
+                    Err(_) => {
+                        tracing::warn!(
+                            stall_s = stall.as_secs_f32(),
+                            "the subscriber took in nothing of its resync for too long; ended its stream so that the next in line gets the turn"
+                        );
+                        return false;
+                    }
+                },
+                None => self.tx.send(Ok(chunk)).await,
+            };
+            if sent.is_err() {
                 tracing::debug!("subscriber went away");
                 return false;
             }

@@ -583,11 +583,19 @@ async fn narrow_channel(controller: &Controller) -> Channel {
         .unwrap()
 }
 
+/// Longest a queued subscriber in these tests waits for its turn.
+const RESYNC_WAIT: Duration = Duration::from_secs(20);
+
 /// The notices that the resync waits (their `ahead`), then the whole resync that follows them:
 /// its chunks' resource count. No notice may come once the push began.
 async fn notices_then_resync(sub: &mut Sub) -> (Vec<u32>, Push, usize) {
     let mut notices = Vec::new();
+    let deadline = std::time::Instant::now() + RESYNC_WAIT;
     let mut first = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no resync within {RESYNC_WAIT:?}, only notices: {notices:?}"
+        );
         let message = sub.next().await.unwrap();
         match &message.queued {
             Some(q) => notices.push(q.ahead),
@@ -615,13 +623,12 @@ async fn notices_then_resync(sub: &mut Sub) -> (Vec<u32>, Push, usize) {
 /// and then every notice period, with about how many wait ahead of it (so that the agent does not
 /// take the wait for a silent controller and reconnect at the back of the queue); one that did not
 /// ask for notices waits in silence; each gets its whole resync when its turn comes, in order.
-#[tokio::test]
-async fn a_resync_that_waits_for_its_turn_is_told_so_until_its_turn_comes() {
+/// A controller whose store holds about 3 MB of resync for node1 (far beyond what a stalled
+/// subscriber's windows and the controller's buffers take in), one large resync at a time.
+async fn one_turn_at_a_time(stall: Duration) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     std::fs::create_dir(&state).unwrap();
-    // About 3 MB of resync: far beyond what a stalled subscriber's windows and the controller's
-    // buffers take in.
     let labels: Vec<String> = (0..10).map(|j| format!("k{j}: {}", "v".repeat(60))).collect();
     let labels = labels.join(", ");
     let mut yaml = BASE.to_owned();
@@ -640,19 +647,35 @@ async fn a_resync_that_waits_for_its_turn_is_told_so_until_its_turn_comes() {
         resyncs: weft_controller::distribution::ResyncLimits {
             concurrent: 1,
             notice_every: Duration::from_millis(200),
+            stall,
         },
         ..Default::default()
     };
     let controller = start_with(dir.path(), limits).await;
-    let h = Harness {
+    Harness {
         dir,
         controller: Some(controller),
-    };
+    }
+}
 
-    // The one turn: a subscriber whose resync begins and then stalls, as it reads nothing more.
+/// A subscriber holding the one turn: its resync began (the first chunk is returned) and then
+/// stalls, as it reads nothing more.
+async fn stalled_holder(h: &Harness) -> (Sub, Push) {
     let mut holder = Sub::open_queued(narrow_channel(h.controller()).await, true).await;
     let begun = holder.next().await.unwrap();
     assert!(begun.queued.is_none() && begun.full && begun.more, "{:?}", begun.nonce);
+    (holder, begun)
+}
+
+/// After a restart thousands of agents need their whole config at once, and the controller sends
+/// a bounded number of large resyncs at a time. A subscriber whose resync waits is told so at once
+/// and then every notice period, with about how many wait ahead of it (so that the agent does not
+/// take the wait for a silent controller and reconnect at the back of the queue); one that did not
+/// ask for notices waits in silence; each gets its whole resync when its turn comes.
+#[tokio::test]
+async fn a_resync_that_waits_for_its_turn_is_told_so_until_its_turn_comes() {
+    let h = one_turn_at_a_time(Duration::from_secs(60)).await;
+    let (mut holder, begun) = stalled_holder(&h).await;
 
     let channel = h.channel().await;
     let mut told = Sub::open_queued(channel.clone(), true).await;
@@ -662,30 +685,17 @@ async fn a_resync_that_waits_for_its_turn_is_told_so_until_its_turn_comes() {
         Some(v1::Queued { ahead: 0 }),
         "told at once, nothing ahead"
     );
+    // Opened once the first is known to wait: one ahead of it.
+    let mut second = Sub::open_queued(channel.clone(), true).await;
+    assert_eq!(second.next().await.unwrap().queued, Some(v1::Queued { ahead: 1 }));
     let mut silent = Sub::open_queued(channel.clone(), false).await;
-    let mut third = Sub::open_queued(channel.clone(), true).await;
-    // Its notices say two wait ahead once the silent one's wait is counted (it subscribed first,
-    // but nothing shows when the controller read its subscription).
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let notice = third.next().await.unwrap();
-        let ahead = notice.queued.expect("only notices while the turn is held").ahead;
-        if ahead == 2 {
-            break;
-        }
-        assert!(ahead < 2, "{ahead} ahead of the third of three waiting");
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the estimate never counted the silent subscriber"
-        );
-    }
     // Told again while it waits, and nothing but that.
     for _ in 0..2 {
         assert_eq!(told.next().await.unwrap().queued, Some(v1::Queued { ahead: 0 }));
     }
     silent.quiet().await;
 
-    // The holder reads its resync to the end: the turns go round, in order of arrival.
+    // The holder reads its resync to the end: the turns go round.
     let mut total = begun.resources.len();
     let mut last = begun;
     while last.more {
@@ -697,6 +707,10 @@ async fn a_resync_that_waits_for_its_turn_is_told_so_until_its_turn_comes() {
     assert!(notices.iter().all(|a| *a == 0), "{notices:?}");
     assert!(push.full && push.resync);
     assert_eq!(resources, total, "the waiting subscriber's resync is whole");
+    let (notices, push, resources) = notices_then_resync(&mut second).await;
+    assert!(notices.iter().all(|a| *a <= 1), "{notices:?}");
+    assert!(push.full);
+    assert_eq!(resources, total);
     let (notices, push, resources) = notices_then_resync(&mut silent).await;
     assert!(
         notices.is_empty(),
@@ -704,9 +718,26 @@ async fn a_resync_that_waits_for_its_turn_is_told_so_until_its_turn_comes() {
     );
     assert!(push.full);
     assert_eq!(resources, total);
-    let (notices, push, resources) = notices_then_resync(&mut third).await;
-    assert!(notices.iter().all(|a| *a <= 2), "{notices:?}");
+    h.stop().await;
+}
+
+/// A subscriber that stops reading in the middle of its resync (its connection alive, PINGs
+/// answered) does not keep the turn: after the stall limit its stream ends and the next in line is
+/// served, without the stalled one reading anything.
+#[tokio::test]
+async fn a_subscriber_that_stalls_its_resync_loses_the_turn() {
+    let h = one_turn_at_a_time(Duration::from_secs(1)).await;
+    let (_holder, _) = stalled_holder(&h).await;
+    let mut told = Sub::open_queued(h.channel().await, true).await;
+    let started = std::time::Instant::now();
+    let (notices, push, resources) = notices_then_resync(&mut told).await;
+    assert!(!notices.is_empty(), "it waited for the holder's turn first");
     assert!(push.full);
-    assert_eq!(resources, total);
+    assert!(resources > 2000, "{resources}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
     h.stop().await;
 }
