@@ -521,14 +521,17 @@ impl Report {
                 return Err(format!("{}: {} of {} agents got it", c.kind, c.arrived, c.expected));
             }
         }
-        let gave_up: u64 = self
+        let unexpected: Vec<String> = self
             .initial_sync_ended
             .iter()
-            .filter(|(why, _)| why.starts_with("DeadlineExceeded"))
-            .map(|(_, n)| n)
-            .sum();
-        if gave_up > 0 {
-            return Err(format!("{gave_up} agents gave up waiting for their first push"));
+            .filter(|(why, _)| !admission_refusal(why))
+            .map(|(why, n)| format!("{n} x {why}"))
+            .collect();
+        if !unexpected.is_empty() {
+            return Err(format!(
+                "connections ended in the first sync other than by admission: {}",
+                unexpected.join("; ")
+            ));
         }
         if self.streams_dropped > 0 {
             return Err(format!(
@@ -544,6 +547,14 @@ impl Report {
         }
         Ok(())
     }
+}
+
+/// Whether a connection ended in the first sync because the controller's admission refused it (it
+/// handshakes a bounded number at a time and resets the rest, which retry after their backoff): the
+/// only expected way for one to end. An agent that gave up waiting for its first push
+/// (DeadlineExceeded) or a stream the controller broke is not.
+fn admission_refusal(why: &str) -> bool {
+    why.starts_with("Unavailable:") && (why.contains("tls handshake eof") || why.contains("Connection reset by peer"))
 }
 
 /// Runs the harness once: `bin_dir` has `weft-controller`; `dir` is scratch (emptied first).
@@ -1128,4 +1139,24 @@ pub fn agent_state(workloads: usize, services: usize, deltas: usize) -> anyhow::
         delta_p50_ms: times.get(times.len() / 2).copied().unwrap_or(0.0),
         delta_max_ms: times.last().copied().unwrap_or(0.0),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::admission_refusal;
+
+    #[test]
+    fn only_admission_refusals_are_expected_ends_of_the_first_sync() {
+        assert!(admission_refusal("Unavailable: tls handshake eof"));
+        assert!(admission_refusal(
+            "Unavailable: error trying to connect: Connection reset by peer (os error 104)"
+        ));
+        assert!(!admission_refusal(
+            "DeadlineExceeded: the controller sent nothing for 30s before its first push"
+        ));
+        assert!(!admission_refusal("closed by the controller"));
+        assert!(!admission_refusal(
+            "Internal: h2 protocol error: Connection reset by peer"
+        ));
+    }
 }

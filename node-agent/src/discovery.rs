@@ -462,8 +462,8 @@ mod tests {
     }
 
     /// Serves `script` over TLS on loopback as `weft-controller`; returns the agent's controller
-    /// handle, with a first-push deadline of 1 s.
-    async fn scripted(dir: &Path, script: Script) -> (Controller, tokio::task::JoinHandle<()>) {
+    /// handle, with the given first-push deadline.
+    async fn scripted(dir: &Path, script: Script, first_push: Duration) -> (Controller, tokio::task::JoinHandle<()>) {
         let (cert, key) = credentials(dir);
         let mut config =
             rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -494,7 +494,7 @@ mod tests {
                 .unwrap();
         });
         let deadlines = Deadlines {
-            first_push: Duration::from_secs(1),
+            first_push,
             ..Deadlines::default()
         };
         (controller(dir, addr, deadlines), server)
@@ -515,15 +515,15 @@ mod tests {
     #[tokio::test]
     async fn a_resync_queued_longer_than_the_deadline_is_waited_for_while_the_controller_says_so() {
         let scratch = Scratch::new("queued");
-        // Four notices 400 ms apart, then the resync in two chunks 400 ms apart: 2 s in all, twice
-        // the 1 s deadline, and never 1 s of silence.
+        // Six notices 400 ms apart, then the resync in two chunks 400 ms apart: 3.2 s in all, well
+        // past the 2 s deadline, and never more than 0.4 s of silence.
         let every = Duration::from_millis(400);
-        let mut script: Vec<_> = (0..4u32)
-            .map(|i| (every, weft_api::encoded::EncodedPush::queued(3 - i)))
+        let mut script: Vec<_> = (0..6u32)
+            .map(|i| (every, weft_api::encoded::EncodedPush::queued(5 - i)))
             .collect();
         script.push((every, resync(true)));
         script.push((every, resync(false)));
-        let (controller, server) = scripted(&scratch.0, Script(script)).await;
+        let (controller, server) = scripted(&scratch.0, Script(script), Duration::from_secs(2)).await;
         // The scripted controller keeps the stream open after its push: follow the stream until
         // the push is taken, and stop there.
         let (tx, mut rx) = watch::channel(Arc::new(State::default()));
@@ -533,7 +533,11 @@ mod tests {
             .await
             .expect("no resync within 10 s")
             .expect("the stream ended before its resync");
-        assert!(started.elapsed() >= Duration::from_secs(2), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() >= Duration::from_millis(3200),
+            "{:?}",
+            started.elapsed()
+        );
         assert!(
             !follower.is_finished(),
             "the stream is still open: {:?}",
@@ -547,7 +551,7 @@ mod tests {
     async fn a_controller_silent_after_saying_the_resync_is_queued_is_left_at_the_deadline() {
         let scratch = Scratch::new("queued-silent");
         let script = Script(vec![(Duration::ZERO, weft_api::encoded::EncodedPush::queued(5))]);
-        let (controller, server) = scripted(&scratch.0, script).await;
+        let (controller, server) = scripted(&scratch.0, script, Duration::from_secs(1)).await;
         let (ended, took) = follow_once(&controller).await;
         let (pushes, status) = ended.expect_err("the controller went silent");
         assert_eq!(pushes, 0);
@@ -564,7 +568,7 @@ mod tests {
             (Duration::ZERO, resync(true)),
             (Duration::ZERO, weft_api::encoded::EncodedPush::queued(0)),
         ]);
-        let (controller, server) = scripted(&scratch.0, script).await;
+        let (controller, server) = scripted(&scratch.0, script, Duration::from_secs(1)).await;
         let (ended, _) = follow_once(&controller).await;
         let (pushes, status) = ended.expect_err("a protocol error");
         assert_eq!(pushes, 0);
