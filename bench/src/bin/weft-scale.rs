@@ -35,8 +35,8 @@ struct Args {
     /// Where scale.json, scale.md and each run's controller log go.
     #[arg(long, default_value = "target/scale")]
     out: PathBuf,
-    /// Fail unless every agent got every change, no stream dropped, no TLS handshake timed out and no
-    /// agent gave up waiting for its first push.
+    /// Fail unless every agent got every change, no stream dropped, no TLS handshake timed out and
+    /// nothing but the controller's admission ended a connection before the agent's first push.
     #[arg(long)]
     check: bool,
     /// The controller's source: its local store, or a real API server (etcd and kube-apiserver
@@ -106,7 +106,7 @@ fn main() -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("N = {}: {e}", r.shape.nodes))?;
         }
         eprintln!(
-            "scale: every agent got every change; no stream dropped; no handshake timed out; no agent gave up on its first push"
+            "scale: every agent got every change; no stream dropped; no handshake timed out; only admission ended first-sync connections"
         );
     }
     // The agents' tasks hold connections to a controller that is gone: do not wait for them.
