@@ -387,12 +387,10 @@ mod tests {
         silent.abort();
     }
 
-    #[tokio::test]
-    async fn config_stream_ends_when_the_controller_stops_answering_pings() {
-        let scratch = Scratch::new("keepalive");
-        let (cert, key) = credentials(&scratch.0);
-        // Completes the TLS handshake, then reads everything and answers nothing, not even PINGs: a
-        // controller that hung, or vanished behind a connection nobody closes.
+    /// The TLS server side of a controller that speaks HTTP/2, with the certificate the agent's
+    /// test credentials trust.
+    fn controller_tls(dir: &Path) -> rustls::ServerConfig {
+        let (cert, key) = credentials(dir);
         let mut config =
             rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
                 .with_safe_default_protocol_versions()
@@ -401,6 +399,15 @@ mod tests {
                 .with_single_cert(vec![cert], key)
                 .unwrap();
         config.alpn_protocols = vec![b"h2".to_vec()];
+        config
+    }
+
+    #[tokio::test]
+    async fn config_stream_ends_when_the_controller_stops_answering_pings() {
+        let scratch = Scratch::new("keepalive");
+        // Completes the TLS handshake, then reads everything and answers nothing, not even PINGs: a
+        // controller that hung, or vanished behind a connection nobody closes.
+        let config = controller_tls(&scratch.0);
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let server = std::thread::spawn(move || {
@@ -464,15 +471,7 @@ mod tests {
     /// Serves `script` over TLS on loopback as `weft-controller`; returns the agent's controller
     /// handle, with the given first-push deadline.
     async fn scripted(dir: &Path, script: Script, first_push: Duration) -> (Controller, tokio::task::JoinHandle<()>) {
-        let (cert, key) = credentials(dir);
-        let mut config =
-            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(vec![cert], key)
-                .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        let config = controller_tls(dir);
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
