@@ -108,6 +108,10 @@ fn namespace(o: &Options) -> Value {
 
 fn rbac(o: &Options) -> Vec<Value> {
     let rule = |groups: &[&str], resources: &[&str], verbs: &[&str]| json!({ "apiGroups": groups, "resources": resources, "verbs": verbs });
+    // One object by name: `create` cannot be limited so, and gets a rule of its own.
+    let named = |groups: &[&str], resources: &[&str], name: &str, verbs: &[&str]| {
+        json!({ "apiGroups": groups, "resources": resources, "resourceNames": [name], "verbs": verbs })
+    };
     let read = ["get", "list", "watch"];
     let cluster_meta = |name: &str, component: &str| json!({ "name": name, "labels": labels(component, o) });
     let subject = |sa: &str| json!([{ "kind": "ServiceAccount", "name": sa, "namespace": o.namespace }]);
@@ -121,9 +125,9 @@ fn rbac(o: &Options) -> Vec<Value> {
             "kind": "ClusterRole",
             "metadata": cluster_meta(CONTROLLER, CONTROLLER),
             "rules": [
-                rule(&[""], &["namespaces", "pods", "services", "endpoints", "serviceaccounts"], &read),
+                rule(&[""], &["namespaces", "pods", "services", "serviceaccounts"], &read),
                 rule(&["security.weft.dev"], &["authorizationpolicies", "peerauthentications"], &read),
-                rule(&["security.weft.dev"], &["authorizationpolicies/status", "peerauthentications/status"], &["get", "patch", "update"]),
+                rule(&["security.weft.dev"], &["authorizationpolicies/status", "peerauthentications/status"], &["patch"]),
                 rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
             ],
         }),
@@ -141,10 +145,12 @@ fn rbac(o: &Options) -> Vec<Value> {
             "kind": "Role",
             "metadata": meta(CONTROLLER, CONTROLLER, o),
             "rules": [
-                rule(&[""], &["secrets"], &["get", "list", "watch", "create"]),
-                rule(&[""], &["configmaps"], &["get", "list", "watch", "create", "update", "patch"]),
-                rule(&["coordination.k8s.io"], &["leases"], &["get", "list", "watch", "create", "update", "patch"]),
-                rule(&[""], &["pods"], &["get"]),
+                named(&[""], &["secrets"], "weft-ca", &["get"]),
+                rule(&[""], &["secrets"], &["create"]),
+                named(&[""], &["configmaps"], "weft-root-ca", &["get", "update"]),
+                rule(&[""], &["configmaps"], &["create"]),
+                named(&["coordination.k8s.io"], &["leases"], CONTROLLER, &["get", "update"]),
+                rule(&["coordination.k8s.io"], &["leases"], &["create"]),
             ],
         }),
         json!({
@@ -154,13 +160,13 @@ fn rbac(o: &Options) -> Vec<Value> {
             "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": CONTROLLER },
             "subjects": subject(CONTROLLER),
         }),
-        // The agent reads pods (and may write only their status: whether redirection is active).
+        // The agent learns its pods from the controller; on the API server it only writes their
+        // status (whether redirection is active). RBAC cannot limit that to its own node's pods.
         json!({
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRole",
             "metadata": cluster_meta(NODE, NODE),
             "rules": [
-                rule(&[""], &["pods"], &read),
                 rule(&[""], &["pods/status"], &["patch"]),
             ],
         }),
@@ -178,7 +184,7 @@ fn rbac(o: &Options) -> Vec<Value> {
             "kind": "Role",
             "metadata": meta(NODE, NODE, o),
             "rules": [
-                rule(&[""], &["endpoints"], &read),
+                rule(&[""], &["endpoints"], &["list", "watch"]),
                 rule(&["apps"], &["daemonsets"], &["get"]),
             ],
         }),
