@@ -725,23 +725,37 @@ impl Cluster {
     }
 }
 
-/// A cluster brought up for a test run, torn down when dropped (also when the run fails).
-pub struct Guard(Cluster);
+/// A cluster brought up for a test run: [`Guard::down`] tears it down and says what it left behind;
+/// dropped without that (the run failed on the way), it is torn down all the same.
+pub struct Guard(Option<Cluster>);
 
 impl Guard {
     pub fn up(cluster: Cluster, images: &[PathBuf]) -> anyhow::Result<Guard> {
         // Someone else's cluster is never taken down.
         ensure!(!cluster.is_up(), "a local Kubernetes cluster is already up");
         // Dropped on error too: a half-made cluster is removed.
-        let guard = Guard(cluster);
-        guard.0.up(images)?;
+        let guard = Guard(Some(cluster));
+        if let Some(c) = &guard.0 {
+            c.up(images)?;
+        }
         Ok(guard)
+    }
+
+    /// Tears the cluster down; an error names what is left (processes, mounts, cgroups, links,
+    /// sysctls), so that a test run that leaves anything behind fails.
+    pub fn down(mut self) -> anyhow::Result<()> {
+        match self.0.take() {
+            Some(c) => c.down().context("tearing down the test cluster"),
+            None => Ok(()),
+        }
     }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        if let Err(e) = self.0.down() {
+        if let Some(c) = self.0.take()
+            && let Err(e) = c.down()
+        {
             eprintln!("tearing down the test cluster: {e:#}");
         }
     }

@@ -288,10 +288,15 @@ fn test() -> anyhow::Result<()> {
         let images = images::build(&root())?;
         let guard = kube::Guard::up(cluster, &images)?;
         let (p, f, k) = cargo_test(&["test", "-p", "weft-e2e", "--test", "kubernetes"], &[])?;
-        drop(guard);
         passed += p;
         failed += f;
         ok &= k;
+        // Leaving anything of the cluster behind fails the run.
+        if let Err(e) = guard.down() {
+            println!("{e:#}");
+            failed += 1;
+            ok = false;
+        }
         let short_forms: [(&str, &[&str], &str); 2] = [
             (
                 "the control-plane scale harness, short form (N = 100: every agent gets every change, no stream drops; no timing asserted)",
