@@ -325,8 +325,11 @@ fn enroll(k: &Kube) {
         "weft.dev/dataplane-mode=ambient",
         "--overwrite",
     ]);
+    // Both within 5 s of the annotation, not 5 s each.
+    let deadline = started + Duration::from_secs(5);
     for app in ["client", "server"] {
-        wait_for(&format!("{app} to be captured"), Duration::from_secs(5), || {
+        let left = deadline.saturating_duration_since(Instant::now());
+        wait_for(&format!("{app} to be captured within 5 s"), left, || {
             (annotation(&pod(k, app)) == "active").then_some(())
         });
     }
@@ -555,9 +558,11 @@ fn failover(k: &Kube) {
 
 fn unenroll(k: &Kube) {
     k.kubectl(&["annotate", "namespace", NS, "weft.dev/dataplane-mode-"]);
-    wait_for("the client to be released", Duration::from_secs(5), || {
-        (annotation(&pod(k, "client")) != "active").then_some(())
-    });
+    for app in ["client", "server"] {
+        wait_for(&format!("the {app} to be released"), Duration::from_secs(5), || {
+            annotation(&pod(k, app)).is_empty().then_some(())
+        });
+    }
     let cap = Capture::start("unenrolled");
     get(k, "client", "weft-marker-unenrolled").expect("the server answers");
     let pcap = cap.stop();
@@ -576,6 +581,9 @@ fn uninstall(k: &Kube) {
         "weft.dev/dataplane-mode=ambient",
         "--overwrite",
     ]);
+    wait_for("the client to be captured again", Duration::from_secs(5), || {
+        (annotation(&pod(k, "client")) == "active").then_some(())
+    });
     let out = k.weftctl(&["uninstall", "--wait", "180s"]);
     assert!(
         out.status.success(),
@@ -609,6 +617,14 @@ fn uninstall(k: &Kube) {
             "node{i} keeps the plugin"
         );
     }
+    // Released pods no longer say they are captured.
+    let marked: Vec<String> = k
+        .pods(NS, "app")
+        .iter()
+        .filter(|p| !annotation(p).is_empty())
+        .map(|p| format!("{}: {}", p["metadata"]["name"], annotation(p)))
+        .collect();
+    assert!(marked.is_empty(), "pods still carry weft.dev/redirection: {marked:?}");
     if k.kubectl_output(&["get", "namespace", NS]).status.success() && !k.pods(NS, "app=client").is_empty() {
         let cap = Capture::start("uninstalled");
         let answer = get(k, "client", "weft-marker-uninstalled");

@@ -133,9 +133,9 @@ async fn serve(
         .as_ref()
         .map(|kube| uninstall::at_start(kube.clone(), config.daemonset.clone()));
     let (plans, plans_rx) = watch::channel(BTreeMap::new());
-    if let Some(kube) = &kube {
-        tokio::spawn(redirection::run(kube.clone(), plans_rx));
-    }
+    let writer = kube
+        .as_ref()
+        .map(|kube| tokio::spawn(redirection::run(kube.clone(), plans_rx)));
     let (state_tx, mut states) = watch::channel(Arc::new(State::default()));
     tokio::spawn(discovery::run(controller.clone(), config.node.clone(), state_tx));
     tokio::spawn(return_freed_memory());
@@ -237,6 +237,18 @@ async fn serve(
             tokio::task::spawn_blocking(move || node.uninstall())
                 .await
                 .context("the uninstall stopped")??;
+            // No pod of this node is captured any more: none may say it is.
+            if let (Some(kube), Some(writer)) = (&kube, writer) {
+                writer.abort();
+                let plan = plans.borrow().clone();
+                let failed = redirection::clear(kube, &plan, Duration::from_secs(5)).await;
+                tracing::info!(
+                    pods = plan.len(),
+                    failed,
+                    "{} removed from this node's pods",
+                    redirection::ANNOTATION
+                );
+            }
         }
     }
     Ok(())

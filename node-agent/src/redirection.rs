@@ -168,6 +168,40 @@ pub async fn run(kube: kube::Client, mut plans: watch::Receiver<BTreeMap<String,
     }
 }
 
+/// Takes the annotation off every pod in `plan` (an uninstall: nothing of this node is captured
+/// any more), all at once, each within `deadline`; returns how many were not cleared (and logs
+/// why). The writer of [`run`] must be stopped first, or it would write them back.
+pub async fn clear(kube: &kube::Client, plan: &BTreeMap<String, Wanted>, deadline: Duration) -> usize {
+    let mut writes = tokio::task::JoinSet::new();
+    for (uid, wanted) in plan {
+        let (kube, uid) = (kube.clone(), uid.clone());
+        let wanted = Wanted {
+            value: None,
+            ..wanted.clone()
+        };
+        writes.spawn(async move {
+            let pod = format!("{}/{}", wanted.namespace, wanted.name);
+            match tokio::time::timeout(deadline, write(&kube, &uid, &wanted)).await {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) if gone(&e) => true,
+                Ok(Err(e)) => {
+                    tracing::warn!(pod, error = %display_chain(&e), "removing {ANNOTATION} at uninstall");
+                    false
+                }
+                Err(_) => {
+                    tracing::warn!(pod, ?deadline, "removing {ANNOTATION} at uninstall: no answer");
+                    false
+                }
+            }
+        });
+    }
+    let mut failed = 0;
+    while let Some(cleared) = writes.join_next().await {
+        failed += usize::from(!matches!(cleared, Ok(true)));
+    }
+    failed
+}
+
 /// The pod the write was for does not exist any more (404), or another one has its name (the
 /// uid in the patch does not match: 409 or 422).
 fn gone(e: &kube::Error) -> bool {
@@ -307,6 +341,50 @@ mod tests {
         let more = tokio::time::timeout(Duration::from_millis(1500), server.requests.recv()).await;
         assert!(more.is_err(), "nothing else to write");
         writer.abort();
+    }
+
+    #[tokio::test]
+    async fn an_uninstall_clears_every_pods_annotation_and_counts_what_failed() {
+        let mut server = crate::kube::testing::Server::start("redirection-clear").await;
+        let wanted = |name: &str, value: Option<&str>| Wanted {
+            namespace: "shop".into(),
+            name: name.into(),
+            value: value.map(str::to_owned),
+            observed: Some(ACTIVE.to_owned()),
+        };
+        let plan = BTreeMap::from([
+            ("u1".to_owned(), wanted("cart", Some(ACTIVE))),
+            ("u2".to_owned(), wanted("web", Some("inactive: not enrolled yet"))),
+            ("u3".to_owned(), wanted("gone", Some(ACTIVE))),
+        ]);
+        let client = server.client();
+        let clearing = tokio::spawn(async move { clear(&client, &plan, Duration::from_secs(5)).await });
+        let mut seen = BTreeMap::new();
+        for _ in 0..3 {
+            let request = server.next().await;
+            let body: serde_json::Value = serde_json::from_slice(&request.body).expect("JSON");
+            assert_eq!(
+                body["metadata"]["annotations"][ANNOTATION],
+                serde_json::Value::Null,
+                "{body}"
+            );
+            let status = match request.uri.as_str() {
+                "/api/v1/namespaces/shop/pods/web/status" => http::StatusCode::INTERNAL_SERVER_ERROR,
+                "/api/v1/namespaces/shop/pods/gone/status" => http::StatusCode::NOT_FOUND,
+                _ => http::StatusCode::OK,
+            };
+            seen.insert(request.uri.clone(), body["metadata"]["uid"].clone());
+            request.answer(status, "{}");
+        }
+        assert_eq!(clearing.await.expect("clear"), 1, "web's write failed; gone is gone");
+        assert_eq!(
+            seen.keys().map(String::as_str).collect::<Vec<_>>(),
+            [
+                "/api/v1/namespaces/shop/pods/cart/status",
+                "/api/v1/namespaces/shop/pods/gone/status",
+                "/api/v1/namespaces/shop/pods/web/status",
+            ]
+        );
     }
 
     #[test]
