@@ -169,6 +169,11 @@ fn install(k: &Kube) {
         let image = p["spec"]["containers"][0]["image"].as_str().unwrap_or_default();
         assert!(image.starts_with("weft.dev/weft-"), "{} runs {image}", kube::name(p));
     }
+    // deploy/ (the same objects: a unit test keeps it equal to the rendering) is a kustomize base
+    // that kubectl and the API server accept as it is.
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let out = k.kubectl(&["apply", "-k", &deploy.to_string_lossy(), "--dry-run=server"]);
+    assert!(out.contains("weft-node"), "kubectl apply -k deploy/: {out}");
 }
 
 fn workloads(k: &Kube) {
