@@ -727,17 +727,14 @@ async fn a_resync_that_waits_for_its_turn_is_told_so_until_its_turn_comes() {
 #[tokio::test]
 async fn a_subscriber_that_stalls_its_resync_loses_the_turn() {
     let h = one_turn_at_a_time(Duration::from_secs(1)).await;
+    // Before the holder subscribes: its stall limit cannot have started earlier.
+    let started = std::time::Instant::now();
     let (_holder, _) = stalled_holder(&h).await;
     let mut told = Sub::open_queued(h.channel().await, true).await;
-    let started = std::time::Instant::now();
     let (notices, push, resources) = notices_then_resync(&mut told).await;
     assert!(!notices.is_empty(), "it waited for the holder's turn first");
     assert!(push.full);
     assert!(resources > 2000, "{resources}");
-    assert!(
-        started.elapsed() >= Duration::from_millis(900),
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() >= Duration::from_secs(1), "{:?}", started.elapsed());
     h.stop().await;
 }

@@ -240,6 +240,8 @@ async fn serve(
             // No pod of this node is captured any more: none may say it is.
             if let (Some(kube), Some(writer)) = (&kube, writer) {
                 writer.abort();
+                // Stopped, not only told to stop: a write of its own must not follow the clearing.
+                let _ = writer.await;
                 let plan = plans.borrow().clone();
                 let failed = redirection::clear(kube, &plan, Duration::from_secs(5)).await;
                 tracing::info!(

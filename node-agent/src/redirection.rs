@@ -377,13 +377,23 @@ mod tests {
             request.answer(status, "{}");
         }
         assert_eq!(clearing.await.expect("clear"), 1, "web's write failed; gone is gone");
+        // Each pod once, its patch naming its own uid.
         assert_eq!(
-            seen.keys().map(String::as_str).collect::<Vec<_>>(),
-            [
-                "/api/v1/namespaces/shop/pods/cart/status",
-                "/api/v1/namespaces/shop/pods/gone/status",
-                "/api/v1/namespaces/shop/pods/web/status",
-            ]
+            seen,
+            BTreeMap::from([
+                (
+                    "/api/v1/namespaces/shop/pods/cart/status".to_owned(),
+                    serde_json::json!("u1")
+                ),
+                (
+                    "/api/v1/namespaces/shop/pods/gone/status".to_owned(),
+                    serde_json::json!("u3")
+                ),
+                (
+                    "/api/v1/namespaces/shop/pods/web/status".to_owned(),
+                    serde_json::json!("u2")
+                ),
+            ])
         );
     }
 

@@ -109,7 +109,11 @@ fn namespace(o: &Options) -> Value {
 fn rbac(o: &Options) -> Vec<Value> {
     let rule = |groups: &[&str], resources: &[&str], verbs: &[&str]| json!({ "apiGroups": groups, "resources": resources, "verbs": verbs });
     // One object by name: `create` cannot be limited so, and gets a rule of its own.
-    let named = |groups: &[&str], resources: &[&str], name: &str, verbs: &[&str]| json!({ "apiGroups": groups, "resources": resources, "resourceNames": [name], "verbs": verbs });
+    let named = |groups: &[&str], resources: &[&str], name: &str, verbs: &[&str]| {
+        let mut r = rule(groups, resources, verbs);
+        r["resourceNames"] = json!([name]);
+        r
+    };
     let read = ["get", "list", "watch"];
     let cluster_meta = |name: &str, component: &str| json!({ "name": name, "labels": labels(component, o) });
     let subject = |sa: &str| json!([{ "kind": "ServiceAccount", "name": sa, "namespace": o.namespace }]);
