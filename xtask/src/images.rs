@@ -42,13 +42,13 @@ const GROUP: &str = "root:x:0:\nnobody:x:65534:\nnonroot:x:65532:\n";
 const NSSWITCH: &str = "passwd: files\ngroup: files\nhosts: files dns\n";
 const NONROOT: u64 = 65532;
 
-/// Builds every image archive from `root`'s release build (`target/release`) into
+/// Builds every image archive from `root`'s release build (`target/<triple>/release`, [`crate::release_dir`]) into
 /// `target/images/<name>.oci.tar`, writes `target/images/images.json` (`[{name, reference, path,
 /// digest, size}]`: the manifest's digest, the archive's size in bytes) and prints each reference and
 /// size. Returns the archives' paths. A missing binary, an unresolvable library or a failing gcc stop
 /// it; archives are replaced whole (written aside, then renamed), never left half-written.
 pub fn build(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let release = root.join("target").join("release");
+    let release = root.join("target").join(crate::release_target()).join("release");
     let out = root.join("target").join("images");
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let pause = pause_binary(&out.join("cache"))?;

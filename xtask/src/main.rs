@@ -88,7 +88,7 @@ fn main() -> anyhow::Result<()> {
         Cli::Kube { cmd } => setup().and_then(|()| kube::main(cmd)),
         Cli::Bench { quick, out } => setup()
             .and_then(|()| build_release())
-            .and_then(|()| bench::bench(&root().join("target").join("release"), quick, &root().join(out))),
+            .and_then(|()| bench::bench(&release_dir(), quick, &root().join(out))),
         Cli::Scale { nodes, rest } => setup()
             .and_then(|()| {
                 // Against the Kubernetes source it starts a real API server: the binaries first.
@@ -250,9 +250,31 @@ fn build() -> anyhow::Result<()> {
     run(cargo().args(["build", "--bins"]))
 }
 
+/// The triple release builds name (`--target`, this machine's own). Named, the target's flags
+/// reach Weft's binaries only: without `--target` they would also reach build scripts and
+/// proc-macros, which cannot be linked statically.
+pub fn release_target() -> String {
+    format!("{}-unknown-linux-gnu", std::env::consts::ARCH)
+}
+
+/// Where [`build_release`] puts the binaries: `target/<triple>/release`.
+pub fn release_dir() -> PathBuf {
+    root().join("target").join(release_target()).join("release")
+}
+
+/// The release build: what the images ship, the bench measures and the scale harness runs. Its
+/// binaries are linked statically (glibc included): the linker then keeps only the libc code
+/// Weft calls, next to its own, instead of mapping all of libc, libm and the loader into each
+/// process. An idle agent touched 1.7 MiB of those shared libraries' pages; statically it is
+/// a few hundred KiB (docs/performance.md). Lookups (users, hosts) still work: glibc 2.34 and
+/// later build `files` and `dns` into libc itself.
 fn build_release() -> anyhow::Result<()> {
-    step("building Weft in release mode (what the bench measures)");
-    run(cargo().args(["build", "--release", "--bins"]))
+    step("building Weft in release mode, statically linked (what the images ship and the bench measures)");
+    let target = release_target();
+    let flags = format!("CARGO_TARGET_{}_RUSTFLAGS", target.to_uppercase().replace('-', "_"));
+    run(cargo()
+        .args(["build", "--release", "--bins", "--target", &target])
+        .env(flags, "-C target-feature=+crt-static"))
 }
 
 fn lint() -> anyhow::Result<()> {
@@ -330,7 +352,7 @@ fn test() -> anyhow::Result<()> {
 
 /// Runs the release build's weft-scale with `--nodes nodes`, writing to `out`.
 fn scale(nodes: &str, rest: &[String], out: &str) -> anyhow::Result<()> {
-    let release = root().join("target").join("release");
+    let release = release_dir();
     run(Command::new(release.join("weft-scale"))
         .arg("--nodes")
         .arg(nodes)
@@ -384,11 +406,7 @@ fn quick_bench() -> anyhow::Result<()> {
     }
     step("the benchmark harness, briefly (cargo xtask bench --quick; no number is asserted)");
     build_release()?;
-    bench::bench(
-        &root().join("target").join("release"),
-        true,
-        &root().join("target").join("bench-quick"),
-    )
+    bench::bench(&release_dir(), true, &root().join("target").join("bench-quick"))
 }
 
 /// `weft-controller crds` renders the CRDs from the Rust types; they are kept in deploy/.
