@@ -23,14 +23,17 @@ use crate::{
     config::{CgroupChoice, Config, ControllerTarget, DEFAULT_TUNNEL_CONGESTION, TunnelCongestion},
     controller::{Controller, Deadlines},
     discovery,
+    endpoints::{self, Readiness},
     errors::display_chain,
     identity::Identities,
     inpod::InPod,
     kube,
     mesh::Mesh,
+    metrics::Metrics,
     networks::{Loaded, Networks},
     redirection,
     state::State,
+    telemetry::LogFilter,
     uninstall::{self, Decision},
 };
 
@@ -62,8 +65,8 @@ fn tunnel_congestion(asked: &TunnelCongestion) -> anyhow::Result<Option<Congesti
     Ok(chosen)
 }
 
-/// Runs the agent until SIGTERM or SIGINT.
-pub fn run(config: Config) -> anyhow::Result<()> {
+/// Runs the agent until SIGTERM, SIGINT or `/quitquitquit`.
+pub fn run(config: Config, log: LogFilter) -> anyhow::Result<()> {
     raise_memlock();
     if let Err(e) = weft_dataplane::socket::raise_open_file_limit() {
         tracing::warn!(error = %e, "could not raise the open-file limit");
@@ -90,15 +93,18 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     let runtime = builder.enable_all().build().context("starting the async runtime")?;
-    runtime.block_on(serve(config, tunnel_congestion, cgroup, own_cgroup))
+    runtime.block_on(serve(config, log, tunnel_congestion, cgroup, own_cgroup))
 }
 
 async fn serve(
     config: Config,
+    log: LogFilter,
     tunnel_congestion: Option<CongestionControl>,
     cgroup: std::path::PathBuf,
     own_cgroup: std::path::PathBuf,
 ) -> anyhow::Result<()> {
+    // Bound first: a port in use stops the start before anything is attached.
+    let endpoints = endpoints::Bound::bind(&config.endpoints).await?;
     let agent_cgroup = weft_dataplane::cgroup::id(&own_cgroup)
         .with_context(|| format!("reading the id of cgroup {}", own_cgroup.display()))?;
     let capture = Capture::start(&config.bpf_pin_dir, &cgroup, agent_cgroup).context("starting capture")?;
@@ -165,6 +171,23 @@ async fn serve(
         },
     };
 
+    let (readiness, ready_rx) = watch::channel(Readiness::Starting("waiting for the controller's config"));
+    let (view, view_rx) = watch::channel(Arc::new(NodeView::default()));
+    let (quit, mut quit_rx) = tokio::sync::mpsc::channel(1);
+    endpoints.spawn(Arc::new(endpoints::Shared {
+        log,
+        metrics: Arc::new(Metrics::new()),
+        ready: ready_rx,
+        dump: Box::new(config_dump(&config, states.clone(), view_rx)),
+        quit,
+    }));
+    tracing::info!(
+        admin = %config.endpoints.admin,
+        metrics = %config.endpoints.metrics,
+        readiness = %config.endpoints.readiness,
+        "HTTP endpoints"
+    );
+
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut retry = tokio::time::interval(Duration::from_secs(1));
     let mut ready = false;
@@ -187,6 +210,7 @@ async fn serve(
             _ = retry.tick() => {}
             _ = term.recv() => break Stop::Term,
             _ = tokio::signal::ctrl_c() => break Stop::Interrupt,
+            Some(()) = quit_rx.recv() => break Stop::Quit,
         }
         let state = states.borrow_and_update().clone();
         // Entering pods' namespaces, binding, netlink, eBPF maps, fsync: off the proxies' threads.
@@ -210,15 +234,25 @@ async fn serve(
             // Answered only now: a pod that must be captured is, before its containers start.
             let _ = reply_tx.send(reply);
         }
+        view.send_if_modified(|v| {
+            let now = NodeView::of(&node.reconciler);
+            let changed = **v != now;
+            if changed {
+                *v = Arc::new(now);
+            }
+            changed
+        });
         if state.synced {
             identities.want(&node.reconciler.identities());
             if !ready {
                 // Serving: the controller's config is in and every enrolled pod has its listeners.
                 ready = true;
+                readiness.send_replace(Readiness::Ready);
                 tracing::info!(revision = state.revision, pods = node.reconciler.pods.len(), "ready");
             }
         }
     };
+    readiness.send_replace(Readiness::Stopping);
     let decision = match (stop, &kube, daemonset) {
         (Stop::Term, Some(kube), Some(at_start)) => {
             let at_start = at_start.borrow().clone();
@@ -226,6 +260,7 @@ async fn serve(
         }
         (Stop::Term, ..) => Decision::Restart("SIGTERM, outside Kubernetes".into()),
         (Stop::Interrupt, ..) => Decision::Restart("SIGINT: an operator's stop is always a restart".into()),
+        (Stop::Quit, ..) => Decision::Restart("/quitquitquit: an operator's stop is always a restart".into()),
     };
     match decision {
         Decision::Restart(why) => tracing::info!(
@@ -259,6 +294,8 @@ async fn serve(
 /// What ended the agent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Stop {
+    /// `POST /quitquitquit` on the admin API.
+    Quit,
     /// SIGTERM: from kubelet, an uninstall or a restart ([`uninstall`]).
     Term,
     /// SIGINT: an operator's; always a restart.
@@ -814,5 +851,87 @@ mod tests {
         let (release, unaccounted) = to_release(1..=6, &served, |c| uids.get(&c).copied(), &wanted);
         assert_eq!(release, [3, 4, 5]);
         assert_eq!(unaccounted, 1);
+    }
+}
+
+/// The node's enrolled pods as `/config_dump` shows them, republished when they change.
+#[derive(Debug, Default, PartialEq)]
+struct NodeView {
+    /// `(uid, namespace/name, identity, addresses)`, by uid.
+    pods: Vec<(String, String, String, Vec<std::net::IpAddr>)>,
+    /// Wanted pods the agent does not serve, by uid: the last enrollment error.
+    failures: BTreeMap<String, String>,
+    /// Captured network namespaces of no known pod.
+    unaccounted: usize,
+}
+
+impl NodeView {
+    fn of(reconciler: &Reconciler) -> Self {
+        let pods = reconciler
+            .pods
+            .iter()
+            .map(|(uid, pod)| {
+                let current = pod.current();
+                (
+                    uid.clone(),
+                    pod.ctx.name.clone(),
+                    current.identity.to_string(),
+                    current.pod.ips.clone(),
+                )
+            })
+            .collect();
+        Self {
+            pods,
+            failures: reconciler.failures.clone(),
+            unaccounted: reconciler.unaccounted,
+        }
+    }
+}
+
+/// `/config_dump`: the agent's own config, what the controller sent (sizes and revision) and the
+/// pods it serves.
+fn config_dump(
+    config: &Config,
+    states: watch::Receiver<Arc<State>>,
+    view: watch::Receiver<Arc<NodeView>>,
+) -> impl Fn() -> serde_json::Value + Send + Sync + 'static {
+    let own = serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "node": config.node,
+        "kubernetes": config.kubernetes,
+        "controller": match &config.controller {
+            ControllerTarget::Url(url) => url.clone(),
+            ControllerTarget::Endpoints(o) => format!("endpoints of {}/{}", o.namespace, o.name),
+        },
+        "trust_domain": config.trust_domain,
+        "cni_socket": config.cni_socket,
+        "state_dir": config.state_dir,
+        "bpf_pin_dir": config.bpf_pin_dir,
+        "worker_threads": config.worker_threads,
+        "admin_address": config.endpoints.admin.to_string(),
+        "metrics_address": config.endpoints.metrics.to_string(),
+        "readiness_address": config.endpoints.readiness.to_string(),
+    });
+    move || {
+        let state = states.borrow().clone();
+        let view = view.borrow().clone();
+        let (workloads, services) = state.sizes();
+        serde_json::json!({
+            "config": own,
+            "state": {
+                "revision": state.revision,
+                "synced": state.synced,
+                "workloads": workloads,
+                "services": services,
+            },
+            "pods": view.pods.iter().map(|(uid, name, identity, ips)| serde_json::json!({
+                "uid": uid,
+                "name": name,
+                "identity": identity,
+                "ips": ips,
+            })).collect::<Vec<_>>(),
+            "failures": view.failures,
+            "unaccounted_netns": view.unaccounted,
+        })
     }
 }

@@ -1,6 +1,6 @@
 //! The agent's configuration: parsed and validated before anything binds or attaches.
 
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Parser, ValueEnum};
 use weft_dataplane::socket::CongestionControl;
@@ -94,6 +94,17 @@ pub struct Args {
     /// application's own connections to the agent keep their pod's default.
     #[arg(long, env = "WEFT_TUNNEL_CONGESTION_CONTROL", value_name = "NAME|system")]
     pub tunnel_congestion_control: Option<String>,
+    /// The admin API (`/config_dump`, `/logging`, `/quitquitquit`, `/healthz/ready`): on loopback
+    /// only, as it changes what the agent does.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_address: SocketAddr,
+    /// Prometheus metrics (`/metrics`, `/stats/prometheus`), on the node's addresses.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_address: SocketAddr,
+    /// Readiness (`/healthz/ready`), on the node's addresses: 200 once the controller's config is in
+    /// and every enrolled pod is served, 503 before and while shutting down.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_address: SocketAddr,
 }
 
 /// Where the controller is.
@@ -185,6 +196,15 @@ pub struct Config {
     pub log_format: LogFormat,
     pub worker_threads: usize,
     pub tunnel_congestion: TunnelCongestion,
+    pub endpoints: Endpoints,
+}
+
+/// Where the agent's HTTP endpoints listen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoints {
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+    pub readiness: SocketAddr,
 }
 
 impl Args {
@@ -241,6 +261,29 @@ impl Args {
                     .map_err(|e| format!("--tunnel-congestion-control: {e}, or \"system\""))?,
             ),
         };
+        if !self.admin_address.ip().is_loopback() {
+            return Err(format!(
+                "--admin-address {} is not a loopback address: the admin API changes what the agent does and is served to the node only",
+                self.admin_address
+            ));
+        }
+        let endpoints = Endpoints {
+            admin: self.admin_address,
+            metrics: self.metrics_address,
+            readiness: self.readiness_address,
+        };
+        let named = [
+            ("--admin-address", endpoints.admin),
+            ("--metrics-address", endpoints.metrics),
+            ("--readiness-address", endpoints.readiness),
+        ];
+        for (i, (a, x)) in named.iter().enumerate() {
+            for (b, y) in &named[i + 1..] {
+                if x.port() == y.port() && (x.ip() == y.ip() || x.ip().is_unspecified() || y.ip().is_unspecified()) {
+                    return Err(format!("{a} {x} and {b} {y} would listen on the same port"));
+                }
+            }
+        }
         Ok(Config {
             node: self.node,
             kubernetes: self.kubernetes,
@@ -258,6 +301,7 @@ impl Args {
             log_format: self.log_format,
             worker_threads,
             tunnel_congestion,
+            endpoints,
         })
     }
 }
@@ -309,6 +353,41 @@ mod tests {
             .validate()
             .expect_err("upper case");
         assert!(err.starts_with("--tunnel-congestion-control: \"BBR\" is not"), "{err}");
+    }
+
+    #[test]
+    fn endpoints_default_to_istios_ports_and_the_admin_api_stays_on_loopback() {
+        let config = args(&[]).validate().expect("valid");
+        assert_eq!(config.endpoints.admin, "127.0.0.1:15000".parse().expect("addr"));
+        assert_eq!(config.endpoints.metrics, "0.0.0.0:15020".parse().expect("addr"));
+        assert_eq!(config.endpoints.readiness, "0.0.0.0:15021".parse().expect("addr"));
+        assert!(args(&["--admin-address", "[::1]:15000"]).validate().is_ok());
+
+        let err = args(&["--admin-address", "0.0.0.0:15000"])
+            .validate()
+            .expect_err("not loopback");
+        assert!(
+            err.starts_with("--admin-address 0.0.0.0:15000 is not a loopback address"),
+            "{err}"
+        );
+        let err = args(&["--metrics-address", "127.0.0.1:15021"])
+            .validate()
+            .expect_err("one port");
+        assert_eq!(
+            err,
+            "--metrics-address 127.0.0.1:15021 and --readiness-address 0.0.0.0:15021 would listen on the same port"
+        );
+        // Different addresses, one port: both can bind.
+        assert!(
+            args(&[
+                "--metrics-address",
+                "127.0.0.2:15020",
+                "--readiness-address",
+                "127.0.0.3:15020"
+            ])
+            .validate()
+            .is_ok()
+        );
     }
 
     /// `argv` after the program name, parsed and validated.

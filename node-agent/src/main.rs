@@ -10,8 +10,8 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    weft_node::telemetry::init(config.log_format);
-    match weft_node::app::run(config) {
+    let log = weft_node::telemetry::init(config.log_format);
+    match weft_node::app::run(config, log) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "weft-node stopped");

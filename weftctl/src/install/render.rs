@@ -295,7 +295,15 @@ fn node(o: &Options) -> Value {
             // connections are refused (never sent around the mesh); the new agent takes them over.
             "updateStrategy": { "type": "RollingUpdate", "rollingUpdate": { "maxUnavailable": 1 } },
             "template": {
-                "metadata": { "labels": labels(NODE, o) },
+                "metadata": {
+                    "labels": labels(NODE, o),
+                    // Prometheus's Kubernetes pod discovery, as its example configuration reads them.
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": "15020",
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
                 "spec": {
                     "serviceAccountName": NODE,
                     "hostNetwork": true,
@@ -338,6 +346,17 @@ fn node(o: &Options) -> Value {
                             { "name": "WEFT_DAEMONSET", "value": format!("{}/{NODE}", o.namespace) },
                         ],
                         "resources": { "requests": { "cpu": "50m", "memory": "32Mi" } },
+                        // On the node's addresses (hostNetwork); the admin API stays on loopback.
+                        "ports": [
+                            { "name": "http-metrics", "containerPort": 15020, "protocol": "TCP" },
+                            { "name": "http-health", "containerPort": 15021, "protocol": "TCP" },
+                        ],
+                        // Ready once the controller's config is in and every enrolled pod is served;
+                        // not ready while it stops.
+                        "readinessProbe": {
+                            "httpGet": { "path": "/healthz/ready", "port": 15021 },
+                            "periodSeconds": 2,
+                        },
                         // What the agent does, not blanket privilege: load and attach eBPF (BPF,
                         // PERFMON, NET_ADMIN), enter pods' network namespaces and set their sysctls
                         // (SYS_ADMIN), transparent sockets from a client's address (NET_ADMIN, NET_RAW).

@@ -1,0 +1,109 @@
+//! Operating a node: the agent's HTTP endpoints, reached as an operator on the node reaches them.
+
+use std::{process::Command, time::Duration};
+
+use serde_json::Value;
+use weft_e2e::{Cluster, privileged, wait_for};
+
+/// `curl` inside network namespace `netns`: (HTTP status, body); status 0 when nothing answered.
+fn curl_in(netns: &str, args: &[&str]) -> (u16, String) {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            netns,
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "-w",
+            "\n%{http_code}",
+        ])
+        .args(args)
+        .output()
+        .expect("running curl");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", stdout.as_str()));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+#[test]
+fn agent_endpoints_serve_readiness_metrics_and_admin_on_the_node() {
+    if !privileged("agent_endpoints") {
+        return;
+    }
+    let c = Cluster::up(
+        "e2e-endpoints",
+        &["--nodes", "1", "--pods-per-node", "2", "--ambient", "default"],
+    );
+    let node = c.node("node1");
+    let netns = node["netns"].as_str().expect("node netns").to_owned();
+    let ip = node["ips"][0].as_str().expect("node address").to_owned();
+    let at = |port: u16, path: &str| format!("http://{ip}:{port}{path}");
+
+    // Readiness and metrics on the node's address, as kubelet and Prometheus reach them.
+    assert_eq!(
+        curl_in(&netns, &[&at(15021, "/healthz/ready")]),
+        (200, "ready\n".to_owned())
+    );
+    let (status, metrics) = curl_in(&netns, &[&at(15020, "/metrics")]);
+    assert_eq!(status, 200, "{metrics}");
+    assert!(metrics.contains("process_resident_memory_bytes "), "{metrics}");
+    assert!(metrics.contains("weft_build_info{version=\""), "{metrics}");
+    // The admin API is on loopback only: the node's address refuses it.
+    assert_eq!(curl_in(&netns, &[&at(15000, "/config_dump")]).0, 0);
+
+    let admin = |path: &str| format!("http://127.0.0.1:15000{path}");
+    let (status, dump) = curl_in(&netns, &[&admin("/config_dump")]);
+    assert_eq!(status, 200, "{dump}");
+    let dump: Value = serde_json::from_str(&dump).expect("config_dump is JSON");
+    assert_eq!(dump["config"]["node"], "node1");
+    assert_eq!(dump["state"]["synced"], true);
+    let mut pods: Vec<(&str, &str)> = dump["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap(), p["identity"].as_str().unwrap()))
+        .collect();
+    pods.sort();
+    let identity = "spiffe://cluster.local/ns/default/sa/default";
+    assert_eq!(pods, [("default/app-1-1", identity), ("default/app-1-2", identity)]);
+
+    // The log level changes at run time: a config push is logged at debug only.
+    let pushes = || {
+        c.agent_log("node1")
+            .iter()
+            .filter(|l| l["message"] == "config push")
+            .count()
+    };
+    let namespace = |n: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {n}\n");
+    assert_eq!(
+        curl_in(&netns, &["-X", "POST", &admin("/logging?level=debug")]),
+        (200, "log filter: debug\n".to_owned())
+    );
+    let before = pushes();
+    assert!(c.apply(&namespace("loud")).status.success());
+    wait_for("a config push logged at debug", Duration::from_secs(10), || {
+        (pushes() > before).then_some(())
+    });
+    assert_eq!(
+        curl_in(&netns, &["-X", "POST", &admin("/logging?level=dbug")]).0,
+        400,
+        "a mistyped level is refused"
+    );
+    assert_eq!(curl_in(&netns, &[&admin("/logging")]).1, "log filter: debug\n");
+
+    // /quitquitquit stops the agent as a restart: capture stays attached.
+    assert_eq!(curl_in(&netns, &["-X", "POST", &admin("/quitquitquit")]).0, 200);
+    wait_for("the agent to stop", Duration::from_secs(10), || {
+        (!c.node("node1")["agent"]["running"].as_bool().unwrap_or(true)).then_some(())
+    });
+    let log = c.agent_log("node1");
+    assert!(
+        log.iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("shutting down for a restart"))
+            && l["reason"].as_str().is_some_and(|r| r.starts_with("/quitquitquit"))),
+        "no restart line for /quitquitquit"
+    );
+}
