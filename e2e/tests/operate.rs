@@ -107,3 +107,117 @@ fn agent_endpoints_serve_readiness_metrics_and_admin_on_the_node() {
         "no restart line for /quitquitquit"
     );
 }
+
+/// The sum of counter `name` over the series that carry every one of `labels`.
+fn counter(metrics: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn connection_metrics_move_by_each_connection_and_its_bytes_at_both_ends() {
+    if !privileged("connection_metrics") {
+        return;
+    }
+    let c = Cluster::up(
+        "e2e-tcpmetrics",
+        &["--nodes", "2", "--pods-per-node", "1", "--ambient", "default"],
+    );
+    let _server = c.serve("app-2-1", "8080");
+    let scrape = |node: &str| {
+        let n = c.node(node);
+        let (netns, ip) = (n["netns"].as_str().unwrap(), n["ips"][0].as_str().unwrap());
+        let (status, text) = curl_in(netns, &[&format!("http://{ip}:15020/metrics")]);
+        assert_eq!(status, 200, "{node}: {text}");
+        text
+    };
+    let (source, destination) = (
+        [
+            ("reporter", "source"),
+            ("source_workload", "app-1-1"),
+            ("destination_workload", "app-2-1"),
+        ],
+        [
+            ("reporter", "destination"),
+            ("source_workload", "app-1-1"),
+            ("destination_workload", "app-2-1"),
+        ],
+    );
+    let before = [scrape("node1"), scrape("node2")];
+
+    let server_ip = c.pod_ip("app-2-1", false);
+    let probe = weft_e2e::bin("weft-probe");
+    let out = c.exec(
+        "app-1-1",
+        &[
+            probe.to_str().unwrap(),
+            "connect",
+            "--addr",
+            &server_ip,
+            "--ports",
+            "8080",
+            "--count",
+            "100",
+            "--concurrency",
+            "4",
+        ],
+    );
+    assert!(out.status.success(), "{}", weft_e2e::text(&out));
+    let summary: Value = serde_json::from_slice(&out.stdout).expect("the probe's summary");
+    assert_eq!(summary["ok"], 100);
+    let (request, response) = (
+        summary["bytes_sent"].as_u64().unwrap(),
+        summary["bytes_received"].as_u64().unwrap(),
+    );
+
+    for (node, series, before) in [
+        ("node1", &source[..], &before[0]),
+        ("node2", &destination[..], &before[1]),
+    ] {
+        let delta = |text: &str, name: &str| counter(text, name, series) - counter(before, name, series);
+        // Closed is counted as each connection's last byte is through; wait for the hundredth.
+        let after = wait_for(
+            &format!("{node}'s 100 closed connections"),
+            Duration::from_secs(10),
+            || {
+                let text = scrape(node);
+                (delta(&text, "istio_tcp_connections_closed_total") >= 100).then_some(text)
+            },
+        );
+        let labels = format!("{series:?}");
+        assert_eq!(
+            delta(&after, "istio_tcp_connections_opened_total"),
+            100,
+            "{node} {labels}"
+        );
+        assert_eq!(
+            delta(&after, "istio_tcp_connections_closed_total"),
+            100,
+            "{node} {labels}"
+        );
+        assert_eq!(
+            delta(&after, "istio_tcp_received_bytes_total"),
+            request,
+            "{node}: the requests' bytes"
+        );
+        assert_eq!(
+            delta(&after, "istio_tcp_sent_bytes_total"),
+            response,
+            "{node}: the responses' bytes"
+        );
+        let flags = [
+            series,
+            &[("connection_security_policy", "mutual_tls"), ("response_flags", "-")],
+        ]
+        .concat();
+        assert_eq!(
+            counter(&after, "istio_tcp_connections_closed_total", &flags)
+                - counter(before, "istio_tcp_connections_closed_total", &flags),
+            100
+        );
+    }
+}

@@ -146,6 +146,7 @@ async fn serve(
     tokio::spawn(discovery::run(controller.clone(), config.node.clone(), state_tx));
     tokio::spawn(return_freed_memory());
     let identities = Identities::new(controller, config.trust_domain.clone());
+    let metrics = Arc::new(Metrics::new());
     let mesh = Arc::new(Mesh {
         state: states.clone(),
         identities: identities.clone(),
@@ -154,6 +155,7 @@ async fn serve(
         tunnel_congestion,
         admission: weft_hbone::server::Admission::new(Default::default()),
         plaintext_admission: weft_hbone::server::Admission::new(crate::proxy::PLAINTEXT_ADMISSION),
+        metrics: metrics.clone(),
     });
     let mut node = NodeControl {
         capture,
@@ -176,7 +178,7 @@ async fn serve(
     let (quit, mut quit_rx) = tokio::sync::mpsc::channel(1);
     endpoints.spawn(Arc::new(endpoints::Shared {
         log,
-        metrics: Arc::new(Metrics::new()),
+        metrics,
         ready: ready_rx,
         dump: Box::new(config_dump(&config, states.clone(), view_rx)),
         quit,

@@ -204,10 +204,7 @@ impl InPod {
         for ip in old.pod.ips.iter().filter(|ip| !pod.ips.contains(ip)) {
             capture.remove_listener(*ip);
         }
-        self.ctx.update(Current {
-            pod: pod.clone(),
-            identity: identity.clone(),
-        });
+        self.ctx.update(Current::new(pod.clone(), identity.clone()));
         tracing::info!(pod = %self.ctx.name, "updated in place");
         Ok(())
     }

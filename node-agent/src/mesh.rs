@@ -22,6 +22,8 @@ pub struct Mesh {
     /// Admission of plaintext connections, shared by every pod's 15006 listener: what one source
     /// (and all together) may hold in connections to the node's applications.
     pub plaintext_admission: Arc<weft_hbone::server::Admission>,
+    /// What `/metrics` shows; the proxies count their connections in it.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Mesh {

@@ -3,12 +3,20 @@
 //! text format. Label values are bounded: names from the agent's config, never an address, a port
 //! or an error's text.
 
-use std::{fmt, time::SystemTime};
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::SystemTime,
+};
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric as _},
-    metrics::{counter::ConstCounter, gauge::ConstGauge, info::Info},
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge, info::Info},
     registry::Registry,
 };
 
@@ -16,6 +24,7 @@ use prometheus_client::{
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    pub tcp: Arc<Tcp>,
 }
 
 impl Metrics {
@@ -27,7 +36,9 @@ impl Metrics {
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
         registry.register_collector(Box::new(Process));
-        Self { registry }
+        let tcp = Arc::new(Tcp::default());
+        registry.register_collector(Box::new(tcp.clone()));
+        Self { registry, tcp }
     }
 
     /// The OpenMetrics text of every metric, `# EOF` last.
@@ -42,6 +53,226 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// The label set of Istio's standard TCP metrics, as ztunnel reports them: who reports
+/// (`source`: the client's agent, `destination`: the server's), both ends' workloads and
+/// identities, the service when the client asked for one, and how the connection went. Every value
+/// is a name from the mesh's config or a fixed word; `unknown` where the agent does not know it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: &'static str,
+    pub source_workload: Arc<str>,
+    pub source_canonical_service: Arc<str>,
+    pub source_canonical_revision: Arc<str>,
+    pub source_workload_namespace: Arc<str>,
+    pub source_principal: Arc<str>,
+    pub source_app: Arc<str>,
+    pub source_version: Arc<str>,
+    pub destination_service: Arc<str>,
+    pub destination_service_namespace: Arc<str>,
+    pub destination_service_name: Arc<str>,
+    pub destination_workload: Arc<str>,
+    pub destination_canonical_service: Arc<str>,
+    pub destination_canonical_revision: Arc<str>,
+    pub destination_workload_namespace: Arc<str>,
+    pub destination_principal: Arc<str>,
+    pub destination_app: Arc<str>,
+    pub destination_version: Arc<str>,
+    pub request_protocol: &'static str,
+    /// `-` when it went through, `DENY` when a policy refused or closed it, `CONNECT` when it
+    /// could not be connected (ztunnel's flags).
+    pub response_flags: &'static str,
+    /// `mutual_tls` through an HBONE tunnel, `none` in plaintext.
+    pub connection_security_policy: &'static str,
+}
+
+/// The TCP series: one set of counters per label set, kept for the life of the agent (counters
+/// never go back), at most [`MAX_TCP_SERIES`] of them.
+#[derive(Debug, Default)]
+pub struct Tcp {
+    series: Mutex<HashMap<Arc<TcpLabels>, Arc<TcpCounters>>>,
+    /// Connections not counted because the series were full.
+    overflow: AtomicU64,
+}
+
+/// Label sets the agent keeps. Each is a pair of workloads (or a workload and a destination outside
+/// the mesh), so this is only reached on a node whose pods talk to thousands of distinct peers; the
+/// connections beyond it are counted in `weft_tcp_series_overflow_total`.
+pub const MAX_TCP_SERIES: usize = 10_000;
+
+/// One label set's counts.
+#[derive(Debug, Default)]
+pub struct TcpCounters {
+    opened: AtomicU64,
+    closed: AtomicU64,
+    /// From the server to the client (Istio's "sent during response").
+    sent: AtomicU64,
+    /// From the client to the server (Istio's "received during request").
+    received: AtomicU64,
+}
+
+impl Tcp {
+    fn counters(&self, labels: TcpLabels) -> Option<Arc<TcpCounters>> {
+        let mut series = self.series.lock().ok()?;
+        if let Some(c) = series.get(&labels) {
+            return Some(c.clone());
+        }
+        if series.len() >= MAX_TCP_SERIES {
+            self.overflow.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let counters = Arc::new(TcpCounters::default());
+        series.insert(Arc::new(labels), counters.clone());
+        Some(counters)
+    }
+
+    /// A connection was opened (or refused: then [`Tcp::closed`] follows at once).
+    pub fn opened(&self, labels: TcpLabels) {
+        if let Some(c) = self.counters(labels) {
+            c.opened.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A connection ended, having carried `request` bytes from the client and `response` back.
+    pub fn closed(&self, labels: TcpLabels, request: u64, response: u64) {
+        if let Some(c) = self.counters(labels) {
+            c.closed.fetch_add(1, Ordering::Relaxed);
+            c.received.fetch_add(request, Ordering::Relaxed);
+            c.sent.fetch_add(response, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Collector for Tcp {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        // Copied out first: a scrape never holds the lock while it formats.
+        let series: Vec<(Arc<TcpLabels>, Arc<TcpCounters>)> = match self.series.lock() {
+            Ok(s) => s.iter().map(|(l, c)| (l.clone(), c.clone())).collect(),
+            Err(_) => Vec::new(),
+        };
+        type Pick = fn(&TcpCounters) -> &AtomicU64;
+        let families: [(&str, &str, Pick); 4] = [
+            ("istio_tcp_connections_opened", "TCP connections opened", |c| &c.opened),
+            ("istio_tcp_connections_closed", "TCP connections closed", |c| &c.closed),
+            (
+                "istio_tcp_sent_bytes",
+                "Bytes sent from the server to the client, counted when the connection closes",
+                |c| &c.sent,
+            ),
+            (
+                "istio_tcp_received_bytes",
+                "Bytes received from the client, counted when the connection closes",
+                |c| &c.received,
+            ),
+        ];
+        for (name, help, pick) in families {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (labels, counters) in &series {
+                let value = pick(counters).load(Ordering::Relaxed);
+                ConstCounter::new(value).encode(family.encode_family(labels.as_ref())?)?;
+            }
+        }
+        let overflow = ConstCounter::new(self.overflow.load(Ordering::Relaxed));
+        overflow.encode(encoder.encode_descriptor(
+            "weft_tcp_series_overflow",
+            "Connections not counted in istio_tcp_*: the agent already keeps its most label sets",
+            None,
+            overflow.metric_type(),
+        )?)
+    }
+}
+
+/// What a metric label says when the agent does not know.
+pub fn unknown() -> Arc<str> {
+    static UNKNOWN: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    UNKNOWN.get_or_init(|| Arc::from("unknown")).clone()
+}
+
+/// A workload's names as Istio's metrics label them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadNames {
+    /// The workload the pod belongs to: its Deployment, StatefulSet, DaemonSet or Job, or the pod
+    /// itself when it has no such owner.
+    pub workload: Arc<str>,
+    pub namespace: Arc<str>,
+    /// `service.istio.io/canonical-name`, else `app.kubernetes.io/name`, else `app`, else the workload.
+    pub canonical_service: Arc<str>,
+    /// `service.istio.io/canonical-revision`, else `app.kubernetes.io/version`, else `version`, else
+    /// `latest`.
+    pub canonical_revision: Arc<str>,
+    /// The `app` label, `unknown` without one.
+    pub app: Arc<str>,
+    /// The `version` label, `unknown` without one.
+    pub version: Arc<str>,
+}
+
+impl WorkloadNames {
+    pub fn of(namespace: &str, pod: &str, labels: &std::collections::BTreeMap<String, String>) -> Self {
+        let label = |keys: &[&str]| {
+            keys.iter()
+                .find_map(|k| labels.get(*k))
+                .map(|v| Arc::<str>::from(v.as_str()))
+        };
+        let workload: Arc<str> = Arc::from(workload_name(pod, labels));
+        Self {
+            canonical_service: label(&["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"])
+                .unwrap_or_else(|| workload.clone()),
+            canonical_revision: label(&[
+                "service.istio.io/canonical-revision",
+                "app.kubernetes.io/version",
+                "version",
+            ])
+            .unwrap_or_else(|| Arc::from("latest")),
+            app: label(&["app"]).unwrap_or_else(unknown),
+            version: label(&["version"]).unwrap_or_else(unknown),
+            namespace: Arc::from(namespace),
+            workload,
+        }
+    }
+
+    /// A peer the agent does not know: every name `unknown`.
+    pub fn unknown() -> Self {
+        Self {
+            workload: unknown(),
+            namespace: unknown(),
+            canonical_service: unknown(),
+            canonical_revision: unknown(),
+            app: unknown(),
+            version: unknown(),
+        }
+    }
+}
+
+/// The name of the workload a pod belongs to, from what its controller leaves on it: a
+/// Deployment's pods are `<deployment>-<pod-template-hash>-<suffix>`, a StatefulSet's
+/// `<set>-<ordinal>`, a DaemonSet's `<set>-<suffix>` (with `controller-revision-hash`), a Job's carry
+/// `job-name`. A pod that matches none is its own workload.
+fn workload_name<'a>(pod: &'a str, labels: &'a std::collections::BTreeMap<String, String>) -> &'a str {
+    if let Some(hash) = labels.get("pod-template-hash")
+        && let Some((deployment, _)) = pod.rsplit_once('-')
+        && let Some(name) = deployment.strip_suffix(hash.as_str()).and_then(|d| d.strip_suffix('-'))
+        && !name.is_empty()
+    {
+        return name;
+    }
+    if let Some(job) = labels.get("job-name") {
+        return job;
+    }
+    if labels.contains_key("controller-revision-hash")
+        && let Some((set, last)) = pod.rsplit_once('-')
+        && !set.is_empty()
+    {
+        let ordinal = !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit());
+        let stateful = labels
+            .get("statefulset.kubernetes.io/pod-name")
+            .is_some_and(|n| n == pod);
+        // A StatefulSet's pod ends in its ordinal; a DaemonSet's in a random suffix.
+        if ordinal == stateful {
+            return set;
+        }
+    }
+    pod
 }
 
 /// The process's own figures, read from `/proc/self` at each scrape, with the names Prometheus's
@@ -177,6 +408,143 @@ fn max_fds() -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn a_pod_is_labelled_with_the_workload_its_controller_made_it_for() {
+        let cases = [
+            (
+                "reviews-v1-5f8d9c7b4-x2k9p",
+                labels(&[("pod-template-hash", "5f8d9c7b4")]),
+                "reviews-v1",
+            ),
+            (
+                "db-2",
+                labels(&[
+                    ("controller-revision-hash", "db-7c9"),
+                    ("statefulset.kubernetes.io/pod-name", "db-2"),
+                ]),
+                "db",
+            ),
+            (
+                "fluentd-8xk2p",
+                labels(&[("controller-revision-hash", "6d5f")]),
+                "fluentd",
+            ),
+            ("migrate-7h2k1", labels(&[("job-name", "migrate")]), "migrate"),
+            // No controller's marks, or marks that do not fit the name: the pod is its own workload.
+            ("app-1-1", labels(&[("app", "app-1")]), "app-1-1"),
+            ("odd-name", labels(&[("pod-template-hash", "zzz")]), "odd-name"),
+            ("-5f8d-x", labels(&[("pod-template-hash", "5f8d")]), "-5f8d-x"),
+        ];
+        for (pod, labels, want) in cases {
+            assert_eq!(workload_name(pod, &labels), want, "{pod}");
+        }
+    }
+
+    #[test]
+    fn canonical_names_come_from_istios_labels_then_the_common_ones() {
+        let names = WorkloadNames::of(
+            "shop",
+            "web-6b7f-abcde",
+            &labels(&[("pod-template-hash", "6b7f"), ("app", "web"), ("version", "v2")]),
+        );
+        assert_eq!(
+            (
+                &*names.workload,
+                &*names.namespace,
+                &*names.canonical_service,
+                &*names.canonical_revision
+            ),
+            ("web", "shop", "web", "v2")
+        );
+        assert_eq!((&*names.app, &*names.version), ("web", "v2"));
+        let names = WorkloadNames::of(
+            "shop",
+            "solo",
+            &labels(&[
+                ("app", "web"),
+                ("app.kubernetes.io/name", "storefront"),
+                ("service.istio.io/canonical-revision", "r7"),
+            ]),
+        );
+        assert_eq!(
+            (&*names.canonical_service, &*names.canonical_revision),
+            ("storefront", "r7")
+        );
+        let bare = WorkloadNames::of("shop", "solo", &labels(&[]));
+        assert_eq!(
+            (
+                &*bare.workload,
+                &*bare.canonical_service,
+                &*bare.canonical_revision,
+                &*bare.app
+            ),
+            ("solo", "solo", "latest", "unknown")
+        );
+    }
+
+    #[test]
+    fn tcp_series_count_each_label_set_and_stop_growing_at_their_bound() {
+        let tcp = Tcp::default();
+        let labels = |workload: &str, flags: &'static str| TcpLabels {
+            reporter: "source",
+            source_workload: Arc::from(workload),
+            source_canonical_service: unknown(),
+            source_canonical_revision: unknown(),
+            source_workload_namespace: unknown(),
+            source_principal: unknown(),
+            source_app: unknown(),
+            source_version: unknown(),
+            destination_service: unknown(),
+            destination_service_namespace: unknown(),
+            destination_service_name: unknown(),
+            destination_workload: unknown(),
+            destination_canonical_service: unknown(),
+            destination_canonical_revision: unknown(),
+            destination_workload_namespace: unknown(),
+            destination_principal: unknown(),
+            destination_app: unknown(),
+            destination_version: unknown(),
+            request_protocol: "tcp",
+            response_flags: flags,
+            connection_security_policy: "mutual_tls",
+        };
+        tcp.opened(labels("a", "-"));
+        tcp.opened(labels("a", "-"));
+        tcp.closed(labels("a", "-"), 10, 20);
+        tcp.closed(labels("a", "DENY"), 0, 0);
+        let mut registry = Registry::default();
+        let tcp = Arc::new(tcp);
+        registry.register_collector(Box::new(tcp.clone()));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let value = |prefix: &str, flags: &str| -> u64 {
+            text.lines()
+                .find(|l| l.starts_with(prefix) && l.contains(&format!("response_flags=\"{flags}\"")))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {prefix} with {flags} in:\n{text}"))
+        };
+        assert_eq!(value("istio_tcp_connections_opened_total{", "-"), 2);
+        assert_eq!(value("istio_tcp_connections_closed_total{", "-"), 1);
+        assert_eq!(value("istio_tcp_received_bytes_total{", "-"), 10);
+        assert_eq!(value("istio_tcp_sent_bytes_total{", "-"), 20);
+        assert_eq!(value("istio_tcp_connections_closed_total{", "DENY"), 1);
+        assert!(text.contains("reporter=\"source\",source_workload=\"a\""), "{text}");
+
+        for i in 0..MAX_TCP_SERIES {
+            tcp.opened(labels(&format!("w{i}"), "-"));
+        }
+        assert_eq!(tcp.series.lock().unwrap().len(), MAX_TCP_SERIES);
+        assert_eq!(tcp.overflow.load(Ordering::Relaxed), 2, "the two sets that did not fit");
+        // A set already kept is still counted.
+        tcp.opened(labels("a", "-"));
+        assert_eq!(tcp.overflow.load(Ordering::Relaxed), 2);
+    }
 
     #[test]
     fn stat_with_a_command_holding_spaces_and_parentheses() {

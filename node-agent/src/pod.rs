@@ -6,7 +6,7 @@ use weft_dataplane::netns::NetNs;
 use weft_hbone::identity::Identity;
 use weft_model::Pod;
 
-use crate::mesh::Mesh;
+use crate::{mesh::Mesh, metrics::WorkloadNames};
 
 /// What the proxies need to know about the pod a connection belongs to. What the workload source
 /// can change about a running pod (labels, service account, addresses) is in [`Current`], replaced in
@@ -26,6 +26,21 @@ pub struct Current {
     pub pod: Pod,
     /// The pod's SPIFFE identity (from its service account).
     pub identity: Identity,
+    /// Its names as the metrics label them, made once per update.
+    pub names: WorkloadNames,
+    /// The identity as a label value.
+    pub principal: Arc<str>,
+}
+
+impl Current {
+    pub fn new(pod: Pod, identity: Identity) -> Self {
+        Self {
+            names: WorkloadNames::of(&pod.namespace, &pod.name, &pod.labels),
+            principal: Arc::from(identity.as_str()),
+            pod,
+            identity,
+        }
+    }
 }
 
 impl PodContext {
@@ -35,7 +50,7 @@ impl PodContext {
             name: pod.qualified_name(),
             netns,
             mesh,
-            current: RwLock::new(Arc::new(Current { pod, identity })),
+            current: RwLock::new(Arc::new(Current::new(pod, identity))),
         }
     }
 

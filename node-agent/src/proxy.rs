@@ -23,7 +23,11 @@ use weft_dataplane::{
 use weft_hbone::identity::Identity;
 use weft_model::ports;
 
-use crate::pod::{Current, PodContext};
+use crate::{
+    metrics::{self, TcpLabels, WorkloadNames},
+    pod::{Current, PodContext},
+    state::Workload,
+};
 
 mod inbound;
 mod outbound;
@@ -92,6 +96,22 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// ztunnel's response flags: `-` when the connection went through, `DENY` when a policy refused
+    /// or closed it, `CONNECT` when it could not be connected.
+    fn response_flags(self) -> &'static str {
+        match self {
+            Reason::Done | Reason::Io => "-",
+            Reason::Denied | Reason::Revoked | Reason::StrictMtls => "DENY",
+            Reason::NoOriginalDst
+            | Reason::ForbiddenTarget
+            | Reason::UpstreamConnect
+            | Reason::LocalSocket
+            | Reason::NoIdentity
+            | Reason::NoEndpoint
+            | Reason::Tunnel(_) => "CONNECT",
+        }
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Reason::Done => "done",
@@ -136,11 +156,17 @@ struct Record {
     peer_workload: Option<Arc<str>>,
     /// The peer's SPIFFE identity: the verified client's inbound, the expected server's outbound.
     peer_identity: Option<Identity>,
+    /// The peer as the state has it, for the metrics' labels.
+    peer: Option<Arc<Workload>>,
+    /// The service (`namespace/name`) whose address the client connected to.
+    service: Option<Arc<str>>,
     dst: Option<SocketAddr>,
     policy: Option<String>,
     started: Instant,
     transferred: Transferred,
     reason: Reason,
+    /// Counted as opened: connected to its destination (or tunnel) and carrying bytes.
+    established: bool,
 }
 
 impl Record {
@@ -153,17 +179,90 @@ impl Record {
             src,
             peer_workload: None,
             peer_identity: None,
+            peer: None,
+            service: None,
             dst: None,
             policy: None,
             started: Instant::now(),
             transferred: Transferred::default(),
             reason: Reason::Done,
+            established: false,
+        }
+    }
+
+    /// The connection reached its destination and starts carrying bytes: counted as opened.
+    fn established(&mut self) {
+        if !self.established {
+            self.established = true;
+            self.ctx.mesh.metrics.tcp.opened(self.labels("-"));
+        }
+    }
+
+    /// The label set of Istio's TCP metrics for this connection, as its agent reports it.
+    fn labels(&self, response_flags: &'static str) -> TcpLabels {
+        let own = &self.own;
+        let peer = self.peer.as_ref().map_or_else(WorkloadNames::unknown, |w| {
+            WorkloadNames::of(w.namespace(), w.name(), w.labels())
+        });
+        let peer_principal = self
+            .peer_identity
+            .as_ref()
+            .map_or_else(metrics::unknown, |i| Arc::from(i.as_str()));
+        let (reporter, src, src_principal, dst, dst_principal) = match self.direction {
+            Direction::Outbound => ("source", &own.names, own.principal.clone(), &peer, peer_principal),
+            Direction::Inbound => ("destination", &peer, peer_principal, &own.names, own.principal.clone()),
+        };
+        let (service, service_namespace, service_name) = match self.service.as_deref().and_then(|s| s.split_once('/')) {
+            Some((namespace, name)) => (
+                Arc::from(format!("{name}.{namespace}.svc.{CLUSTER_DOMAIN}")),
+                Arc::from(namespace),
+                Arc::from(name),
+            ),
+            None => (metrics::unknown(), metrics::unknown(), metrics::unknown()),
+        };
+        TcpLabels {
+            reporter,
+            source_workload: src.workload.clone(),
+            source_canonical_service: src.canonical_service.clone(),
+            source_canonical_revision: src.canonical_revision.clone(),
+            source_workload_namespace: src.namespace.clone(),
+            source_principal: src_principal,
+            source_app: src.app.clone(),
+            source_version: src.version.clone(),
+            destination_service: service,
+            destination_service_namespace: service_namespace,
+            destination_service_name: service_name,
+            destination_workload: dst.workload.clone(),
+            destination_canonical_service: dst.canonical_service.clone(),
+            destination_canonical_revision: dst.canonical_revision.clone(),
+            destination_workload_namespace: dst.namespace.clone(),
+            destination_principal: dst_principal,
+            destination_app: dst.app.clone(),
+            destination_version: dst.version.clone(),
+            request_protocol: "tcp",
+            response_flags,
+            connection_security_policy: match self.mode {
+                Mode::Hbone => "mutual_tls",
+                Mode::Passthrough | Mode::Plaintext => "none",
+            },
         }
     }
 }
 
+/// The DNS domain of service names in metrics (`<name>.<namespace>.svc.cluster.local`).
+const CLUSTER_DOMAIN: &str = "cluster.local";
+
 impl Drop for Record {
     fn drop(&mut self) {
+        // A connection refused or failed before it carried anything is opened and closed at once,
+        // with its flags: the opened and closed counters always move together.
+        let labels = self.labels(self.reason.response_flags());
+        let tcp = &self.ctx.mesh.metrics.tcp;
+        if !self.established {
+            tcp.opened(labels.clone());
+        }
+        // Istio counts bytes from the server as sent and bytes from the client as received.
+        tcp.closed(labels, self.transferred.sent, self.transferred.received);
         // Formatted straight into the record: no strings built per connection.
         let own_name = Shown(Some(self.ctx.name.as_str()));
         let own_identity = Shown(Some(&self.own.identity));
@@ -246,6 +345,7 @@ async fn forward(record: &mut Record, mut downstream: TcpStream, dst: SocketAddr
         // The address the destination sees: the pod's own, with the agent socket's port.
         record.src = local;
     }
+    record.established();
     match copy(&mut downstream, &mut upstream).await {
         Ok(t) => record.transferred = t,
         Err(_) => record.reason = Reason::Io,

@@ -512,6 +512,11 @@ impl State {
         self.services.get(key).map(|s| &s.0)
     }
 
+    /// The service whose cluster IP `ip` is.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.by_vip.get(ip)
+    }
+
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.by_ip.get(ip)
     }

@@ -4,7 +4,7 @@
 //!   request with `peer=<client ip:port> local=<ip:port>` — what the server really saw.
 //! - `connect --addr IP --ports P[-Q] [--count N] [--concurrency C]`: N connections (bounded), each a
 //!   request to one port in turn; checks every answer names the port it was sent to; prints a JSON
-//!   summary and exits non-zero if any failed.
+//!   summary (with the bytes the successful ones sent and received) and exits non-zero if any failed.
 //! - `get --addr IP:PORT [--mark N] [--marker S]`: one request (carrying S), from a socket with `SO_MARK` N if given; prints
 //!   `local_port=<its own port> <the server's answer>`, so a test can tell whether it was captured.
 //! - `echo --port P`: echoes every byte back until the client closes (dual stack).
@@ -202,10 +202,12 @@ async fn connect(addr: IpAddr, (first, last): (u16, u16), count: usize, concurre
     let ports: Vec<u16> = (first..=last).collect();
     let next = Arc::new(AtomicUsize::new(0));
     let ok = Arc::new(AtomicUsize::new(0));
+    let bytes = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
     let failures = Arc::new(tokio::sync::Mutex::new(Vec::<String>::new()));
     let mut workers = Vec::new();
     for _ in 0..concurrency.max(1) {
         let (ports, next, ok, failures) = (ports.clone(), next.clone(), ok.clone(), failures.clone());
+        let bytes = bytes.clone();
         workers.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -214,13 +216,15 @@ async fn connect(addr: IpAddr, (first, last): (u16, u16), count: usize, concurre
                 }
                 let port = ports[i % ports.len()];
                 match tokio::time::timeout(Duration::from_secs(10), request(SocketAddr::new(addr, port))).await {
-                    Ok(Ok(body)) if body.contains(&format!("local={}", SocketAddr::new(addr, port))) => {
+                    Ok(Ok(x)) if x.body.contains(&format!("local={}", SocketAddr::new(addr, port))) => {
                         ok.fetch_add(1, Ordering::Relaxed);
+                        bytes[0].fetch_add(x.sent, Ordering::Relaxed);
+                        bytes[1].fetch_add(x.received, Ordering::Relaxed);
                     }
-                    Ok(Ok(body)) => failures
+                    Ok(Ok(x)) => failures
                         .lock()
                         .await
-                        .push(format!("port {port}: wrong answer {body:?}")),
+                        .push(format!("port {port}: wrong answer {:?}", x.body)),
                     Ok(Err(e)) => failures.lock().await.push(format!("port {port}: {e}")),
                     Err(_) => failures.lock().await.push(format!("port {port}: timed out")),
                 }
@@ -234,6 +238,8 @@ async fn connect(addr: IpAddr, (first, last): (u16, u16), count: usize, concurre
     let summary = serde_json::json!({
         "ok": ok.load(Ordering::Relaxed),
         "failed": failures.len(),
+        "bytes_sent": bytes[0].load(Ordering::Relaxed),
+        "bytes_received": bytes[1].load(Ordering::Relaxed),
         "first_failures": failures.iter().take(5).collect::<Vec<_>>(),
     });
     println!("{summary}");
@@ -257,23 +263,27 @@ async fn get(to: SocketAddr, mark: Option<u32>, marker: Option<&str>) -> anyhow:
     let local_port = s.local_addr()?.port();
     let body = tokio::time::timeout(Duration::from_secs(5), exchange_marked(s, marker))
         .await
-        .context("request timed out")??;
+        .context("request timed out")??
+        .body;
     println!("local_port={local_port} {}", body.trim());
     Ok(())
 }
 
-async fn request(to: SocketAddr) -> anyhow::Result<String> {
-    exchange(TcpStream::connect(to).await?).await
+/// One request on a new connection: the answer's body, and the bytes sent and received.
+async fn request(to: SocketAddr) -> anyhow::Result<Exchanged> {
+    exchange_marked(TcpStream::connect(to).await?, None).await
 }
 
-async fn exchange(s: TcpStream) -> anyhow::Result<String> {
-    exchange_marked(s, None).await
+struct Exchanged {
+    body: String,
+    sent: usize,
+    received: usize,
 }
 
-async fn exchange_marked(mut s: TcpStream, marker: Option<&str>) -> anyhow::Result<String> {
+async fn exchange_marked(mut s: TcpStream, marker: Option<&str>) -> anyhow::Result<Exchanged> {
     let marker = marker.map(|m| format!("x-weft-marker: {m}\r\n")).unwrap_or_default();
-    s.write_all(format!("GET / HTTP/1.1\r\nHost: probe\r\n{marker}Connection: close\r\n\r\n").as_bytes())
-        .await?;
+    let request = format!("GET / HTTP/1.1\r\nHost: probe\r\n{marker}Connection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await?;
     let mut out = Vec::new();
     s.read_to_end(&mut out).await?;
     let text = String::from_utf8_lossy(&out).into_owned();
@@ -281,7 +291,11 @@ async fn exchange_marked(mut s: TcpStream, marker: Option<&str>) -> anyhow::Resu
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .context("no HTTP response")?;
-    Ok(body)
+    Ok(Exchanged {
+        body,
+        sent: request.len(),
+        received: out.len(),
+    })
 }
 
 async fn echo(port: u16) -> anyhow::Result<()> {

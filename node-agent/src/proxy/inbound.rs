@@ -41,7 +41,8 @@ pub async fn plaintext(ctx: Arc<PodContext>, downstream: TcpStream, peer: Socket
         return;
     }
     let state = ctx.mesh.state();
-    record.peer_workload = state.workload_by_ip(peer.ip()).map(|w| w.key().clone());
+    record.peer = state.workload_by_ip(peer.ip()).cloned();
+    record.peer_workload = record.peer.as_ref().map(|w| w.key().clone());
     // A STRICT PeerAuthentication of this port refuses plaintext before any AuthorizationPolicy.
     if let Requirement::Strict { policy } = state::mtls_requirement(&state, &ctx.name, &ctx.uid, dst.port()) {
         record.reason = Reason::StrictMtls;
@@ -169,14 +170,18 @@ impl Handler for Inbound {
             return (record, Err(Refusal::Forbidden));
         }
         let state = ctx.mesh.state();
-        record.peer_workload = state.workload_by_ip(req.peer.ip()).map(|w| w.key().clone());
+        record.peer = state.workload_by_ip(req.peer.ip()).cloned();
+        record.peer_workload = record.peer.as_ref().map(|w| w.key().clone());
         if let Decision::Deny { policy } = Authz::of_request(req).decide(ctx, &state) {
             record.policy = policy;
             record.reason = Reason::Denied;
             return (record, Err(Refusal::Denied));
         }
         match connect_in(ctx, req.target, Source::Spoofed(req.peer.ip())).await {
-            Ok(s) => (record, Ok(s)),
+            Ok(s) => {
+                record.established();
+                (record, Ok(s))
+            }
             Err(r) => {
                 record.reason = r;
                 (record, Err(Refusal::Unreachable))

@@ -42,7 +42,14 @@ pub async fn outbound(ctx: Arc<PodContext>, downstream: TcpStream, v6: bool) {
         return;
     }
     let pick = ctx.mesh.next_endpoint.fetch_add(1, Ordering::Relaxed);
-    match ctx.mesh.state().plan(dst, pick) {
+    let state = ctx.mesh.state();
+    let plan = state.plan(dst, pick);
+    record.service = state.service_by_vip(dst.ip()).map(|s| s.name.clone());
+    if let Plan::Hbone { target, .. } | Plan::Passthrough { target, .. } = &plan {
+        record.peer = state.workload_by_ip(target.ip()).cloned();
+    }
+    drop(state);
+    match plan {
         Plan::Hbone {
             peer,
             target,
@@ -85,6 +92,7 @@ async fn hbone(
         }
     };
     let _ = downstream.set_nodelay(true);
+    record.established();
     match tunnel.splice(&mut downstream).await {
         Ok(t) => record.transferred = t,
         Err(_) => record.reason = Reason::Io,

@@ -109,6 +109,7 @@ impl Pod {
             tunnel_congestion: None,
             admission: Admission::new(Default::default()),
             plaintext_admission: Admission::new(PLAINTEXT_ADMISSION),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
         });
         let workload = state.workload("shop/web").expect("shop/web");
         let ctx = PodContext::new(
@@ -209,6 +210,17 @@ impl tracing::field::Visit for Fields {
 }
 
 /// The client sees its connection end (closed or reset), within the deadline.
+/// The value of counter `name` in the pod's agent's metrics for the series with every one of
+/// `labels`; 0 when there is none.
+fn counter(pod: &Pod, name: &str, labels: &[(&str, &str)]) -> u64 {
+    let text = pod.ctx.mesh.metrics.encode().unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 async fn assert_ends(client: &mut TcpStream) {
     let mut buf = [0u8; 1];
     let read = tokio::time::timeout(DEADLINE, client.read(&mut buf)).await.unwrap();
@@ -230,13 +242,36 @@ async fn an_hbone_tunnel_reaches_the_application_from_the_clients_address_and_on
     let (_, seen) = tokio::time::timeout(DEADLINE, app.accept()).await.unwrap().unwrap();
     assert_eq!(seen.ip().to_string(), PEER, "the application sees the client's address");
     assert_eq!(upstream.peer_addr().unwrap(), target);
+    // Counted as opened once connected, closed when it ends.
+    let opened = [("reporter", "destination"), ("response_flags", "-")];
+    assert_eq!(counter(&pod, "istio_tcp_connections_opened_total", &opened), 1);
+    assert_eq!(counter(&pod, "istio_tcp_connections_closed_total", &opened), 0);
     drop(upstream);
-    pod.inbound().closed(session, Ok(Default::default()));
+    let moved = weft_hbone::server::Transferred {
+        sent: 300,
+        received: 4000,
+    };
+    pod.inbound().closed(session, Ok(moved));
     let record = records.one().await;
     assert_eq!(record["reason"], "done");
     assert_eq!(record["mode"], "hbone");
     assert_eq!(record["src.identity"], client().to_string());
     assert_eq!(record["dst.workload"], "shop/web");
+    let client_principal = client().to_string();
+    let series = [
+        ("reporter", "destination"),
+        ("source_principal", client_principal.as_str()),
+        ("destination_workload", "web"),
+        ("destination_workload_namespace", "shop"),
+        ("destination_principal", "spiffe://cluster.local/ns/shop/sa/default"),
+        ("connection_security_policy", "mutual_tls"),
+        ("response_flags", "-"),
+    ];
+    assert_eq!(counter(&pod, "istio_tcp_connections_opened_total", &series), 1);
+    assert_eq!(counter(&pod, "istio_tcp_connections_closed_total", &series), 1);
+    // From the client (request) is Istio's received, from the application (response) its sent.
+    assert_eq!(counter(&pod, "istio_tcp_received_bytes_total", &series), 300);
+    assert_eq!(counter(&pod, "istio_tcp_sent_bytes_total", &series), 4000);
 
     // Another address is not this pod's: the agent is not an open proxy.
     let elsewhere: SocketAddr = format!("127.0.0.3:{}", target.port()).parse().unwrap();
@@ -250,6 +285,10 @@ async fn an_hbone_tunnel_reaches_the_application_from_the_clients_address_and_on
         )),
     );
     assert_eq!(records.all()[1]["reason"], "forbidden_target");
+    // Refused before it carried anything: opened and closed at once, flagged.
+    let refused = [("reporter", "destination"), ("response_flags", "CONNECT")];
+    assert_eq!(counter(&pod, "istio_tcp_connections_opened_total", &refused), 1);
+    assert_eq!(counter(&pod, "istio_tcp_connections_closed_total", &refused), 1);
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -278,6 +317,16 @@ async fn an_hbone_tunnel_is_decided_by_the_current_state_and_names_the_denying_p
     let record = records.one().await;
     assert_eq!(record["reason"], "denied");
     assert_eq!(record["policy"], "shop/deny");
+    let client_principal = client().to_string();
+    let denied = [
+        ("response_flags", "DENY"),
+        ("source_principal", client_principal.as_str()),
+    ];
+    assert_eq!(counter(&pod, "istio_tcp_connections_closed_total", &denied), 1);
+    assert_eq!(
+        counter(&pod, "istio_tcp_connections_closed_total", &[("response_flags", "-")]),
+        0
+    );
     assert!(
         tokio::time::timeout(Duration::from_millis(100), app.accept())
             .await
