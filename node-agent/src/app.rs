@@ -155,6 +155,7 @@ async fn serve(
         tunnel_congestion,
         admission: weft_hbone::server::Admission::new(Default::default()),
         plaintext_admission: weft_hbone::server::Admission::new(crate::proxy::PLAINTEXT_ADMISSION),
+        access: crate::access::AccessLog::spawn(metrics.access.clone()).context("starting the access log's writer")?,
         metrics: metrics.clone(),
     });
     let mut node = NodeControl {

@@ -1,5 +1,6 @@
 //! The node agent: captures enrolled pods' traffic with eBPF and proxies it.
 
+pub mod access;
 pub mod adopt;
 pub mod app;
 pub mod capture;

@@ -24,6 +24,8 @@ pub struct Mesh {
     pub plaintext_admission: Arc<weft_hbone::server::Admission>,
     /// What `/metrics` shows; the proxies count their connections in it.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Where connections' access records go, off the data path.
+    pub access: crate::access::AccessLog,
 }
 
 impl Mesh {

@@ -25,6 +25,8 @@ use prometheus_client::{
 pub struct Metrics {
     registry: Registry,
     pub tcp: Arc<Tcp>,
+    /// The access log's records written and dropped ([`crate::access`]).
+    pub access: Arc<crate::access::Counters>,
 }
 
 impl Metrics {
@@ -38,7 +40,9 @@ impl Metrics {
         registry.register_collector(Box::new(Process));
         let tcp = Arc::new(Tcp::default());
         registry.register_collector(Box::new(tcp.clone()));
-        Self { registry, tcp }
+        let access = Arc::new(crate::access::Counters::default());
+        registry.register_collector(Box::new(AccessLog(access.clone())));
+        Self { registry, tcp, access }
     }
 
     /// The OpenMetrics text of every metric, `# EOF` last.
@@ -180,6 +184,27 @@ impl Collector for Tcp {
             None,
             overflow.metric_type(),
         )?)
+    }
+}
+
+/// The access log's counters.
+#[derive(Debug)]
+struct AccessLog(Arc<crate::access::Counters>);
+
+impl Collector for AccessLog {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        for (name, help, value) in [
+            ("weft_access_log_records", "Access records written", &self.0.written),
+            (
+                "weft_access_log_dropped",
+                "Access records dropped because the log did not keep up",
+                &self.0.dropped,
+            ),
+        ] {
+            let metric = ConstCounter::new(value.load(Ordering::Relaxed));
+            metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
+        }
+        Ok(())
     }
 }
 

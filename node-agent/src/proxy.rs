@@ -24,6 +24,7 @@ use weft_hbone::identity::Identity;
 use weft_model::ports;
 
 use crate::{
+    access::AccessRecord,
     metrics::{self, TcpLabels, WorkloadNames},
     pod::{Current, PodContext},
     state::Workload,
@@ -263,49 +264,26 @@ impl Drop for Record {
         }
         // Istio counts bytes from the server as sent and bytes from the client as received.
         tcp.closed(labels, self.transferred.sent, self.transferred.received);
-        // Formatted straight into the record: no strings built per connection.
-        let own_name = Shown(Some(self.ctx.name.as_str()));
-        let own_identity = Shown(Some(&self.own.identity));
-        let peer_name = Shown(self.peer_workload.as_deref());
-        let peer_identity = Shown(self.peer_identity.as_ref());
-        let (direction, src_workload, src_identity, dst_workload, dst_identity) = match self.direction {
-            Direction::Outbound => ("outbound", own_name, own_identity, peer_name, peer_identity),
-            Direction::Inbound => ("inbound", peer_name, peer_identity, own_name, own_identity),
-        };
-        let mode = match self.mode {
-            Mode::Hbone => "hbone",
-            Mode::Passthrough => "passthrough",
-            Mode::Plaintext => "plaintext",
-        };
-        tracing::info!(
-            target: "weft::access",
-            direction,
-            mode,
-            src.addr = %self.src,
-            src.workload = %src_workload,
-            src.identity = %src_identity,
-            dst.addr = %Shown(self.dst.as_ref()),
-            dst.workload = %dst_workload,
-            dst.identity = %dst_identity,
-            policy = self.policy.as_deref().unwrap_or(""),
-            bytes_sent = self.transferred.sent,
-            bytes_received = self.transferred.received,
-            duration_ms = self.started.elapsed().as_millis() as u64,
-            reason = self.reason.as_str(),
-            "connection"
-        );
-    }
-}
-
-/// An optional value displayed as itself or as nothing.
-struct Shown<'a, T: ?Sized>(Option<&'a T>);
-
-impl<T: std::fmt::Display + ?Sized> std::fmt::Display for Shown<'_, T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(v) => v.fmt(f),
-            None => Ok(()),
-        }
+        // Formatted and written by the access log's own thread.
+        self.ctx.mesh.access.record(AccessRecord {
+            ctx: self.ctx.clone(),
+            own: self.own.clone(),
+            outbound: matches!(self.direction, Direction::Outbound),
+            mode: match self.mode {
+                Mode::Hbone => "hbone",
+                Mode::Passthrough => "passthrough",
+                Mode::Plaintext => "plaintext",
+            },
+            src: self.src,
+            dst: self.dst,
+            peer_workload: self.peer_workload.take(),
+            peer_identity: self.peer_identity.take(),
+            policy: self.policy.take(),
+            bytes_sent: self.transferred.sent,
+            bytes_received: self.transferred.received,
+            duration: self.started.elapsed(),
+            reason: self.reason.as_str(),
+        });
     }
 }
 

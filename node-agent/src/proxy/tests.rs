@@ -110,6 +110,7 @@ impl Pod {
             admission: Admission::new(Default::default()),
             plaintext_admission: Admission::new(PLAINTEXT_ADMISSION),
             metrics: Arc::new(crate::metrics::Metrics::new()),
+            access: crate::access::AccessLog::inline(),
         });
         let workload = state.workload("shop/web").expect("shop/web");
         let ctx = PodContext::new(
