@@ -3,7 +3,7 @@
 use std::{process::Command, time::Duration};
 
 use serde_json::Value;
-use weft_e2e::{Cluster, privileged, wait_for};
+use weft_e2e::{Cluster, privileged, text, wait_for, weftctl};
 
 /// `curl` inside network namespace `netns`: (HTTP status, body); status 0 when nothing answered.
 fn curl_in(netns: &str, args: &[&str]) -> (u16, String) {
@@ -54,9 +54,17 @@ fn agent_endpoints_serve_readiness_metrics_and_admin_on_the_node() {
     assert_eq!(curl_in(&netns, &[&at(15000, "/config_dump")]).0, 0);
 
     let admin = |path: &str| format!("http://127.0.0.1:15000{path}");
-    let (status, dump) = curl_in(&netns, &[&admin("/config_dump")]);
-    assert_eq!(status, 200, "{dump}");
-    let dump: Value = serde_json::from_str(&dump).expect("config_dump is JSON");
+    // Certificates are fetched as pods enroll, not before the agent is ready: wait for it.
+    let dump = wait_for(
+        "the node's certificate in /config_dump",
+        Duration::from_secs(10),
+        || {
+            let (status, dump) = curl_in(&netns, &[&admin("/config_dump")]);
+            assert_eq!(status, 200, "{dump}");
+            let dump: Value = serde_json::from_str(&dump).expect("config_dump is JSON");
+            (dump["certificates"][0]["state"] == "valid").then_some(dump)
+        },
+    );
     assert_eq!(dump["config"]["node"], "node1");
     assert_eq!(dump["state"]["synced"], true);
     let mut pods: Vec<(&str, &str)> = dump["pods"]
@@ -68,6 +76,80 @@ fn agent_endpoints_serve_readiness_metrics_and_admin_on_the_node() {
     pods.sort();
     let identity = "spiffe://cluster.local/ns/default/sa/default";
     assert_eq!(pods, [("default/app-1-1", identity), ("default/app-1-2", identity)]);
+    let workloads: Vec<&str> = dump["workloads"]
+        .as_array()
+        .expect("workloads")
+        .iter()
+        .map(|w| w["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(workloads, ["default/app-1-1", "default/app-1-2"]);
+    // The node's certificate for its pods' identity, without its key.
+    let certs = dump["certificates"].as_array().expect("certificates");
+    assert_eq!(certs.len(), 1, "{certs:?}");
+    assert_eq!(certs[0]["identity"], identity);
+    assert_eq!(certs[0]["state"], "valid");
+    assert_eq!(certs[0]["chain"][0]["uris"][0], identity);
+    assert!(certs[0]["serial"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(certs[0]["renews_in_s"].as_i64().unwrap() > 0);
+    let whole = dump.to_string();
+    assert!(
+        !whole.contains("PRIVATE KEY") && !whole.contains("\"key\""),
+        "no key in the dump"
+    );
+
+    // weftctl's node views show the same, as tables and as JSON, live and from a saved dump.
+    let node_cmd = |args: &[&str]| {
+        let out = weftctl(&[&["node"], args, &["--name", &c.name, "--node", "node1"]].concat());
+        assert!(out.status.success(), "weftctl node {args:?}: {}", text(&out));
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    let table = node_cmd(&["workloads"]);
+    assert!(table.starts_with("NAMESPACE/NAME"), "{table}");
+    for pod in ["default/app-1-1", "default/app-1-2"] {
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with(pod) && l.contains(identity) && l.contains(" yes ")),
+            "{pod} in:\n{table}"
+        );
+    }
+    let json: Value = serde_json::from_str(&node_cmd(&["workloads", "-o", "json"])).expect("JSON");
+    assert_eq!(json, dump["workloads"]);
+    let certs = node_cmd(&["certs"]);
+    assert!(
+        certs
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with(identity) && l.contains("valid")),
+        "{certs}"
+    );
+    let pods_table = node_cmd(&["pods"]);
+    assert_eq!(
+        pods_table.lines().filter(|l| l.ends_with("enrolled")).count(),
+        2,
+        "{pods_table}"
+    );
+    let saved = std::env::temp_dir().join(format!("weft-e2e-dump-{}.json", std::process::id()));
+    std::fs::write(&saved, node_cmd(&["config-dump"])).unwrap();
+    let from_file = weftctl(&["node", "workloads", "--file", saved.to_str().unwrap()]);
+    std::fs::remove_file(&saved).unwrap();
+    assert!(from_file.status.success(), "{}", text(&from_file));
+    assert_eq!(
+        String::from_utf8_lossy(&from_file.stdout),
+        table,
+        "the saved dump prints the same"
+    );
+    let policies = node_cmd(&["policies", "-o", "yaml"]);
+    assert!(policies.contains("authorization_policies:"), "{policies}");
+    // A node that is not there, and an agent that is not there, are named.
+    let out = weftctl(&["node", "workloads", "--name", &c.name, "--node", "node9"]);
+    assert!(text(&out).contains("has no node \"node9\""), "{}", text(&out));
+    let out = weftctl(&["node", "workloads", "--admin", "127.0.0.1:1"]);
+    assert!(
+        text(&out).contains("the agent's admin API is not reachable at 127.0.0.1:1"),
+        "{}",
+        text(&out)
+    );
 
     // The log level changes at run time: a config push is logged at debug only.
     let pushes = || {
@@ -78,8 +160,9 @@ fn agent_endpoints_serve_readiness_metrics_and_admin_on_the_node() {
     };
     let namespace = |n: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {n}\n");
     assert_eq!(
-        curl_in(&netns, &["-X", "POST", &admin("/logging?level=debug")]),
-        (200, "log filter: debug\n".to_owned())
+        node_cmd(&["log-level", "debug"]),
+        "log filter: debug\n",
+        "weftctl node log-level sets it"
     );
     let before = pushes();
     assert!(c.apply(&namespace("loud")).status.success());

@@ -104,6 +104,52 @@ pub enum TlsError {
     },
 }
 
+/// What an operator reads off a certificate: never its key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertificateSummary {
+    /// The serial number in hex.
+    pub serial: String,
+    /// The subject's distinguished name.
+    pub subject: String,
+    /// The issuer's distinguished name.
+    pub issuer: String,
+    /// Start of validity.
+    pub not_before: SystemTime,
+    /// End of validity.
+    pub not_after: SystemTime,
+    /// URI SANs (the SPIFFE id of a workload certificate).
+    pub uris: Vec<String>,
+}
+
+/// The summary of a DER certificate; `None` if it does not parse.
+pub fn summarize(der: &CertificateDer<'_>) -> Option<CertificateSummary> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let validity = cert.validity();
+    let uris = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::URI(u) => Some((*u).to_owned()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(CertificateSummary {
+        serial: cert.raw_serial_as_string().replace(':', ""),
+        subject: cert.subject().to_string(),
+        issuer: cert.issuer().to_string(),
+        not_before: to_system_time(validity.not_before.timestamp()),
+        not_after: to_system_time(validity.not_after.timestamp()),
+        uris,
+    })
+}
+
 /// A workload's certificate chain (leaf first) and private key, with the identity and validity read from the
 /// leaf. Cheap to clone.
 #[derive(Clone, Debug)]

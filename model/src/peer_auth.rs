@@ -222,6 +222,16 @@ impl Compiled {
         self.scope
     }
 
+    /// The workloads it selects (`matchLabels`); `None`: all of its scope.
+    pub fn selector(&self) -> Option<&BTreeMap<String, String>> {
+        self.selector.as_ref()
+    }
+
+    /// Its mode, and its per-port modes.
+    pub fn modes(&self) -> (Mode, &BTreeMap<u16, Mode>) {
+        (self.mode, &self.ports)
+    }
+
     /// The level this policy speaks for about `target`, if it applies to it at all.
     fn level(&self, target: Target<'_>) -> Option<Level> {
         match (self.scope, &self.selector) {

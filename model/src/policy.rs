@@ -298,6 +298,16 @@ impl Compiled {
         }
     }
 
+    /// The workloads it selects (`matchLabels`); `None`: all of its scope.
+    pub fn selector(&self) -> Option<&BTreeMap<String, String>> {
+        self.selector.as_ref()
+    }
+
+    /// How many rules it has (none: an ALLOW matches nothing, a DENY nothing).
+    pub fn rule_count(&self) -> usize {
+        self.rules.len()
+    }
+
     /// Whether the policy applies to `target`: in scope, and selected by its labels.
     pub fn applies_to(&self, target: Target<'_>) -> bool {
         (self.scope == Scope::Mesh || self.namespace == target.namespace)

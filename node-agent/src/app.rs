@@ -181,7 +181,7 @@ async fn serve(
         log,
         metrics,
         ready: ready_rx,
-        dump: Box::new(config_dump(&config, states.clone(), view_rx)),
+        dump: Box::new(config_dump(&config, states.clone(), view_rx, identities.clone())),
         quit,
     }));
     tracing::info!(
@@ -897,6 +897,7 @@ fn config_dump(
     config: &Config,
     states: watch::Receiver<Arc<State>>,
     view: watch::Receiver<Arc<NodeView>>,
+    identities: Identities,
 ) -> impl Fn() -> serde_json::Value + Send + Sync + 'static {
     let own = serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -919,6 +920,8 @@ fn config_dump(
         let state = states.borrow().clone();
         let view = view.borrow().clone();
         let (workloads, services) = state.sizes();
+        let mut held = state.dump();
+        let mut take = |k: &str| held.get_mut(k).map(serde_json::Value::take).unwrap_or_default();
         serde_json::json!({
             "config": own,
             "state": {
@@ -927,6 +930,11 @@ fn config_dump(
                 "workloads": workloads,
                 "services": services,
             },
+            "workloads": take("workloads"),
+            "services": take("services"),
+            "authorization_policies": take("authorization_policies"),
+            "peer_authentications": take("peer_authentications"),
+            "certificates": identities.dump(),
             "pods": view.pods.iter().map(|(uid, name, identity, ips)| serde_json::json!({
                 "uid": uid,
                 "name": name,

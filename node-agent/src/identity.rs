@@ -126,6 +126,59 @@ impl Identities {
         }
     }
 
+    /// Every identity the node holds a certificate for (or is fetching one for), with its chain's
+    /// serials, subjects and validity: `/config_dump`'s `certificates`. Never a key.
+    pub fn dump(&self) -> Vec<serde_json::Value> {
+        let now = SystemTime::now();
+        let time = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+        let secs = |from: SystemTime, to: SystemTime| match to.duration_since(from) {
+            Ok(d) => d.as_secs() as i64,
+            Err(e) => -(e.duration().as_secs() as i64),
+        };
+        let slots: Vec<(Identity, Option<Arc<Certified>>)> = self
+            .lock()
+            .iter()
+            .map(|(id, slot)| (id.clone(), slot.current.borrow().clone()))
+            .collect();
+        let mut out: Vec<serde_json::Value> = slots
+            .into_iter()
+            .map(|(id, cert)| match cert {
+                None => serde_json::json!({ "identity": id.as_str(), "state": "fetching" }),
+                Some(cert) => {
+                    let c = &cert.credential;
+                    let chain: Vec<serde_json::Value> = c
+                        .chain
+                        .iter()
+                        .filter_map(tls::summarize)
+                        .map(|s| {
+                            serde_json::json!({
+                                "serial": s.serial,
+                                "subject": s.subject,
+                                "issuer": s.issuer,
+                                "not_before": time(s.not_before),
+                                "not_after": time(s.not_after),
+                                "uris": s.uris,
+                            })
+                        })
+                        .collect();
+                    serde_json::json!({
+                        "identity": id.as_str(),
+                        "state": if cert.is_valid() { "valid" } else { "expired" },
+                        "serial": chain.first().map(|l| l["serial"].clone()),
+                        "not_before": time(c.not_before),
+                        "not_after": time(c.not_after),
+                        "expires_in_s": secs(now, c.not_after),
+                        "renews_at": time(cert.renew_at()),
+                        "renews_in_s": secs(now, cert.renew_at()),
+                        "chain": chain,
+                    })
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a["identity"].as_str().cmp(&b["identity"].as_str()));
+        out
+    }
+
     /// The current certificate for `identity`, waiting briefly if the first one is on its way.
     pub async fn get(&self, identity: &Identity) -> Result<Arc<Certified>, Error> {
         let rx = self.lock().get(identity).map(|s| s.current.clone());

@@ -26,6 +26,7 @@ use weft_model::{
     policy::{self, Scope},
 };
 
+mod dump;
 mod index;
 mod intern;
 mod workload;

@@ -27,6 +27,20 @@ mod system;
 
 use state::{Cluster, Names, Node, PodRecord};
 
+/// The network namespace of dev cluster `cluster`'s node `node`, where its agent listens.
+pub fn node_netns(cluster: &str, node: &str) -> anyhow::Result<weft_dataplane::netns::NetNs> {
+    let c = Cluster::load(cluster)?;
+    let Some(n) = c.nodes.iter().find(|n| n.name == node) else {
+        let names: Vec<&str> = c.nodes.iter().map(|n| n.name.as_str()).collect();
+        anyhow::bail!(
+            "dev cluster {cluster:?} has no node {node:?} (its nodes: {})",
+            names.join(", ")
+        );
+    };
+    weft_dataplane::netns::NetNs::open(system::netns_path(&n.netns))
+        .with_context(|| format!("opening node {node:?}'s network namespace {}", n.netns))
+}
+
 #[derive(clap::Subcommand)]
 pub enum Command {
     /// Create a cluster (cleaning a stale one of the same name first) and start one agent per node.

@@ -1,11 +1,13 @@
-//! `weftctl`: Weft's command-line tool: the local dev cluster (`weftctl dev ...`) and the
-//! controller's local store (`weftctl apply | delete | get`).
+//! `weftctl`: Weft's command-line tool: the local dev cluster (`weftctl dev ...`), the
+//! controller's local store (`weftctl apply | delete | get`), installing on Kubernetes, and a node's
+//! agent (`weftctl node ...`).
 use std::process::ExitCode;
 
 use clap::Parser as _;
 
 mod dev;
 mod install;
+mod node;
 mod store;
 
 #[derive(clap::Parser)]
@@ -26,6 +28,10 @@ enum Cli {
     Uninstall(install::UninstallArgs),
     /// Whether this node's kernel has what Weft needs (BPF program and map types, BTF, cgroup v2, bpffs).
     Check,
+    /// What a node's agent holds and does: workloads, services, policies, certificates, its pods,
+    /// its config dump, its log level (from its admin API, or a saved dump).
+    #[command(subcommand)]
+    Node(node::Command),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +48,7 @@ fn main() -> ExitCode {
         Cli::Install(args) => install::run_install(args),
         Cli::Uninstall(args) => install::run_uninstall(args),
         Cli::Check => install::check::run(),
+        Cli::Node(cmd) => node::run(cmd),
     };
     match result {
         Ok(code) => code,

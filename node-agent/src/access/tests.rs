@@ -4,15 +4,13 @@ use std::sync::{Condvar, Mutex};
 
 use super::*;
 
+/// The gate a test opens to let the writer go on.
+type Gate = Arc<(Mutex<bool>, Condvar)>;
+/// What the writer wrote, in order.
+type Seen = Arc<Mutex<Vec<u32>>>;
+
 /// A writer whose thread blocks in `emit` until the test opens the gate.
-fn gated(
-    capacity: usize,
-) -> (
-    Writer<u32>,
-    Arc<Counters>,
-    Arc<(Mutex<bool>, Condvar)>,
-    Arc<Mutex<Vec<u32>>>,
-) {
+fn gated(capacity: usize) -> (Writer<u32>, Arc<Counters>, Gate, Seen) {
     let counters = Arc::new(Counters::default());
     let gate = Arc::new((Mutex::new(false), Condvar::new()));
     let seen = Arc::new(Mutex::new(Vec::new()));

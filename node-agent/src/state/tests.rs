@@ -324,3 +324,31 @@ fn a_push_in_chunks_is_published_whole_and_the_old_state_is_untouched() {
     assert!(after.workload("legacy/db").is_none());
     assert!(before.workload("shop/web-4").is_none() && before.workload("legacy/db").is_some());
 }
+
+#[test]
+fn the_dump_shows_every_workload_and_service_with_what_the_data_path_uses() {
+    let dump = mesh().dump();
+    let names: Vec<&str> = dump["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["legacy/db", "shop/web-1", "shop/web-2"]);
+    let web = &dump["workloads"][1];
+    assert_eq!(web["identity"], "spiffe://cluster.local/ns/shop/sa/default");
+    assert_eq!(web["meshed"], true);
+    assert_eq!(web["services"], serde_json::json!(["shop/web"]));
+    assert_eq!(dump["workloads"][0]["meshed"], false);
+    let service = dump["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "shop/web")
+        .expect("shop/web");
+    assert_eq!(service["endpoints"], 2);
+    assert_eq!(
+        service["ports"],
+        serde_json::json!([{ "port": 80, "target_port": 8080 }])
+    );
+}
