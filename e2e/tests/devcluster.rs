@@ -71,6 +71,14 @@ fn up_then_down_leaves_no_netns_cgroup_pin_or_process_behind() {
             .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'));
         assert!(!running, "process {pid} survived weftctl dev down");
     }
+    // A second down finds nothing and says so; it is not an error.
+    let again = weftctl(&["dev", "down", "--name", name]);
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("nothing to remove"),
+        "{}",
+        text(&again)
+    );
 }
 
 #[test]

@@ -151,6 +151,18 @@ fn agent_endpoints_serve_readiness_metrics_and_admin_on_the_node() {
         text(&out)
     );
 
+    // One object of the store by name.
+    let out = weftctl(&["get", "pod", "app-1-1", "-n", "default", "--cluster", &c.name]);
+    assert!(out.status.success(), "{}", text(&out));
+    let yaml = String::from_utf8_lossy(&out.stdout);
+    assert!(yaml.contains("name: app-1-1") && !yaml.contains("app-1-2"), "{yaml}");
+    let out = weftctl(&["get", "pod", "nosuch", "--cluster", &c.name]);
+    assert!(
+        !out.status.success() && text(&out).contains("pod \"nosuch\" not found"),
+        "{}",
+        text(&out)
+    );
+
     // The log level changes at run time: a config push is logged at debug only.
     let pushes = || {
         c.agent_log("node1")

@@ -486,7 +486,12 @@ fn down(name: &str) -> anyhow::Result<()> {
     state::validate_name(name)?;
     system::preflight()?;
     let _lock = lock(name)?;
-    anyhow::ensure!(has_leftovers(name)?, "no dev cluster named {name:?}");
+    // Idempotent, as a cleanup must be: a second `down` (or one after a crashed `up` cleaned up
+    // already) has nothing to do, and says so.
+    if !has_leftovers(name)? {
+        println!("no dev cluster named {name:?}: nothing to remove");
+        return Ok(());
+    }
     teardown(name)?;
     println!("dev cluster {name:?} removed");
     Ok(())

@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use serde::Deserialize as _;
 use tonic::transport::{Channel, Endpoint};
 use weft_api::v1::{ApplyRequest, DeleteRequest, GetRequest, store_client::StoreClient};
 
@@ -72,6 +73,9 @@ pub struct GetArgs {
     /// Pod, Service, ServiceAccount, Namespace, AuthorizationPolicy, PeerAuthentication (or pods, svc, ns,
     /// pa, ...); all when left out.
     kind: Option<String>,
+    /// Only the object of this name (with KIND; in every namespace unless -n says which).
+    #[arg(requires = "kind")]
+    name: Option<String>,
     /// Only this namespace.
     #[arg(short = 'n', long)]
     namespace: Option<String>,
@@ -90,13 +94,40 @@ pub fn run_delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn run_get(args: GetArgs) -> anyhow::Result<ExitCode> {
-    let yaml = get(
-        &args.target.socket(),
-        args.kind.as_deref().unwrap_or(""),
-        args.namespace.as_deref().unwrap_or(""),
-    )?;
-    print!("{yaml}");
+    let kind = args.kind.as_deref().unwrap_or("");
+    let yaml = get(&args.target.socket(), kind, args.namespace.as_deref().unwrap_or(""))?;
+    match &args.name {
+        None => print!("{yaml}"),
+        Some(name) => match named(&yaml, name)? {
+            Some(found) => print!("{found}"),
+            None => {
+                let scope = args
+                    .namespace
+                    .as_deref()
+                    .map(|n| format!(" in namespace {n:?}"))
+                    .unwrap_or_default();
+                anyhow::bail!("{kind} {name:?} not found{scope}");
+            }
+        },
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The documents of `yaml` whose `metadata.name` is `name`, as YAML; `None` if there is none.
+fn named(yaml: &str, name: &str) -> anyhow::Result<Option<String>> {
+    let mut found = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
+        let value = serde_yaml_ng::Value::deserialize(doc).context("the store's answer is not YAML")?;
+        if value
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|n| n.as_str())
+            == Some(name)
+        {
+            found.push(serde_yaml_ng::to_string(&value)?);
+        }
+    }
+    Ok((!found.is_empty()).then(|| found.join("---\n")))
 }
 
 /// Applies every object in `yaml` (all or nothing); `source` names it in error messages. Returns
@@ -194,6 +225,15 @@ fn print_lines(lines: Vec<String>) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_object_by_name_from_the_stores_answer() {
+        let yaml = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web-1\n  namespace: shop\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: web-2\n  namespace: shop\n";
+        let one = super::named(yaml, "web-2").unwrap().unwrap();
+        assert!(one.contains("name: web-2") && !one.contains("web-1"), "{one}");
+        assert_eq!(super::named(yaml, "web-3").unwrap(), None);
+        assert_eq!(super::named("", "web-1").unwrap(), None);
+    }
 
     #[test]
     fn missing_socket_says_the_controller_is_not_running() {
