@@ -17,8 +17,6 @@ use std::{
 use tokio::sync::mpsc;
 use weft_hbone::identity::Identity;
 
-use crate::pod::{Current, PodContext};
-
 /// Records waiting to be written. The queue holds only what waits (it grows in blocks of 32 and
 /// gives them back), so a quiet agent holds next to nothing for it.
 pub const QUEUE: usize = 4096;
@@ -28,9 +26,10 @@ const DROP_REPORT: Duration = Duration::from_secs(10);
 
 /// One connection's record.
 pub struct AccessRecord {
-    pub ctx: Arc<PodContext>,
-    /// The pod as it was when the connection started.
-    pub own: Arc<Current>,
+    /// The agent's own side: the enrolled pod (`namespace/name`) and its identity, as they were
+    /// when the connection started.
+    pub own_name: Arc<str>,
+    pub own_identity: Arc<str>,
     pub outbound: bool,
     pub mode: &'static str,
     pub src: SocketAddr,
@@ -145,10 +144,10 @@ impl<T: Send + 'static> Writer<T> {
 
 /// Writes `record` through the log's subscriber: target `weft::access`, message `connection`.
 pub fn emit(r: &AccessRecord) {
-    let own_name = Shown(Some(r.ctx.name.as_str()));
-    let own_identity = Shown(Some(&r.own.identity));
-    let peer_name = Shown(r.peer_workload.as_deref());
-    let peer_identity = Shown(r.peer_identity.as_ref());
+    let own_name = Shown(Some(&r.own_name));
+    let own_identity = Shown(Some(&r.own_identity));
+    let peer_name = Shown(r.peer_workload.as_ref().map(|p| p as &dyn std::fmt::Display));
+    let peer_identity = Shown(r.peer_identity.as_ref().map(|p| p as &dyn std::fmt::Display));
     let (direction, src_workload, src_identity, dst_workload, dst_identity) = match r.outbound {
         true => ("outbound", own_name, own_identity, peer_name, peer_identity),
         false => ("inbound", peer_name, peer_identity, own_name, own_identity),
@@ -160,7 +159,7 @@ pub fn emit(r: &AccessRecord) {
         src.addr = %r.src,
         src.workload = %src_workload,
         src.identity = %src_identity,
-        dst.addr = %Shown(r.dst.as_ref()),
+        dst.addr = %Shown(r.dst.as_ref().map(|d| d as &dyn std::fmt::Display)),
         dst.workload = %dst_workload,
         dst.identity = %dst_identity,
         policy = r.policy.as_deref().unwrap_or(""),
@@ -173,9 +172,9 @@ pub fn emit(r: &AccessRecord) {
 }
 
 /// An optional value displayed as itself or as nothing.
-struct Shown<'a, T: ?Sized>(Option<&'a T>);
+struct Shown<'a>(Option<&'a dyn std::fmt::Display>);
 
-impl<T: std::fmt::Display + ?Sized> std::fmt::Display for Shown<'_, T> {
+impl std::fmt::Display for Shown<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
             Some(v) => v.fmt(f),

@@ -880,7 +880,7 @@ impl NodeView {
                 let current = pod.current();
                 (
                     uid.clone(),
-                    pod.ctx.name.clone(),
+                    pod.ctx.name.to_string(),
                     current.identity.to_string(),
                     current.pod.ips.clone(),
                 )

@@ -196,7 +196,7 @@ impl InPod {
             let listener = self.listeners.iter().find(|(v6, _)| *v6 == ip.is_ipv6());
             if let Some((_, fd)) = listener {
                 capture.set_listener(*ip, fd).map_err(|source| Error::Capture {
-                    pod: self.ctx.name.clone(),
+                    pod: self.ctx.name.to_string(),
                     source: Box::new(source),
                 })?;
             }

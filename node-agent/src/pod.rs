@@ -14,7 +14,7 @@ use crate::{mesh::Mesh, metrics::WorkloadNames};
 pub struct PodContext {
     pub uid: String,
     /// `namespace/name`, formatted once for every record and log line.
-    pub name: String,
+    pub name: Arc<str>,
     pub netns: NetNs,
     pub mesh: Arc<Mesh>,
     current: RwLock<Arc<Current>>,
@@ -47,7 +47,7 @@ impl PodContext {
     pub fn new(pod: Pod, identity: Identity, netns: NetNs, mesh: Arc<Mesh>) -> Self {
         Self {
             uid: pod.uid.clone(),
-            name: pod.qualified_name(),
+            name: Arc::from(pod.qualified_name()),
             netns,
             mesh,
             current: RwLock::new(Arc::new(Current::new(pod, identity))),

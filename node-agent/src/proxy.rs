@@ -266,8 +266,8 @@ impl Drop for Record {
         tcp.closed(labels, self.transferred.sent, self.transferred.received);
         // Formatted and written by the access log's own thread.
         self.ctx.mesh.access.record(AccessRecord {
-            ctx: self.ctx.clone(),
-            own: self.own.clone(),
+            own_name: self.ctx.name.clone(),
+            own_identity: self.own.principal.clone(),
             outbound: matches!(self.direction, Direction::Outbound),
             mode: match self.mode {
                 Mode::Hbone => "hbone",
