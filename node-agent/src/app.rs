@@ -146,10 +146,7 @@ async fn serve(
     tokio::spawn(discovery::run(controller.clone(), config.node.clone(), state_tx));
     tokio::spawn(return_freed_memory());
     let identities = Identities::new(controller, config.trust_domain.clone());
-    let mut metrics = Metrics::new();
-    let held = identities.clone();
-    metrics.register_certificates(move || held.expiries());
-    let metrics = Arc::new(metrics);
+    let metrics = Arc::new(Metrics::new());
     let mesh = Arc::new(Mesh {
         state: states.clone(),
         identities: identities.clone(),

@@ -126,19 +126,6 @@ impl Identities {
         }
     }
 
-    /// When each certificate the node holds expires, by identity.
-    pub fn expiries(&self) -> Vec<(String, SystemTime)> {
-        self.lock()
-            .iter()
-            .filter_map(|(id, slot)| {
-                Some((
-                    id.as_str().to_owned(),
-                    slot.current.borrow().as_ref()?.credential.not_after,
-                ))
-            })
-            .collect()
-    }
-
     /// Every identity the node holds a certificate for (or is fetching one for), with its chain's
     /// serials, subjects and validity: `/config_dump`'s `certificates`. Never a key.
     pub fn dump(&self) -> Vec<serde_json::Value> {

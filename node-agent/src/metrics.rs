@@ -16,7 +16,7 @@ use std::{
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
-    metrics::{MetricType, counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge, info::Info},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge, info::Info},
     registry::Registry,
 };
 
@@ -27,62 +27,6 @@ pub struct Metrics {
     pub tcp: Arc<Tcp>,
     /// The access log's records written and dropped ([`crate::access`]).
     pub access: Arc<crate::access::Counters>,
-    /// Inbound connections decided by policy: `weft_policy_decisions_total`.
-    pub policy: Family<PolicyLabels, Counter>,
-}
-
-/// An inbound connection's authorization: `allow`, `deny` (with the DENY policy that matched, or
-/// `-` when ALLOW policies apply and none matched), or `revoke` (an open connection closed because a
-/// changed policy now denies it).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PolicyLabels {
-    pub action: &'static str,
-    pub policy: std::borrow::Cow<'static, str>,
-}
-
-impl Metrics {
-    /// Counts one decision; `policy` names the policy that decided it, if one did.
-    pub fn policy_decision(&self, action: &'static str, policy: Option<&str>) {
-        let policy = policy.map_or(std::borrow::Cow::Borrowed("-"), |p| {
-            std::borrow::Cow::Owned(p.to_owned())
-        });
-        self.policy.get_or_create(&PolicyLabels { action, policy }).inc();
-    }
-
-    /// Adds `weft_certificate_expiration_timestamp_seconds{identity}`, read from `source` (each
-    /// identity the node holds a certificate for, and when it expires) at each scrape.
-    pub fn register_certificates(&mut self, source: impl Fn() -> Vec<(String, SystemTime)> + Send + Sync + 'static) {
-        self.registry
-            .register_collector(Box::new(Certificates(Box::new(source))));
-    }
-}
-
-/// The node's certificates' expiry.
-struct Certificates(Box<dyn Fn() -> Vec<(String, SystemTime)> + Send + Sync>);
-
-impl fmt::Debug for Certificates {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Certificates")
-    }
-}
-
-impl Collector for Certificates {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let mut family = encoder.encode_descriptor(
-            "weft_certificate_expiration_timestamp_seconds",
-            "When each workload certificate the node holds expires (renewed at half its life)",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (identity, expires) in (self.0)() {
-            let secs = expires
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64);
-            let labels = [("identity", identity)];
-            ConstGauge::new(secs).encode(family.encode_family(&labels)?)?;
-        }
-        Ok(())
-    }
 }
 
 impl Metrics {
@@ -98,18 +42,7 @@ impl Metrics {
         registry.register_collector(Box::new(tcp.clone()));
         let access = Arc::new(crate::access::Counters::default());
         registry.register_collector(Box::new(AccessLog(access.clone())));
-        let policy = Family::<PolicyLabels, Counter>::default();
-        registry.register(
-            "weft_policy_decisions",
-            "Inbound connections decided by AuthorizationPolicy (and PeerAuthentication for plaintext)",
-            policy.clone(),
-        );
-        Self {
-            registry,
-            tcp,
-            access,
-            policy,
-        }
+        Self { registry, tcp, access }
     }
 
     /// The OpenMetrics text of every metric, `# EOF` last.
@@ -636,33 +569,6 @@ mod tests {
         // A set already kept is still counted.
         tcp.opened(labels("a", "-"));
         assert_eq!(tcp.overflow.load(Ordering::Relaxed), 2);
-    }
-
-    #[test]
-    fn policy_decisions_and_certificate_expiry_are_exposed() {
-        let mut metrics = Metrics::new();
-        metrics.register_certificates(|| {
-            vec![(
-                "spiffe://cluster.local/ns/shop/sa/web".to_owned(),
-                SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000),
-            )]
-        });
-        metrics.policy_decision("allow", None);
-        metrics.policy_decision("allow", None);
-        metrics.policy_decision("deny", Some("shop/deny-all"));
-        let text = metrics.encode().unwrap();
-        assert!(
-            text.contains("weft_policy_decisions_total{action=\"allow\",policy=\"-\"} 2"),
-            "{text}"
-        );
-        assert!(
-            text.contains("weft_policy_decisions_total{action=\"deny\",policy=\"shop/deny-all\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("weft_certificate_expiration_timestamp_seconds{identity=\"spiffe://cluster.local/ns/shop/sa/web\"} 1800000000"),
-            "{text}"
-        );
     }
 
     #[test]

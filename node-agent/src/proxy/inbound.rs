@@ -47,7 +47,6 @@ pub async fn plaintext(ctx: Arc<PodContext>, downstream: TcpStream, peer: Socket
     if let Requirement::Strict { policy } = state::mtls_requirement(&state, &ctx.name, &ctx.uid, dst.port()) {
         record.reason = Reason::StrictMtls;
         record.policy = Some(policy.to_string());
-        ctx.mesh.metrics.policy_decision("deny", record.policy.as_deref());
         return;
     }
     let authz = Authz {
@@ -56,19 +55,16 @@ pub async fn plaintext(ctx: Arc<PodContext>, downstream: TcpStream, peer: Socket
         destination: dst,
     };
     if let Decision::Deny { policy } = authz.decide(&ctx, &state) {
-        ctx.mesh.metrics.policy_decision("deny", policy.as_deref());
         record.policy = policy;
         record.reason = Reason::Denied;
         return;
     }
-    ctx.mesh.metrics.policy_decision("allow", None);
     drop(state);
     let revoked = tokio::select! {
         () = forward(&mut record, downstream, dst, Source::Spoofed(peer.ip())) => None,
         policy = revoked(&ctx, |state| plaintext_decision(&ctx, state, &authz)) => Some(policy),
     };
     if let Some(policy) = revoked {
-        ctx.mesh.metrics.policy_decision("revoke", policy.as_deref());
         record.reason = Reason::Revoked;
         record.policy = policy;
     }
@@ -177,12 +173,10 @@ impl Handler for Inbound {
         record.peer = state.workload_by_ip(req.peer.ip()).cloned();
         record.peer_workload = record.peer.as_ref().map(|w| w.key().clone());
         if let Decision::Deny { policy } = Authz::of_request(req).decide(ctx, &state) {
-            ctx.mesh.metrics.policy_decision("deny", policy.as_deref());
             record.policy = policy;
             record.reason = Reason::Denied;
             return (record, Err(Refusal::Denied));
         }
-        ctx.mesh.metrics.policy_decision("allow", None);
         match connect_in(ctx, req.target, Source::Spoofed(req.peer.ip())).await {
             Ok(s) => {
                 record.established();
@@ -206,7 +200,6 @@ impl Handler for Inbound {
                 {
                     record.policy = policy;
                 }
-                self.0.mesh.metrics.policy_decision("revoke", record.policy.as_deref());
             }
             Err(_) if record.reason == Reason::Done => record.reason = Reason::Io,
             Err(_) => {}
