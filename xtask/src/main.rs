@@ -399,8 +399,10 @@ fn scale(nodes: &str, rest: &[String], out: &str) -> anyhow::Result<()> {
 /// Runs `cargo args` (a test run), echoing its output; the passed and failed counts of its
 /// `test result:` lines, and whether it succeeded.
 fn cargo_test(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<(u64, u64, bool)> {
+    // Every test binary runs even after one fails: one failure must not hide the others.
     let mut child = cargo()
         .args(args)
+        .arg("--no-fail-fast")
         .env("WEFT_BIN_DIR", root().join("target").join("debug"))
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
