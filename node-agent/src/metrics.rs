@@ -117,9 +117,10 @@ pub struct TcpCounters {
 }
 
 impl Tcp {
-    fn counters(&self, labels: TcpLabels) -> Option<Arc<TcpCounters>> {
+    /// The counters of `labels`; the label set is copied only when it is new.
+    fn counters(&self, labels: &TcpLabels) -> Option<Arc<TcpCounters>> {
         let mut series = self.series.lock().ok()?;
-        if let Some(c) = series.get(&labels) {
+        if let Some(c) = series.get(labels) {
             return Some(c.clone());
         }
         if series.len() >= MAX_TCP_SERIES {
@@ -127,19 +128,19 @@ impl Tcp {
             return None;
         }
         let counters = Arc::new(TcpCounters::default());
-        series.insert(Arc::new(labels), counters.clone());
+        series.insert(Arc::new(labels.clone()), counters.clone());
         Some(counters)
     }
 
     /// A connection was opened (or refused: then [`Tcp::closed`] follows at once).
-    pub fn opened(&self, labels: TcpLabels) {
+    pub fn opened(&self, labels: &TcpLabels) {
         if let Some(c) = self.counters(labels) {
             c.opened.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// A connection ended, having carried `request` bytes from the client and `response` back.
-    pub fn closed(&self, labels: TcpLabels, request: u64, response: u64) {
+    pub fn closed(&self, labels: &TcpLabels, request: u64, response: u64) {
         if let Some(c) = self.counters(labels) {
             c.closed.fetch_add(1, Ordering::Relaxed);
             c.received.fetch_add(request, Ordering::Relaxed);
@@ -538,10 +539,10 @@ mod tests {
             response_flags: flags,
             connection_security_policy: "mutual_tls",
         };
-        tcp.opened(labels("a", "-"));
-        tcp.opened(labels("a", "-"));
-        tcp.closed(labels("a", "-"), 10, 20);
-        tcp.closed(labels("a", "DENY"), 0, 0);
+        tcp.opened(&labels("a", "-"));
+        tcp.opened(&labels("a", "-"));
+        tcp.closed(&labels("a", "-"), 10, 20);
+        tcp.closed(&labels("a", "DENY"), 0, 0);
         let mut registry = Registry::default();
         let tcp = Arc::new(tcp);
         registry.register_collector(Box::new(tcp.clone()));
@@ -562,12 +563,12 @@ mod tests {
         assert!(text.contains("reporter=\"source\",source_workload=\"a\""), "{text}");
 
         for i in 0..MAX_TCP_SERIES {
-            tcp.opened(labels(&format!("w{i}"), "-"));
+            tcp.opened(&labels(&format!("w{i}"), "-"));
         }
         assert_eq!(tcp.series.lock().unwrap().len(), MAX_TCP_SERIES);
         assert_eq!(tcp.overflow.load(Ordering::Relaxed), 2, "the two sets that did not fit");
         // A set already kept is still counted.
-        tcp.opened(labels("a", "-"));
+        tcp.opened(&labels("a", "-"));
         assert_eq!(tcp.overflow.load(Ordering::Relaxed), 2);
     }
 

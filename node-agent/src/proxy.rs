@@ -166,8 +166,9 @@ struct Record {
     started: Instant,
     transferred: Transferred,
     reason: Reason,
-    /// Counted as opened: connected to its destination (or tunnel) and carrying bytes.
-    established: bool,
+    /// Its metric labels once counted as opened (connected to its destination or tunnel, carrying
+    /// bytes): made once, and counted again at the close with the final flags.
+    opened: Option<TcpLabels>,
 }
 
 impl Record {
@@ -187,15 +188,16 @@ impl Record {
             started: Instant::now(),
             transferred: Transferred::default(),
             reason: Reason::Done,
-            established: false,
+            opened: None,
         }
     }
 
     /// The connection reached its destination and starts carrying bytes: counted as opened.
     fn established(&mut self) {
-        if !self.established {
-            self.established = true;
-            self.ctx.mesh.metrics.tcp.opened(self.labels("-"));
+        if self.opened.is_none() {
+            let labels = self.labels("-");
+            self.ctx.mesh.metrics.tcp.opened(&labels);
+            self.opened = Some(labels);
         }
     }
 
@@ -257,13 +259,22 @@ impl Drop for Record {
     fn drop(&mut self) {
         // A connection refused or failed before it carried anything is opened and closed at once,
         // with its flags: the opened and closed counters always move together.
-        let labels = self.labels(self.reason.response_flags());
+        let flags = self.reason.response_flags();
         let tcp = &self.ctx.mesh.metrics.tcp;
-        if !self.established {
-            tcp.opened(labels.clone());
-        }
+        let labels = match self.opened.take() {
+            // The peer and service were known before it opened: only the flags can differ.
+            Some(mut labels) => {
+                labels.response_flags = flags;
+                labels
+            }
+            None => {
+                let labels = self.labels(flags);
+                tcp.opened(&labels);
+                labels
+            }
+        };
         // Istio counts bytes from the server as sent and bytes from the client as received.
-        tcp.closed(labels, self.transferred.sent, self.transferred.received);
+        tcp.closed(&labels, self.transferred.sent, self.transferred.received);
         // Formatted and written by the access log's own thread.
         self.ctx.mesh.access.record(AccessRecord {
             own_name: self.ctx.name.clone(),
